@@ -1,0 +1,194 @@
+"""`medfound` command line: thin; parses arguments and calls the library.
+
+Every user-caused failure is a `MedfoundError`, printed as one line on stderr with exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from medfound import __version__
+from medfound.errors import MedfoundError
+
+
+def _print_json(obj) -> None:
+    json.dump(obj, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+
+
+def _warn(lines) -> None:
+    for line in lines:
+        print(f"warning: {line}", file=sys.stderr)
+
+
+# --- commands ---------------------------------------------------------------------------
+
+
+def cmd_inspect(args) -> int:
+    from medfound.io.reader import MultipleSeriesError, read_volume
+
+    try:
+        vol = read_volume(args.path, series_uid=args.series, allow_gaps=args.allow_gaps,
+                          workers=args.workers)
+    except MultipleSeriesError as err:
+        if args.json:
+            _print_json({"path": str(args.path), "series": [s.as_dict() for s in err.series]})
+        else:
+            print(f"{args.path}: {len(err.series)} series; choose one with --series UID")
+            print(f"{'series_uid':<66} {'modality':<8} {'count':>6}  description")
+            for s in err.series:
+                print(f"{s.series_uid:<66} {s.modality:<8} {s.count:>6}  {s.description}")
+        return 3
+    _warn(vol.warnings)
+    if args.json:
+        _print_json(vol.summary())
+    else:
+        s = vol.summary()
+        print(f"path        {s['path']}")
+        print(f"modality    {s['modality']}  ({s['units']})")
+        print(f"series_uid  {s['series_uid']}")
+        print(f"shape       {s['shape']}  (column i, row j, slice k)")
+        print(f"spacing_mm  {s['spacing_mm']}")
+        print("affine_lps  " + "\n            ".join(str(r) for r in s["affine_lps"]))
+        st = s["stats"]
+        print(f"values      min {st['min']:.3f}  max {st['max']:.3f}  mean {st['mean']:.3f}")
+    return 0
+
+
+def cmd_deid(args) -> int:
+    from medfound.io.deid import deidentify
+
+    report = deidentify(args.input, args.output, key_file=args.key_file,
+                        remove_dates=args.remove_dates, pseudonym_map=args.pseudonym_map,
+                        progress=not args.quiet)
+    print(f"de-identified {report['files_written']} files into {args.output}"
+          f" ({report['files_skipped']} skipped, {len(report['burned_in_risk'])} flagged for"
+          f" burned-in text); report: {Path(args.output) / 'deid_report.json'}")
+    return 0
+
+
+def cmd_phantoms(args) -> int:
+    from medfound.data.phantoms import make_phantoms
+
+    modalities = tuple(m.strip().lower() for m in args.modalities.split(",") if m.strip())
+    out = make_phantoms(args.out, centers=args.centers, cases=args.cases, seed=args.seed,
+                        modalities=modalities, size=args.size, progress=not args.quiet)
+    print(f"wrote {args.centers} phantom centers to {out}")
+    return 0
+
+
+def cmd_center_card(args) -> int:
+    from medfound.data.card import data_card, format_card
+
+    card = data_card(args.dir, progress=not args.quiet and not args.json)
+    if args.json:
+        _print_json(card)
+    else:
+        print(format_card(card))
+    return 0
+
+
+# --- parser -----------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="medfound",
+        description="Train medical-imaging AI across imaging centers without moving their images.",
+        epilog="Run `medfound COMMAND --help` for a command's options.",
+    )
+    p.add_argument("--version", action="version", version=f"medfound {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    s = sub.add_parser(
+        "inspect", help="read a study and print its geometry and values",
+        description="Read a DICOM file, a folder of DICOM series, a NIfTI file or a MetaImage "
+        "(.mhd) into one volume and print its geometry: shape as (column i, row j, slice k), "
+        "spacing, the affine to DICOM patient coordinates (LPS mm), units after the modality "
+        "LUT and value statistics. A folder with several series lists them and exits 3 unless "
+        "--series picks one.")
+    s.add_argument("path", type=Path, help="DICOM file or folder, .nii/.nii.gz, or .mhd")
+    s.add_argument("--json", action="store_true", help="print one JSON object")
+    s.add_argument("--series", metavar="UID", help="SeriesInstanceUID to read from a folder")
+    s.add_argument("--allow-gaps", action="store_true",
+                   help="read a series with missing slices or uneven spacing (warns instead)")
+    s.add_argument("--workers", type=int, default=None,
+                   help="decoding threads for long series (default: CPU count)")
+    s.set_defaults(func=cmd_inspect)
+
+    s = sub.add_parser(
+        "deid", help="de-identify DICOM files (PS3.15 Annex E basic profile)",
+        description="Copy DICOM files from IN to OUT applying the PS3.15 Annex E Basic "
+        "Application Level Confidentiality Profile: identifying attributes removed, emptied or "
+        "replaced; private tags removed; UIDs replaced by a keyed hash (same input, same key, "
+        "same output); dates shifted by a per-patient offset. Pixel data is untouched; images "
+        "that may carry burned-in text are listed in OUT/deid_report.json. IN is never written.")
+    s.add_argument("input", type=Path, metavar="IN", help="DICOM file or folder to read")
+    s.add_argument("output", type=Path, metavar="OUT", help="folder to write (not inside IN)")
+    s.add_argument("--key-file", type=Path,
+                   help="secret key for UID hashing and date offsets; created if missing. Keep "
+                   "it at the center: the same key gives the same pseudonyms on every run")
+    s.add_argument("--remove-dates", action="store_true",
+                   help="remove dates instead of shifting them")
+    s.add_argument("--pseudonym-map", type=Path, metavar="FILE",
+                   help="write the original→pseudonym map (PatientID, UIDs) to FILE, which "
+                   "must stay at the center (refused inside OUT)")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_deid)
+
+    s = sub.add_parser(
+        "phantoms", help="generate synthetic multi-center DICOM studies",
+        description="Write synthetic imaging centers as real DICOM series: chest CT with "
+        "nodules (annotations.csv in LUNA16 columns, LPS mm) and optionally MR, PET and "
+        "ultrasound. Centers differ in vendor, slice thickness, pixel spacing, noise, sharpness, "
+        "HU calibration and size; every case carries fake PHI. Deterministic for a seed.")
+    s.add_argument("--out", type=Path, required=True, help="output folder")
+    s.add_argument("--centers", type=int, default=3, help="number of centers (default 3)")
+    s.add_argument("--cases", type=int, default=6, help="cases in the largest center (default 6)")
+    s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    s.add_argument("--modalities", default="ct", help="comma list of ct,mr,pet,us (default ct)")
+    s.add_argument("--size", choices=["small", "full"], default="small",
+                   help="small ≈128×128×~100 CT for tests; full 512×512×200–400 (default small)")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_phantoms)
+
+    center = sub.add_parser(
+        "center", help="what a center node does: check its data, join a federation",
+        description="Commands a center node runs on its own data.")
+    csub = center.add_subparsers(dest="center_command", metavar="COMMAND")
+    center.set_defaults(func=lambda a: (center.print_help(), 2)[1])
+    s = csub.add_parser(
+        "card", help="summarise a center's data without PHI",
+        description="Build the data card a center may share before training: modalities, "
+        "series and case counts, vendors, spacing and thickness ranges, intensity statistics, "
+        "annotation counts, nodule size histogram and QC warnings. Contains no PHI.")
+    s.add_argument("dir", type=Path, help="center folder (one subfolder per case)")
+    s.add_argument("--json", action="store_true", help="print JSON")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_center_card)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except MedfoundError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""medfound.data stage (see DESIGN.md)."""

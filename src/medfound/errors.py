@@ -1,0 +1,25 @@
+"""The one exception type a user can cause.
+
+Every error that bad input, a bad config or an unreachable server can cause is raised as a
+`MedfoundError` whose message names the file or key and says what to do. The CLI prints that
+message as a single line on stderr and exits non-zero; anything else is a bug and keeps its
+traceback.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class MedfoundError(Exception):
+    """A user-facing error: `str(err)` is one line naming the culprit and the fix."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, path: str | Path | None = None, hint: str | None = None):
+        self.path = None if path is None else str(path)
+        self.hint = hint
+        parts = [f"{self.path}: {message}" if self.path else message]
+        if hint:
+            parts.append(hint)
+        super().__init__(" — ".join(parts))

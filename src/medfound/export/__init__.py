@@ -1,0 +1,1 @@
+"""medfound.export stage (see DESIGN.md)."""

@@ -1,0 +1,1 @@
+"""medfound.fed stage (see DESIGN.md)."""

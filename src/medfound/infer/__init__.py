@@ -1,0 +1,1 @@
+"""medfound.infer stage (see DESIGN.md)."""

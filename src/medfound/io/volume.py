@@ -1,0 +1,85 @@
+"""`Volume`: the in-memory image every stage after io/ works on."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+@dataclass
+class Volume:
+    """One image series as a 3D array with its geometry.
+
+    array:    float32, indexed (i, j, k) = (column, row, slice), as ITK and MONAI index
+              images. Values are after the modality LUT: HU for CT, SUV or Bq/ml for PET
+              (see `units`). A 2D image is a volume with one slice; an ultrasound cine keeps
+              its frames along k.
+    affine:   4×4 float64 mapping (i, j, k, 1) to DICOM patient coordinates (LPS) in mm.
+    modality: DICOM Modality code ("CT", "MR", "PT", "US", ...).
+    units:    what the values are ("HU", "SUV", "Bq/ml", "raw", ...).
+    series_uid: SeriesInstanceUID, or a stable id derived from the file for NIfTI/MetaImage.
+    path:     where it was read from.
+    meta:     header facts later stages need (manufacturer, thickness, description, ...);
+              never pixel data.
+    warnings: things a reader noticed that a human should know (gantry tilt, oblique, ...).
+    """
+
+    array: np.ndarray
+    affine: np.ndarray
+    modality: str = "OT"
+    units: str = "raw"
+    series_uid: str = ""
+    path: str = ""
+    meta: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.affine = np.asarray(self.affine, dtype=np.float64)
+        if self.affine.shape != (4, 4):
+            raise ValueError(f"affine must be 4x4, got {self.affine.shape}")
+        if self.array.ndim != 3:
+            raise ValueError(f"array must be 3D (i, j, k), got shape {self.array.shape}")
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(int(s) for s in self.array.shape)  # type: ignore[return-value]
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        """Voxel size in mm along i, j, k (norms of the affine's columns)."""
+        return tuple(float(s) for s in np.linalg.norm(self.affine[:3, :3], axis=0))  # type: ignore[return-value]
+
+    @property
+    def direction(self) -> np.ndarray:
+        """3×3 unit direction cosines of i, j, k in LPS (columns)."""
+        return self.affine[:3, :3] / np.asarray(self.spacing)
+
+    def voxel_to_world(self, ijk: np.ndarray) -> np.ndarray:
+        """(N, 3) voxel indices → (N, 3) LPS mm."""
+        ijk = np.atleast_2d(np.asarray(ijk, dtype=np.float64))
+        return ijk @ self.affine[:3, :3].T + self.affine[:3, 3]
+
+    def world_to_voxel(self, xyz: np.ndarray) -> np.ndarray:
+        """(N, 3) LPS mm → (N, 3) fractional voxel indices."""
+        xyz = np.atleast_2d(np.asarray(xyz, dtype=np.float64))
+        return (xyz - self.affine[:3, 3]) @ np.linalg.inv(self.affine[:3, :3]).T
+
+    def summary(self) -> dict[str, Any]:
+        """The JSON record `medfound inspect --json` prints."""
+        a = self.array
+        return {
+            "path": self.path,
+            "modality": self.modality,
+            "series_uid": self.series_uid,
+            "shape": list(self.shape),
+            "spacing_mm": [round(s, 6) for s in self.spacing],
+            "affine_lps": [[float(round(v, 6)) for v in row] for row in self.affine],
+            "units": self.units,
+            "stats": {
+                "min": float(a.min()) if a.size else None,
+                "max": float(a.max()) if a.size else None,
+                "mean": float(a.mean(dtype=np.float64)) if a.size else None,
+            },
+        }

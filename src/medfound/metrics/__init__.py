@@ -1,0 +1,1 @@
+"""medfound.metrics stage (see DESIGN.md)."""

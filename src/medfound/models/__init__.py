@@ -1,0 +1,1 @@
+"""medfound.models stage (see DESIGN.md)."""

@@ -1,0 +1,1 @@
+"""medfound.train stage (see DESIGN.md)."""
