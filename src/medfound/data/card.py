@@ -1,0 +1,257 @@
+"""Data card: what a center may share with a federation before any training.
+
+A card summarises a center's folder (one subfolder per case) without PHI: modalities, case and
+series counts, vendors, spacing and thickness ranges, intensity statistics after the modality
+LUT, annotation counts with a nodule-size histogram, and QC warnings. It names no patient, no
+date, no institution, no UID and no file path: cases are referred to by their position in
+sorted order ("case 3"), since real folder names are often patient names or accession numbers.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from medfound import __version__
+from medfound.errors import MedfoundError
+from medfound.io.dicom import find_series, read_series
+
+# LUNA16-style nodule size bins (mm); the last bin is closed.
+SIZE_BINS_MM = (3.0, 4.0, 6.0, 8.0, 10.0, 20.0, 30.0)
+# Voxels sampled per series for intensity statistics (a strided subsample, deterministic).
+_SAMPLES_PER_SERIES = 200_000
+# Header attributes that identify a patient; any non-empty one, without PatientIdentityRemoved,
+# means the data has not been de-identified.
+_PHI_KEYWORDS = ("PatientName", "PatientID", "PatientBirthDate", "OtherPatientIDs",
+                 "PatientAddress", "AccessionNumber", "InstitutionName",
+                 "ReferringPhysicianName")
+_BURNED_IN_MODALITIES = {"US", "OT", "SC", "XC", "ES"}
+_SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+
+# QC categories recognised in reader warnings/errors (lower-case substrings).
+_QC_PATTERNS = {
+    "gantry_tilt": ("tilt",),
+    "oblique": ("oblique",),
+    "gaps_or_uneven_spacing": ("missing", "gap", "uneven"),
+    "duplicate_positions": ("duplicate",),
+    "mixed_geometry": ("mixed",),
+    "nominal_geometry": ("nominal",),
+    "color_converted": ("color", "colour", "luminance"),
+}
+
+
+def _qc_kind(message: str) -> str:
+    low = message.lower()
+    for kind, needles in _QC_PATTERNS.items():
+        if any(n in low for n in needles):
+            return kind
+    return "other"
+
+
+def _range(values: list[float]) -> list[float] | None:
+    return [round(float(min(values)), 4), round(float(max(values)), 4)] if values else None
+
+
+def _case_dirs(root: Path) -> list[Path]:
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _read_annotations(root: Path) -> list[float] | None:
+    path = root / "annotations.csv"
+    if not path.exists():
+        return None
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        if not reader.fieldnames or "diameter_mm" not in reader.fieldnames:
+            raise MedfoundError("annotations.csv has no diameter_mm column", path=path,
+                                hint="use LUNA16 columns seriesuid,coordX,coordY,coordZ,diameter_mm")
+        return [float(row["diameter_mm"]) for row in reader]
+
+
+def _phi_present(header) -> list[str]:
+    if header is None or str(header.get("PatientIdentityRemoved", "")).upper() == "YES":
+        return []
+    return [k for k in _PHI_KEYWORDS if str(header.get(k, "") or "").strip()]
+
+
+def _burned_in_reason(header, modality: str) -> str | None:
+    if header is None:
+        return None
+    if str(header.get("BurnedInAnnotation", "")).upper() == "YES":
+        return "BurnedInAnnotation=YES"
+    if modality in _BURNED_IN_MODALITIES:
+        return f"modality {modality}"
+    if str(header.get("SOPClassUID", "")).startswith(_SECONDARY_CAPTURE):
+        return "secondary capture"
+    return None
+
+
+def data_card(center_dir: str | Path, *, progress: bool = True) -> dict[str, Any]:
+    """Summarise a center's folder (one subfolder per case) into a PHI-free card.
+
+    Intensities are after the modality LUT (HU for CT). Spacing is in mm: in-plane pixel
+    spacing, the slice step from positions, and the SliceThickness header. QC warnings come
+    from the reader (gaps, tilt, oblique, ...) and from headers (PHI present, burned-in text).
+    """
+    root = Path(center_dir)
+    if not root.is_dir():
+        raise MedfoundError("not a folder", path=root,
+                            hint="give a center folder holding one subfolder per case")
+    cases = _case_dirs(root)
+    if not cases:
+        raise MedfoundError("no case folders", path=root,
+                            hint="a center folder holds one subfolder per case")
+
+    per_mod: dict[str, dict[str, Any]] = defaultdict(lambda: {
+        "series": 0, "cases": set(), "images": 0, "pixel_spacing_mm": [], "slice_spacing_mm": [],
+        "slice_thickness_mm": [], "slices": [], "units": Counter(), "samples": []})
+    vendors: Counter = Counter()
+    qc: list[dict[str, Any]] = []
+    qc_counts: Counter = Counter()
+
+    def warn(case_no: int, modality: str, kind: str, detail: str) -> None:
+        qc.append({"case": case_no, "modality": modality, "kind": kind, "detail": detail})
+        qc_counts[kind] += 1
+
+    for case_no, case in enumerate(tqdm(cases, desc="data card", unit="case",
+                                        disable=not progress)):
+        try:
+            series_list = find_series(case, progress=False)
+        except MedfoundError as err:
+            warn(case_no, "", "unreadable", _scrub(str(err), case))
+            continue
+        for info in series_list:
+            mod = info.modality or "OT"
+            stats = per_mod[mod]
+            stats["series"] += 1
+            stats["cases"].add(case_no)
+            stats["images"] += info.frames
+            hdr = info.header
+            if hdr is not None:
+                vendor = " ".join(str(hdr.get(k, "") or "").strip()
+                                  for k in ("Manufacturer", "ManufacturerModelName")).strip()
+                vendors[vendor or "unknown"] += 1
+                if hdr.get("SliceThickness") not in (None, ""):
+                    stats["slice_thickness_mm"].append(float(hdr.SliceThickness))
+            phi = _phi_present(hdr)
+            if phi:
+                warn(case_no, mod, "phi_present", "not de-identified: " + ", ".join(phi))
+            reason = _burned_in_reason(hdr, mod)
+            if reason:
+                warn(case_no, mod, "burned_in_risk", reason)
+            try:
+                vol = read_series(info, allow_gaps=False, progress=False)
+            except MedfoundError as err:
+                kind = _qc_kind(str(err))
+                warn(case_no, mod, kind if kind != "other" else "unreadable",
+                     _scrub(str(err), case))
+                if kind != "gaps_or_uneven_spacing":
+                    continue
+                vol = read_series(info, allow_gaps=True, progress=False)
+            for w in vol.warnings:
+                kind = _qc_kind(w)
+                if kind != "gaps_or_uneven_spacing":  # already reported from the error
+                    warn(case_no, mod, kind, _scrub(w, case))
+            sp = vol.spacing
+            stats["pixel_spacing_mm"] += [sp[0], sp[1]]
+            if vol.shape[2] > 1:
+                stats["slice_spacing_mm"].append(sp[2])
+            stats["slices"].append(vol.shape[2])
+            stats["units"][vol.units] += 1
+            flat = vol.array.reshape(-1, order="A")
+            step = max(1, flat.size // _SAMPLES_PER_SERIES)
+            stats["samples"].append(np.asarray(flat[::step], dtype=np.float32))
+
+    modalities = {}
+    for mod, s in sorted(per_mod.items()):
+        samples = np.concatenate(s["samples"]) if s["samples"] else np.zeros(0, np.float32)
+        intensity = None
+        if samples.size:
+            p = np.percentile(samples, [1, 50, 99])
+            intensity = {"mean": round(float(samples.mean()), 3),
+                         "std": round(float(samples.std()), 3),
+                         "p01": round(float(p[0]), 3), "p50": round(float(p[1]), 3),
+                         "p99": round(float(p[2]), 3)}
+        modalities[mod] = {
+            "series": s["series"], "cases": len(s["cases"]), "images": s["images"],
+            "units": s["units"].most_common(1)[0][0] if s["units"] else None,
+            "pixel_spacing_mm": _range(s["pixel_spacing_mm"]),
+            "slice_spacing_mm": _range(s["slice_spacing_mm"]),
+            "slice_thickness_mm": _range(s["slice_thickness_mm"]),
+            "slices": _range(s["slices"]),
+            "intensity": intensity,
+        }
+
+    diameters = _read_annotations(root)
+    annotations = None
+    if diameters is not None:
+        d = np.asarray(diameters, dtype=float)
+        counts, _ = np.histogram(np.clip(d, SIZE_BINS_MM[0], SIZE_BINS_MM[-1]), bins=SIZE_BINS_MM)
+        annotations = {
+            "nodules": int(d.size),
+            "diameter_mm": ({"min": round(float(d.min()), 2), "median": round(float(np.median(d)), 2),
+                             "max": round(float(d.max()), 2)} if d.size else None),
+            "size_histogram": {"bins_mm": list(SIZE_BINS_MM), "counts": [int(c) for c in counts]},
+        }
+
+    return {
+        "card_version": 1,
+        "medfound_version": __version__,
+        "center": root.name,
+        "cases": len(cases),
+        "series": sum(m["series"] for m in modalities.values()),
+        "modalities": modalities,
+        "vendors": dict(vendors.most_common()),
+        "annotations": annotations,
+        "qc": {"counts": dict(qc_counts), "warnings": qc},
+    }
+
+
+def _scrub(message: str, case: Path) -> str:
+    """Drop file paths from a reader message: folder names may carry patient names."""
+    text = message.replace(str(case.resolve()), "<case>").replace(str(case), "<case>")
+    words = [w if "/" not in w else "<path>" for w in text.split()]
+    return " ".join(words)
+
+
+def format_card(card: dict[str, Any]) -> str:
+    """The card as text for a terminal."""
+    lines = [f"Data card — {card['center']}  (medfound {card['medfound_version']})",
+             f"  cases {card['cases']}, series {card['series']}"]
+    for mod, m in card["modalities"].items():
+        lines.append(f"  {mod}: {m['series']} series in {m['cases']} cases, {m['images']} images,"
+                     f" units {m['units']}")
+        lines.append(f"      pixel spacing {m['pixel_spacing_mm']} mm, slice spacing "
+                     f"{m['slice_spacing_mm']} mm, thickness {m['slice_thickness_mm']} mm, "
+                     f"slices {m['slices']}")
+        if m["intensity"]:
+            i = m["intensity"]
+            lines.append(f"      intensity mean {i['mean']:.1f} ± {i['std']:.1f}, "
+                         f"p01/p50/p99 {i['p01']:.1f}/{i['p50']:.1f}/{i['p99']:.1f}")
+    lines.append("  vendors: " + ", ".join(f"{v} ×{n}" for v, n in card["vendors"].items()))
+    a = card["annotations"]
+    if a:
+        lines.append(f"  nodules: {a['nodules']}"
+                     + (f", diameter {a['diameter_mm']['min']}–{a['diameter_mm']['max']} mm "
+                        f"(median {a['diameter_mm']['median']})" if a["diameter_mm"] else ""))
+        bins = a["size_histogram"]["bins_mm"]
+        lines.append("      sizes " + "  ".join(
+            f"{lo:g}–{hi:g}:{c}" for lo, hi, c in zip(bins[:-1], bins[1:],
+                                                     a["size_histogram"]["counts"], strict=True)))
+    else:
+        lines.append("  nodules: no annotations.csv")
+    q = card["qc"]
+    if q["warnings"]:
+        lines.append("  QC: " + ", ".join(f"{k} ×{n}" for k, n in q["counts"].items()))
+        for w in q["warnings"][:10]:
+            lines.append(f"      case {w['case']} {w['modality']}: {w['kind']} — {w['detail']}")
+        if len(q["warnings"]) > 10:
+            lines.append(f"      ... {len(q['warnings']) - 10} more (see --json)")
+    else:
+        lines.append("  QC: no warnings")
+    return "\n".join(lines)
