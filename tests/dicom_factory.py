@@ -26,6 +26,7 @@ SOP_CLASS = {
     "OT": "1.2.840.10008.5.1.4.1.1.7",
 }
 ENHANCED_CT = "1.2.840.10008.5.1.4.1.1.2.1"
+NM_IMAGE = "1.2.840.10008.5.1.4.1.1.20"
 
 
 def normal_of(iop: Sequence[float]) -> np.ndarray:
@@ -97,7 +98,7 @@ def image_dataset(
         ds.RescaleSlope = f"{slope:g}"
         ds.RescaleIntercept = f"{intercept:g}"
         ds.RescaleType = "HU" if modality == "CT" else "US"
-    ds.PixelData = np.ascontiguousarray(slice_ji).astype(slice_ji.dtype.newbyteorder("<")).tobytes()
+    ds.PixelData = np.ascontiguousarray(slice_ji, dtype=slice_ji.dtype.newbyteorder("<")).tobytes()
     return ds
 
 
@@ -236,8 +237,12 @@ def write_pet(
     series_time: str,
     units: str = "BQML",
     decay_correction: str = "START",
+    slope_step: float = 0.0,
 ) -> list[Path]:
-    """A PET series in Bq/ml (stored × slope) with the radiopharmaceutical facts SUV needs."""
+    """A PET series in Bq/ml (stored × slope) with the radiopharmaceutical facts SUV needs.
+
+    Slice k has RescaleSlope slope · (1 + k · slope_step): PET scanners scale each slice.
+    """
     info = Dataset()
     info.RadiopharmaceuticalStartTime = injection_time
     info.RadionuclideTotalDose = f"{dose_bq:g}"
@@ -252,9 +257,53 @@ def write_pet(
         ds.SeriesTime = series_time
         ds.AcquisitionTime = series_time
         ds.RadiopharmaceuticalInformationSequence = DicomSequence([info])
+        ds.RescaleSlope = f"{slope * (1 + k * slope_step):g}"
 
     return write_series(folder, stored, modality="PT", slope=slope, intercept=0.0,
                         pixel_spacing=(4.0, 4.0), step=(0, 0, 3.0), edit=edit)
+
+
+def write_nm_tomo(
+    path: Path,
+    stored: np.ndarray,
+    *,
+    position: Sequence[float],
+    iop: Sequence[float] = AXIAL,
+    pixel_spacing: Sequence[float] = (4.0, 4.0),
+    slice_spacing: float = 4.0,
+) -> Path:
+    """A reconstructed NM (SPECT) multi-frame: frame f at position + f · slice_spacing · normal,
+    geometry given once in the DetectorInformationSequence, as NM objects do."""
+    nk = stored.shape[2]
+    sop_uid = generate_uid()
+    ds = Dataset()
+    ds.file_meta = _file_meta(NM_IMAGE, sop_uid)
+    ds.SOPClassUID = NM_IMAGE
+    ds.SOPInstanceUID = sop_uid
+    ds.Modality = "NM"
+    ds.PatientName = "Phantom^NM"
+    ds.PatientID = "TEST003"
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "RECON TOMO", "EMISSION"]
+    ds.NumberOfFrames = nk
+    ds.FrameIncrementPointer = 0x00540080  # SliceVector
+    ds.SliceVector = list(range(1, nk + 1))
+    ds.NumberOfSlices = nk
+    ds.SpacingBetweenSlices = f"{slice_spacing:g}"
+    ds.SliceThickness = "9.99"
+    ds.PixelSpacing = [f"{v:g}" for v in pixel_spacing]
+    detector = Dataset()
+    detector.ImagePositionPatient = [f"{v:.6f}" for v in position]
+    detector.ImageOrientationPatient = [f"{v:.8f}" for v in iop]
+    ds.DetectorInformationSequence = DicomSequence([detector])
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows, ds.Columns = stored.shape[1], stored.shape[0]
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.PixelData = np.stack([stored[:, :, k].T for k in range(nk)]).astype("<u2").tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return path
 
 
 def read_back(path: Path) -> Dataset:

@@ -64,6 +64,15 @@ def test_card_summarises_the_center(centers: Path) -> None:
     assert "center_0" in text and "phi_present" in text
 
 
+def test_padding_outside_the_scan_circle_is_not_counted_as_tissue(centers: Path) -> None:
+    # center_1 stores a PixelPaddingValue (-3024 HU) outside its reconstruction circle.
+    hdr = pydicom.dcmread(next((centers / "center_1").rglob("*.dcm")), stop_before_pixels=True)
+    assert "PixelPaddingValue" in hdr
+    ct = data_card(centers / "center_1", progress=False)["modalities"]["CT"]
+    assert 0.05 < ct["padding_fraction"] < 0.5
+    assert ct["intensity"]["p01"] >= -1024
+
+
 def test_card_holds_no_phi(centers: Path) -> None:
     for center in sorted(centers.glob("center_*")):
         card = data_card(center, progress=False)

@@ -64,6 +64,7 @@ def cmd_deid(args) -> int:
     report = deidentify(args.input, args.output, key_file=args.key_file,
                         remove_dates=args.remove_dates, pseudonym_map=args.pseudonym_map,
                         progress=not args.quiet)
+    _warn(report.get("warnings", []))
     print(f"de-identified {report['files_written']} files into {args.output}"
           f" ({report['files_skipped']} skipped, {len(report['burned_in_risk'])} flagged for"
           f" burned-in text); report: {Path(args.output) / 'deid_report.json'}")

@@ -91,6 +91,16 @@ def _burned_in_reason(header, modality: str) -> str | None:
     return None
 
 
+def _padding_value(header) -> float | None:
+    """PixelPaddingValue after the modality LUT, as the reader's values carry it."""
+    if header is None or header.get("PixelPaddingValue") is None:
+        return None
+    pad = header.PixelPaddingValue
+    pad = pad[0] if isinstance(pad, list | tuple) else pad
+    slope = float(header.get("RescaleSlope", 1) or 1)
+    return float(pad) * slope + float(header.get("RescaleIntercept", 0) or 0)
+
+
 def data_card(center_dir: str | Path, *, progress: bool = True) -> dict[str, Any]:
     """Summarise a center's folder (one subfolder per case) into a PHI-free card.
 
@@ -109,7 +119,8 @@ def data_card(center_dir: str | Path, *, progress: bool = True) -> dict[str, Any
 
     per_mod: dict[str, dict[str, Any]] = defaultdict(lambda: {
         "series": 0, "cases": set(), "images": 0, "pixel_spacing_mm": [], "slice_spacing_mm": [],
-        "slice_thickness_mm": [], "slices": [], "units": Counter(), "samples": []})
+        "slice_thickness_mm": [], "slices": [], "units": Counter(), "samples": [],
+        "padding": []})
     vendors: Counter = Counter()
     qc: list[dict[str, Any]] = []
     qc_counts: Counter = Counter()
@@ -165,7 +176,14 @@ def data_card(center_dir: str | Path, *, progress: bool = True) -> dict[str, Any
             stats["units"][vol.units] += 1
             flat = vol.array.reshape(-1, order="A")
             step = max(1, flat.size // _SAMPLES_PER_SERIES)
-            stats["samples"].append(np.asarray(flat[::step], dtype=np.float32))
+            sample = np.asarray(flat[::step], dtype=np.float32)
+            padded = _padding_value(hdr)
+            if padded is not None:
+                # Outside the reconstruction circle: not tissue, so not part of the statistics.
+                keep = sample != np.float32(padded)
+                stats["padding"].append(1.0 - keep.mean())
+                sample = sample[keep]
+            stats["samples"].append(sample)
 
     modalities = {}
     for mod, s in sorted(per_mod.items()):
@@ -183,8 +201,10 @@ def data_card(center_dir: str | Path, *, progress: bool = True) -> dict[str, Any
             "pixel_spacing_mm": _range(s["pixel_spacing_mm"]),
             "slice_spacing_mm": _range(s["slice_spacing_mm"]),
             "slice_thickness_mm": _range(s["slice_thickness_mm"]),
-            "slices": _range(s["slices"]),
+            "slices": [int(min(s["slices"])), int(max(s["slices"]))] if s["slices"] else None,
             "intensity": intensity,
+            "padding_fraction": (round(float(np.mean(s["padding"])), 4) if s["padding"]
+                                 else None),
         }
 
     diameters = _read_annotations(root)
@@ -248,10 +268,15 @@ def format_card(card: dict[str, Any]) -> str:
     q = card["qc"]
     if q["warnings"]:
         lines.append("  QC: " + ", ".join(f"{k} ×{n}" for k, n in q["counts"].items()))
-        for w in q["warnings"][:10]:
-            lines.append(f"      case {w['case']} {w['modality']}: {w['kind']} — {w['detail']}")
-        if len(q["warnings"]) > 10:
-            lines.append(f"      ... {len(q['warnings']) - 10} more (see --json)")
+        grouped: dict[tuple[str, str, str], list[int]] = defaultdict(list)
+        for w in q["warnings"]:
+            grouped[(w["kind"], w["modality"], w["detail"])].append(w["case"])
+        for n, ((kind, mod, detail), cases) in enumerate(grouped.items()):
+            if n == 10:
+                lines.append(f"      ... {len(grouped) - 10} more (see --json)")
+                break
+            which = ", ".join(str(c) for c in cases[:12]) + (" ..." if len(cases) > 12 else "")
+            lines.append(f"      {kind} {mod} (case {which}): {detail}")
     else:
         lines.append("  QC: no warnings")
     return "\n".join(lines)

@@ -23,7 +23,8 @@ import threading
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -32,8 +33,7 @@ from typing import Any
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
-from pydicom.pixels.utils import as_pixel_options
+from pydicom.multival import MultiValue
 from pydicom.uid import (
     UID,
     DeflatedExplicitVRLittleEndian,
@@ -158,8 +158,57 @@ class _NotDicom(Exception):
     pass
 
 
+# warnings.catch_warnings swaps process-wide state: reads from several threads take turns.
+_WARNINGS_LOCK = threading.RLock()
+
+
+@contextmanager
+def _quiet():
+    """pydicom warns about every odd value it meets; the reader reports what matters."""
+    with _WARNINGS_LOCK, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
 def _one_line(text: object) -> str:
     return " ".join(str(text).split())
+
+
+# Tags read from every file in the header pass.
+_ROWS, _COLUMNS, _SAMPLES, _PHOTOMETRIC = 0x00280010, 0x00280011, 0x00280002, 0x00280004
+_FRAMES, _PLANAR, _BITS_ALLOCATED, _BITS_STORED = 0x00280008, 0x00280006, 0x00280100, 0x00280101
+_PIXEL_REPRESENTATION, _INSTANCE, _SERIES_UID = 0x00280103, 0x00200013, 0x0020000E
+_SLOPE, _INTERCEPT, _MODALITY = 0x00281053, 0x00281052, 0x00080060
+_POSITION, _ORIENTATION, _PIXEL_SPACING = 0x00200032, 0x00200037, 0x00280030
+
+
+def _raw(ds: Dataset, tag: int, kind: str) -> Any:
+    """One header value, decoded here rather than by pydicom: its per-element conversion
+    (with validation) is most of the header pass's time on a long series.
+
+    kind "us": an unsigned short; "text": a stripped string (ASCII VRs: CS, UI, IS, DS);
+    "numbers": the backslash-separated numbers of a DS/IS value. None if absent or empty.
+    """
+    elem = ds.get_item(tag)
+    value = None if elem is None else elem.value
+    if value is None or value == "" or value == b"":
+        return None
+    try:
+        if not isinstance(value, bytes):  # pydicom converted it already
+            if kind == "text":
+                return str(value)
+            if kind == "us":
+                return int(value)
+            return [float(v) for v in value] if isinstance(value, MultiValue | list) else [
+                float(value)]
+        if kind == "us":
+            return struct.unpack("<H" if elem.is_little_endian else ">H", value[:2])[0]
+        text = value.decode("latin-1").strip(" \x00")
+        if kind == "text":
+            return text or None
+        return [float(v) for v in text.split("\\")] if text else None
+    except (ValueError, TypeError, struct.error):
+        return None  # a garbled value counts as absent; callers then fall back
 
 
 def _looks_like_dicom(head: bytes) -> bool:
@@ -181,14 +230,18 @@ def _read_header(path: str) -> tuple[Dataset, _Source | None]:
     with open(path, "rb") as f:
         head = f.read(132)
         if not _looks_like_dicom(head):
-            raise _NotDicom("no DICM marker and no DICOM tags at the start")
+            raise _NotDicom("not a DICOM file (no DICM marker and no DICOM tags at the start)")
         f.seek(0)
+        has_magic = head[128:132] == b"DICM"
         try:
-            ds = pydicom.dcmread(f, stop_before_pixels=True, force=head[128:132] != b"DICM")
-        except (InvalidDicomError, EOFError, ValueError, struct.error, KeyError) as err:
-            raise _NotDicom(_one_line(err)) from err
+            ds = pydicom.dcmread(f, stop_before_pixels=True, force=not has_magic)
+        except OSError:
+            raise
+        except Exception as err:  # noqa: BLE001 - whatever pydicom trips on, it is not readable
+            raise _NotDicom(f"damaged DICOM header ({_one_line(err)})" if has_magic
+                            else f"not a DICOM file ({_one_line(err)})") from err
         if not isinstance(ds, Dataset) or len(ds) == 0:
-            raise _NotDicom("no data elements")
+            raise _NotDicom("not a DICOM file (no data elements)")
         file_size = os.fstat(f.fileno()).st_size
         ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
         implicit, little = ds.original_encoding[:2]
@@ -216,33 +269,43 @@ def _read_header(path: str) -> tuple[Dataset, _Source | None]:
                     offset = start + 8
         elif "Rows" in ds:  # deflated: only pydicom can inflate it, so decode via pydicom
             keyword, offset, length = "PixelData", None, _UNDEFINED
-    if keyword is None or "Rows" not in ds or "Columns" not in ds:
+    if keyword is None or _ROWS not in ds or _COLUMNS not in ds:
         return ds, None
     problem = None
     try:
-        options = as_pixel_options(ds)
-        rows, cols = int(ds.Rows), int(ds.Columns)
-        frames = int(options.get("number_of_frames") or 1)
-        samples = int(ds.get("SamplesPerPixel") or 1)
-        bits_allocated = int(ds.get("BitsAllocated") or 16)
-        bits_stored = int(ds.get("BitsStored") or bits_allocated)
-        if min(rows, cols, frames, samples, bits_allocated, bits_stored) < 1:
+        rows, cols = _raw(ds, _ROWS, "us") or 0, _raw(ds, _COLUMNS, "us") or 0
+        frames_text = _raw(ds, _FRAMES, "text")
+        frames = int(frames_text) if frames_text else 1
+        samples = _raw(ds, _SAMPLES, "us") or 1
+        bits_allocated = _raw(ds, _BITS_ALLOCATED, "us") or 16
+        bits_stored = _raw(ds, _BITS_STORED, "us") or bits_allocated
+        if min(rows, cols, frames, samples) < 1 or not 1 <= bits_stored <= bits_allocated:
             raise ValueError(f"Rows {rows}, Columns {cols}, NumberOfFrames {frames}, "
-                             f"BitsAllocated {bits_allocated}")
-    except (TypeError, ValueError, AttributeError) as err:
+                             f"BitsAllocated {bits_allocated}, BitsStored {bits_stored}")
+    except (TypeError, ValueError, AttributeError, struct.error) as err:
         # Kept as an image so that reading its series names this file and what is wrong.
         problem = f"bad image header: {_one_line(err)}"
-        options, rows, cols, frames, samples, bits_allocated, bits_stored = {}, 0, 0, 1, 1, 16, 16
-    options.update(transfer_syntax_uid=ts, pixel_keyword=keyword)
+        rows, cols, frames, samples, bits_allocated, bits_stored = 0, 0, 1, 1, 16, 16
+    photometric = _raw(ds, _PHOTOMETRIC, "text") or "MONOCHROME2"
+    signed = bool(_raw(ds, _PIXEL_REPRESENTATION, "us"))
+    # What pydicom's decoders need to find and shape the pixels (as_pixel_options gives).
+    options: dict[str, Any] = dict(
+        rows=rows, columns=cols, number_of_frames=frames, samples_per_pixel=samples,
+        photometric_interpretation=photometric, bits_allocated=bits_allocated,
+        bits_stored=bits_stored, pixel_representation=int(signed),
+        transfer_syntax_uid=ts, pixel_keyword=keyword)
+    if samples > 1:
+        options["planar_configuration"] = _raw(ds, _PLANAR, "us") or 0
+    if 0x7FE00001 in ds and 0x7FE00002 in ds:
+        options["extended_offsets"] = (ds.ExtendedOffsetTable, ds.ExtendedOffsetTableLengths)
     if vr:
         options["pixel_vr"] = vr
+    instance = _raw(ds, _INSTANCE, "numbers")
     source = _Source(
         path=path, transfer_syntax=ts, rows=rows, cols=cols, frames=frames, samples=samples,
-        photometric=str(ds.get("PhotometricInterpretation") or "MONOCHROME2").strip(),
-        bits_allocated=bits_allocated, bits_stored=bits_stored,
-        signed=bool(_int(ds.get("PixelRepresentation"), 0)), keyword=keyword, offset=offset,
-        length=length, file_size=file_size, options=options,
-        instance=_int(ds.get("InstanceNumber"), 0), problem=problem)
+        photometric=photometric, bits_allocated=bits_allocated, bits_stored=bits_stored,
+        signed=signed, keyword=keyword, offset=offset, length=length, file_size=file_size,
+        options=options, instance=int(instance[0]) if instance else 0, problem=problem)
     return ds, source
 
 
@@ -259,6 +322,10 @@ def _float(value: Any, default: float | None = None) -> float | None:
     except (TypeError, ValueError):
         return default
     return v if np.isfinite(v) else default
+
+
+def _first(values: list[float] | None, default: float) -> float:
+    return values[0] if values and np.isfinite(values[0]) else default
 
 
 def _floats(value: Any, n: int) -> np.ndarray | None:
@@ -282,14 +349,14 @@ def _item(ds: Dataset | None, keyword: str) -> Dataset | None:
 
 def _frames_of(ds: Dataset, src: _Source) -> list[_Frame]:
     """Every 2D image in one file, with its geometry and rescale (PS3.3 C.7.6.2, C.7.6.16)."""
-    slope = _float(ds.get("RescaleSlope"), 1.0) or 1.0
-    intercept = _float(ds.get("RescaleIntercept"), 0.0)
-    if ds.get("Modality") == "RTDOSE" and "DoseGridScaling" in ds:
+    slope = _first(_raw(ds, _SLOPE, "numbers"), 1.0) or 1.0
+    intercept = _first(_raw(ds, _INTERCEPT, "numbers"), 0.0)
+    if "DoseGridScaling" in ds and _raw(ds, _MODALITY, "text") == "RTDOSE":
         slope, intercept = _float(ds.DoseGridScaling, 1.0), 0.0
-    position = _floats(ds.get("ImagePositionPatient"), 3)
-    orientation = _floats(ds.get("ImageOrientationPatient"), 6)
-    spacing = _floats(ds.get("PixelSpacing"), 2)
-    if spacing is None:  # projection radiography states spacing at the detector
+    position = _floats(_raw(ds, _POSITION, "numbers"), 3)
+    orientation = _floats(_raw(ds, _ORIENTATION, "numbers"), 6)
+    spacing = _floats(_raw(ds, _PIXEL_SPACING, "numbers"), 2)
+    if spacing is None and "ImagerPixelSpacing" in ds:  # radiographs: spacing at the detector
         spacing = _floats(ds.get("ImagerPixelSpacing"), 2)
     spacing_t = None if spacing is None else (float(spacing[0]), float(spacing[1]))
     n = src.frames
@@ -300,14 +367,14 @@ def _frames_of(ds: Dataset, src: _Source) -> list[_Frame]:
         frames = []
         for f in range(n):
             own = per_frame[f] if per_frame is not None and f < len(per_frame) else None
-
-            def group(name: str, own: Dataset | None = own) -> Dataset | None:
-                return _item(own, name) or _item(shared, name)
-
-            plane = group("PlanePositionSequence")
-            orient = group("PlaneOrientationSequence")
-            measures = group("PixelMeasuresSequence")
-            transform = group("PixelValueTransformationSequence")
+            # A functional group sits in the frame's own item or, for all frames, in shared.
+            plane = _item(own, "PlanePositionSequence") or _item(shared, "PlanePositionSequence")
+            orient = (_item(own, "PlaneOrientationSequence")
+                      or _item(shared, "PlaneOrientationSequence"))
+            measures = (_item(own, "PixelMeasuresSequence")
+                        or _item(shared, "PixelMeasuresSequence"))
+            transform = (_item(own, "PixelValueTransformationSequence")
+                         or _item(shared, "PixelValueTransformationSequence"))
             sp = _floats(measures.get("PixelSpacing") if measures else None, 2)
             frames.append(_Frame(
                 src, f,
@@ -343,8 +410,7 @@ def _frames_of(ds: Dataset, src: _Source) -> list[_Frame]:
 
 def _safe_frames_of(ds: Dataset, src: _Source) -> list[_Frame]:
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with _quiet():
             return _frames_of(ds, src)
     except Exception as err:  # noqa: BLE001 - a corrupt header value; reported at read time
         src.problem = src.problem or f"bad image header: {_one_line(err)}"
@@ -400,9 +466,7 @@ def find_series(path: str | Path, *, progress: bool | None = None) -> list[Serie
     groups: dict[str, list[tuple[Dataset, _Source]]] = {}
     not_dicom: list[tuple[str, str]] = []
     no_pixels: list[tuple[str, str]] = []
-    with warnings.catch_warnings():
-        # pydicom warns about every odd value it meets; the reader reports what matters.
-        warnings.simplefilter("ignore")
+    with _quiet():
         for file in _progress(files, len(files), "reading headers", progress):
             try:
                 ds, source = _read_header(file)
@@ -410,15 +474,13 @@ def find_series(path: str | Path, *, progress: bool | None = None) -> list[Serie
                 not_dicom.append((file, str(err)))
                 continue
             except OSError as err:
-                if root.is_file():
-                    raise MedfoundError(f"cannot read file: {err.strerror or err}", path=file,
-                                        hint="check the file exists and you may read it") from err
-                not_dicom.append((file, f"unreadable: {err.strerror or err}"))
-                continue
+                # Even in a folder: skipping it could silently drop a slice of the series.
+                raise MedfoundError(f"cannot read file: {err.strerror or err}", path=file,
+                                    hint="check the file exists and you may read it") from err
             if source is None:
                 no_pixels.append((file, _what_is(ds)))
                 continue
-            groups.setdefault(str(ds.get("SeriesInstanceUID") or ""), []).append((ds, source))
+            groups.setdefault(_raw(ds, _SERIES_UID, "text") or "", []).append((ds, source))
 
     if not groups:
         raise _no_image_error(root, files, not_dicom, no_pixels)
@@ -449,13 +511,15 @@ def _what_is(ds: Dataset) -> str:
     # "an RT Plan", "an MR image", "a CT image": the article follows the spoken letter.
     article = "an" if name[0] in "AEFHILMNORSX" and (name[:2].isupper() or name[0] in "AEIO") \
         else "a"
+    if "Image Storage" in name:  # an image class with no pixels: most likely cut short
+        return f"{article} {name} object without pixel data (truncated?)"
     return f"{article} {name} object"
 
 
 def _no_image_error(root: Path, files: list[str], not_dicom, no_pixels) -> MedfoundError:
     if root.is_file():
         if not_dicom:
-            return MedfoundError(f"not a DICOM file ({not_dicom[0][1]})", path=root,
+            return MedfoundError(not_dicom[0][1], path=root,
                                  hint="give a DICOM file or folder, a .nii/.nii.gz or a .mhd")
         what = no_pixels[0][1]
         if "truncated" in what:
@@ -469,8 +533,10 @@ def _no_image_error(root: Path, files: list[str], not_dicom, no_pixels) -> Medfo
     if not_dicom:
         parts.append(f"{len(not_dicom)} not DICOM")
     parts += [f"{n} × {w}" for w, n in kinds.most_common(3)]
-    return MedfoundError("; ".join(parts), path=root,
-                         hint="point to the folder that holds the image files")
+    volumes = [f for f, _ in not_dicom if f.lower().endswith((".nii", ".nii.gz", ".mhd", ".mha"))]
+    hint = (f"NIfTI and MetaImage files are read one at a time: pass e.g. {volumes[0]}"
+            if volumes else "point to the folder that holds the image files")
+    return MedfoundError("; ".join(parts), path=root, hint=hint)
 
 
 def read_dicom(path: str | Path, series_uid: str | None = None, *, allow_gaps: bool = False,
@@ -524,6 +590,12 @@ def _check_same(frames: list[_Frame], key: Callable[[_Frame], Any], same: Callab
                 "out or read one file directly")
 
 
+def _same_spacing(a: tuple[float, float] | None, b: tuple[float, float] | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    return all(abs(x - y) <= SPACING_REL_TOL * abs(x) + 1e-6 for x, y in zip(a, b, strict=True))
+
+
 def _fmt(v: Iterable[float], nd: int = 4) -> str:
     return "(" + ", ".join(f"{x:.{nd}g}" for x in v) + ")"
 
@@ -534,15 +606,13 @@ def _geometry(series: SeriesInfo, allow_gaps: bool) -> _Geometry:
     notes: list[str] = []
     _check_same(frames, lambda f: (f.source.rows, f.source.cols), lambda a, b: a == b,
                 "image sizes", root, lambda v: f"{v[1]}×{v[0]} (columns×rows)")
-    _check_same(frames, lambda f: f.spacing,
-                lambda a, b: (a is None) == (b is None) and (
-                    a is None or np.allclose(a, b, rtol=SPACING_REL_TOL, atol=1e-6)),
-                "pixel spacings", root, lambda v: "none" if v is None else f"{_fmt(v)} mm")
+    _check_same(frames, lambda f: f.spacing, _same_spacing, "pixel spacings", root,
+                lambda v: "none" if v is None else f"{_fmt(v)} mm")
 
     with_geometry = [f.position is not None and f.orientation is not None for f in frames]
     if all(with_geometry):
         _check_same(frames, lambda f: f.orientation,
-                    lambda a, b: bool(np.all(np.abs(a - b) < COSINE_TOL)),
+                    lambda a, b: bool(np.abs(a - b).max() < COSINE_TOL),
                     "orientations", root, lambda v: f"ImageOrientationPatient {_fmt(v)}")
         return _spatial_geometry(frames, series.header, root, allow_gaps, notes)
     if any(with_geometry):
@@ -563,6 +633,10 @@ def _spatial_geometry(frames: list[_Frame], header: Dataset | None, root: str,
             row @ col) > 1e-3:
         notes.append(f"ImageOrientationPatient {_fmt(orient)} is not two orthogonal unit "
                      "vectors; the affine uses it as given")
+    else:
+        # Cosines are decimal strings: rescale them to unit length so that the spacing is
+        # PixelSpacing exactly, not PixelSpacing × (1 ± rounding).
+        row, col = row / np.linalg.norm(row), col / np.linalg.norm(col)
     normal = np.cross(row, col)
     if not all(np.isclose(np.abs(v), 0, atol=COSINE_TOL).sum() == 2 for v in (row, col)):
         notes.append(f"oblique orientation: ImageOrientationPatient {_fmt(orient)}; the "
@@ -719,11 +793,12 @@ def _suv_factor(ds: Dataset) -> tuple[float | None, str, dict[str, Any]]:
     half_life = _float(info.get("RadionuclideHalfLife"))
     weight = _float(ds.get("PatientWeight"))
     decay = str(ds.get("DecayCorrection") or "").upper()
+    # (The word "missing" is kept out of these notes: QC reads it as missing slices.)
     missing = [name for name, v in (("RadionuclideTotalDose", dose),
                                     ("RadionuclideHalfLife", half_life),
                                     ("PatientWeight", weight)) if not v or v <= 0]
     if missing:
-        return None, f"{', '.join(missing)} missing or zero", {}
+        return None, f"{', '.join(missing)} absent or zero", {}
     facts: dict[str, Any] = {"injected_dose_bq": dose, "half_life_s": half_life,
                              "weight_kg": weight, "decay_correction": decay}
     if decay == "ADMIN":  # already decay-corrected to the injection time
@@ -735,7 +810,7 @@ def _suv_factor(ds: Dataset) -> tuple[float | None, str, dict[str, Any]]:
         started = (_parse_datetime(ds.get("SeriesDate"), ds.get("SeriesTime"))
                    or _parse_datetime(ds.get("AcquisitionDate"), ds.get("AcquisitionTime")))
         if injected is None or started is None:
-            return None, "injection or series start time missing", {}
+            return None, "injection or series start time not given", {}
         elapsed = (started - injected).total_seconds()
         if elapsed < 0 and "RadiopharmaceuticalStartDateTime" not in info:
             elapsed += 86400  # injected before midnight, scanned after it
@@ -773,19 +848,19 @@ def _units(series: SeriesInfo) -> tuple[str, float, list[str], dict[str, Any]]:
 
 
 def _meta(series: SeriesInfo, frames: list[_Frame]) -> dict[str, Any]:
+    """JSON-ready series facts for later stages (no patient identifiers)."""
     ds = series.header if series.header is not None else Dataset()
     meta: dict[str, Any] = {}
-    for keyword in _META_KEYWORDS:
-        value = ds.get(keyword)
-        if value is None or value == "":
-            continue
-        if isinstance(value, str | int | float):
-            meta[keyword] = value if not isinstance(value, str) else str(value)
-        else:
-            try:
-                meta[keyword] = [str(v) for v in value] if not hasattr(value, "real") else float(
-                    value)
-            except TypeError:
+    with _quiet():
+        for keyword in _META_KEYWORDS:
+            value = ds.get(keyword)
+            if value is None or value == "":
+                continue
+            if isinstance(value, MultiValue):
+                meta[keyword] = [str(v) for v in value]
+            elif isinstance(value, int | float):  # IS and DS values are int/float subclasses
+                meta[keyword] = int(value) if isinstance(value, int) else float(value)
+            else:
                 meta[keyword] = str(value)
     src = frames[0].source
     sop = ds.get("SOPClassUID")
@@ -1009,7 +1084,7 @@ def read_series(series: SeriesInfo, *, allow_gaps: bool = False, workers: int | 
                             hint="free memory or read on a larger machine") from err
 
     jobs = _plan(order, factor, workers)
-    with warnings.catch_warnings(record=True) as caught:
+    with _WARNINGS_LOCK, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         if workers == 1 or len(jobs) < 2:
             for src, items in _progress(jobs, len(jobs), "decoding", progress):
@@ -1036,8 +1111,6 @@ def _run_pool(jobs, buf, header, modality_lut, workers, progress) -> None:
                               thread_name_prefix="medfound-decode")
     try:
         futures = [pool.submit(run, job) for job in jobs]
-        from concurrent.futures import as_completed
-
         for fut in _progress(as_completed(futures), len(futures), "decoding", progress):
             fut.result()  # re-raises the first failure here
     except BaseException:

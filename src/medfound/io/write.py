@@ -38,10 +38,10 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_data_element
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import (
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
     PYDICOM_IMPLEMENTATION_UID,
     UID,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
     generate_uid,
 )
 
