@@ -74,6 +74,22 @@ print(json.dumps({"seconds": elapsed, "peak_kb": peak, "base_kb": base,
 """
 
 
+def canonical(arr, affine):
+    """Flip axes whose direction points against +L/+P/+S, so that readers that store the same
+    voxels in another index order (MONAI stacks slices head to feet here) compare voxel by
+    voxel. Only for axis-aligned volumes; the affine is adjusted to describe the same voxels."""
+    import numpy as np
+
+    affine = affine.copy()
+    for a in range(3):
+        col = affine[:3, a]
+        if col[int(np.argmax(np.abs(col)))] < 0:
+            arr = np.flip(arr, axis=a)
+            affine[:3, 3] += col * (arr.shape[a] - 1)
+            affine[:3, a] = -col
+    return np.ascontiguousarray(arr), affine
+
+
 def machine() -> dict:
     import numpy
     import pydicom
@@ -145,13 +161,13 @@ def main() -> int:
         for r in readers:  # interleaved, so drift on a shared machine hits all alike
             runs[r].append(run_child(r, folder, outputs[r] if rep == 0 else "-", args.workers))
 
-    ref = np.load(outputs["simpleitk"] + ".npy")
-    ref_aff = np.load(outputs["simpleitk"] + ".affine.npy")
+    ref, ref_aff = canonical(np.load(outputs["simpleitk"] + ".npy"),
+                             np.load(outputs["simpleitk"] + ".affine.npy"))
     vol_mib = ref.size * 4 / 2**20
     figures = {}
     for r in readers:
-        arr = np.load(outputs[r] + ".npy")
-        aff = np.load(outputs[r] + ".affine.npy")
+        raw_aff = np.load(outputs[r] + ".affine.npy")
+        arr, aff = canonical(np.load(outputs[r] + ".npy"), raw_aff)
         secs = [x["seconds"] for x in runs[r]]
         peaks = [(x["peak_kb"] - x["base_kb"]) / 1024 for x in runs[r]]
         same_shape = arr.shape == ref.shape
@@ -162,6 +178,7 @@ def main() -> int:
             "peak_x_volume_f32": statistics.median(peaks) / vol_mib,
             "output_dtype": runs[r][0]["dtype"],
             "shape": list(arr.shape),
+            "k_axis_reversed": bool(raw_aff[2, 2] < 0),
             "same_shape_as_sitk": same_shape,
             "max_abs_diff_vs_sitk": float(np.abs(arr - ref).max()) if same_shape else None,
             "affine_max_abs_diff_vs_sitk": float(np.abs(aff - ref_aff).max()),

@@ -1,0 +1,397 @@
+"""Lung-nodule detector: MONAI's 3D RetinaNet (ResNet-FPN, ATSS matching) without torchvision.
+
+Two objects, built from one `DetectorConfig`:
+
+- `build_network(cfg)` → `monai.apps.detection.networks.retinanet_network.RetinaNet`: pure tensors
+  in, tensors out. Input (B, C, D0, D1, D2) with spatial size divisible by `size_divisible(cfg)`;
+  output ``{"classification": [B, A*num_classes, ...] per level, "box_regression":
+  [B, A*6, ...] per level}``. This is the part that is trained, saved and exported to ONNX.
+- `build_detector(cfg, network)` → a `RetinaNetDetector` around it: anchors, ATSS matching,
+  hard-negative sampling and losses in training; box decoding, NMS and sliding-window
+  inference in evaluation. It holds no weights of its own.
+
+Axes and units. Arrays are indexed (i, j, k) = (column, row, slice) as ITK and MONAI do, so a
+patch is (B, C, i, j, k) and `spacing_mm`, `patch_size`, anchor shapes and boxes are all ordered
+(i, j, k). Images are resampled to `spacing_mm` and HU are clipped to `hu_window` and scaled to
+[0, 1] before they reach the network (the data stage's job; the numbers live here because the
+weights depend on them).
+
+Boxes. Annotations arrive as `gt_box_mode` "cccwhd" (centre i, j, k, then size i, j, k), the
+mode of MONAI's LUNA16 datalists. The detector itself takes and returns MONAI's StandardMode
+"xyzxyz" = (i0, j0, k0, i1, j1, k1), in voxel units of the array it is given (voxel centres at
+integer indices, as `monai.apps.detection.transforms.dictionary.AffineBoxToImageCoordinated`
+produces). Convert with `monai.data.box_utils.convert_box_mode(b, src_mode="cccwhd",
+dst_mode="xyzxyz")`. Targets and outputs use the keys "box", "label" and "label_scores".
+
+torchvision. MONAI reaches torchvision in three places on this path and all are avoided:
+`BackboneWithFPN` (IntermediateLayerGetter) is replaced by `ResNetFPN` below; the torchvision
+`Matcher` / `BalancedPositiveNegativeSampler` are replaced by MONAI's ATSS matcher and hard-negative
+sampler; and `RetinaNetDetector.compute_anchor_matched_idxs`, which tests
+``isinstance(matcher, torchvision Matcher)`` first and so fails without torchvision, is overridden
+in `AtssRetinaNetDetector`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from monai.apps.detection.networks.retinanet_detector import RetinaNetDetector
+from monai.apps.detection.networks.retinanet_network import RetinaNet
+from monai.apps.detection.utils.anchor_utils import AnchorGeneratorWithAnchorShape
+from monai.apps.detection.utils.ATSS_matcher import ATSSMatcher
+from monai.data.box_utils import get_boxmode
+from monai.networks.blocks.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
+from monai.networks.nets.resnet import ResNet, ResNetBlock, ResNetBottleneck
+from torch import Tensor, nn
+
+from medfound.errors import MedfoundError
+
+__all__ = [
+    "PRESETS",
+    "AtssRetinaNetDetector",
+    "DetectorConfig",
+    "ResNetFPN",
+    "build_detector",
+    "build_feature_extractor",
+    "build_network",
+    "count_parameters",
+    "size_divisible",
+]
+
+SPATIAL_DIMS = 3
+_BLOCKS = {"basic": ResNetBlock, "bottleneck": ResNetBottleneck}
+_SCALARS: dict[str, Any] = {"int": int, "float": (int, float), "bool": bool, "str": str}
+
+# "reference" is MONAI's LUNA16 RetinaNet (tutorials/detection, config_train_luna16_16g.json and
+# luna16_training.py). "tiny" is the same design at half resolution (spacing doubled, so anchors
+# halve) and a few thousand times fewer weights: it trains in seconds on a laptop CPU.
+PRESETS: dict[str, dict[str, Any]] = {
+    "reference": {
+        "n_input_channels": 1,
+        "num_classes": 1,
+        "block": "bottleneck",
+        "layers": [3, 4, 6, 3],
+        "block_inplanes": [64, 128, 256, 512],
+        "conv1_t_size": [7, 7, 7],
+        "conv1_t_stride": [2, 2, 1],
+        "returned_layers": [1, 2],
+        "fpn_channels": 256,
+        "base_anchor_shapes": [[6, 8, 4], [8, 6, 5], [10, 10, 6]],
+        "spacing_mm": [0.703125, 0.703125, 1.25],
+        "hu_window": [-1024.0, 300.0],
+        "gt_box_mode": "cccwhd",
+        "patch_size": [192, 192, 80],
+        "atss_num_candidates": 4,
+        "atss_center_in_gt": False,
+        "hns_batch_size_per_image": 64,
+        "hns_positive_fraction": 0.3,
+        "hns_pool_size": 20,
+        "hns_min_neg": 16,
+        "score_thresh": 0.05,
+        "topk_candidates_per_level": 1000,
+        "nms_thresh": 0.22,
+        "detections_per_img": 100,
+        "sw_roi_size": [512, 512, 208],
+        "sw_overlap": 0.25,
+        "sw_batch_size": 1,
+        "sw_mode": "constant",
+    },
+}
+# Differences from "reference" only: everything else (matching, sampling, NMS) is shared.
+PRESETS["tiny"] = {
+    **PRESETS["reference"],
+    "block": "basic",
+    "layers": [1, 1, 1, 1],
+    "block_inplanes": [8, 16, 32, 64],
+    "fpn_channels": 16,
+    "base_anchor_shapes": [[3, 4, 2], [4, 3, 3], [5, 5, 3]],
+    "spacing_mm": [1.40625, 1.40625, 2.5],
+    "patch_size": [64, 64, 32],
+    "sw_roi_size": [64, 64, 32],
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class DetectorConfig:
+    """Every number of the detector, with the keys of `PRESETS` (and of configs/model/*.yaml).
+
+    Triples are ordered (i, j, k); sizes are voxels at `spacing_mm` unless the name says mm.
+    """
+
+    n_input_channels: int
+    num_classes: int
+    block: str  # "basic" | "bottleneck"
+    layers: list[int]  # ResNet blocks per stage (4 stages; stages after the last returned are dropped)
+    block_inplanes: list[int]  # ResNet stage widths before the block expansion
+    conv1_t_size: list[int]
+    conv1_t_stride: list[int]
+    returned_layers: list[int]  # ResNet stages (1-4) fed to the FPN; one more level is max-pooled
+    fpn_channels: int  # multiple of 8: the heads use GroupNorm(8)
+    base_anchor_shapes: list[list[float]]  # voxels, finest level; level l uses 2**l times these
+    spacing_mm: list[float]
+    hu_window: list[float]  # HU clipped to [lo, hi] and scaled to [0, 1]
+    gt_box_mode: str  # box mode of annotations before conversion to "xyzxyz"
+    patch_size: list[int]  # training patch, voxels
+    atss_num_candidates: int
+    atss_center_in_gt: bool
+    hns_batch_size_per_image: int
+    hns_positive_fraction: float
+    hns_pool_size: float
+    hns_min_neg: int
+    score_thresh: float
+    topk_candidates_per_level: int
+    nms_thresh: float
+    detections_per_img: int
+    sw_roi_size: list[int]  # sliding-window inference window, voxels
+    sw_overlap: float
+    sw_batch_size: int
+    sw_mode: str  # "constant" | "gaussian" blending
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> DetectorConfig:
+        """Validate a plain mapping (or a Hydra DictConfig) and return a config.
+
+        Raises `MedfoundError` naming the key for an unknown, missing or inconsistent value.
+        """
+        values = _plain(values)
+        if not isinstance(values, dict):
+            raise MedfoundError(f"model config must be a mapping of keys to values, got {type(values).__name__}")
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(values) - set(names))
+        if unknown:
+            raise MedfoundError(f"model config: unknown key(s) {unknown}",
+                                hint=f"valid keys are {names}")
+        missing = [n for n in names if n not in values]
+        if missing:
+            raise MedfoundError(f"model config: missing key(s) {missing}",
+                                hint="start from a preset: medfound.models.PRESETS")
+        cfg = cls(**values)
+        cfg._validate()
+        return cfg
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> DetectorConfig:
+        """A preset ("tiny" or "reference"), with keys replaced by `overrides`."""
+        if name not in PRESETS:
+            raise MedfoundError(f"model preset '{name}' does not exist", hint=f"use one of {sorted(PRESETS)}")
+        return cls.from_dict({**PRESETS[name], **overrides})
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict of lists and scalars, ready for YAML or JSON."""
+        return dataclasses.asdict(self)
+
+    def _validate(self) -> None:
+        def bad(key: str, why: str) -> MedfoundError:
+            return MedfoundError(f"model config key '{key}' = {getattr(self, key)!r}: {why}")
+
+        for f in dataclasses.fields(self):
+            kind = _SCALARS.get(str(f.type))
+            value = getattr(self, f.name)
+            if kind and (not isinstance(value, kind) or (kind is not bool and isinstance(value, bool))):
+                raise bad(f.name, f"must be of type {f.type}")
+            if kind in (int, (int, float)) and value < 0:
+                raise bad(f.name, "must not be negative")
+        for key in ("conv1_t_size", "conv1_t_stride", "patch_size", "sw_roi_size"):
+            if not _is_seq(getattr(self, key), SPATIAL_DIMS, integer=True) or min(getattr(self, key)) < 1:
+                raise bad(key, f"must be a list of {SPATIAL_DIMS} positive integers (i, j, k)")
+        if not _is_seq(self.spacing_mm, SPATIAL_DIMS) or min(self.spacing_mm) <= 0:
+            raise bad("spacing_mm", f"must be a list of {SPATIAL_DIMS} positive numbers (i, j, k)")
+        if self.block not in _BLOCKS:
+            raise bad("block", f"must be one of {sorted(_BLOCKS)}")
+        for key in ("layers", "block_inplanes"):
+            if not _is_seq(getattr(self, key), 4, integer=True) or min(getattr(self, key)) < 1:
+                raise bad(key, "must be 4 positive integers, one per ResNet stage")
+        rl = self.returned_layers
+        if not (isinstance(rl, list) and rl and _is_seq(rl, len(rl), integer=True)
+                and rl == sorted(set(rl)) and rl[0] >= 1 and rl[-1] <= 4):
+            raise bad("returned_layers", "must be increasing ResNet stages in 1..4")
+        if self.fpn_channels < 8 or self.fpn_channels % 8:
+            raise bad("fpn_channels", "must be a positive multiple of 8 (GroupNorm with 8 groups)")
+        shapes = self.base_anchor_shapes
+        if not shapes or not all(_is_seq(s, SPATIAL_DIMS) and min(s) > 0 for s in shapes):
+            raise bad("base_anchor_shapes", "must be a list of positive (i, j, k) anchor sizes")
+        if not _is_seq(self.hu_window, 2) or self.hu_window[0] >= self.hu_window[1]:
+            raise bad("hu_window", "must be [low, high] HU with low < high")
+        if not 0.0 < self.hns_positive_fraction < 1.0:
+            raise bad("hns_positive_fraction", "must be in (0, 1)")
+        for key in ("score_thresh", "nms_thresh"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise bad(key, "must be in [0, 1]")
+        if not 0.0 <= self.sw_overlap < 1.0:
+            raise bad("sw_overlap", "must be in [0, 1)")
+        try:
+            get_boxmode(self.gt_box_mode)
+        except ValueError:
+            raise bad("gt_box_mode", "must be a MONAI box mode such as 'cccwhd' or 'xyzxyz'") from None
+        if self.sw_mode not in ("constant", "gaussian"):
+            raise bad("sw_mode", "must be 'constant' or 'gaussian'")
+        div = size_divisible(self)
+        for key in ("patch_size", "sw_roi_size"):
+            if any(s % d for s, d in zip(getattr(self, key), div, strict=True)):
+                raise bad(key, f"each size must be a multiple of {list(div)} (the network's size_divisible)")
+
+
+def size_divisible(cfg: DetectorConfig | Mapping[str, Any]) -> tuple[int, int, int]:
+    """Spatial multiple the network input must have, per axis (i, j, k).
+
+    conv1 stride × 2 (max-pool) × 2 per ResNet stage after the first up to the deepest returned
+    one × 2 (the FPN's extra max-pooled level).
+    """
+    cfg = _config(cfg)
+    i, j, k = (int(s) * 2 * 2 ** max(cfg.returned_layers) for s in cfg.conv1_t_stride)
+    return i, j, k
+
+
+class ResNetFPN(nn.Module):
+    """ResNet stages up to the deepest returned one, then a feature pyramid.
+
+    Does what MONAI's `BackboneWithFPN` does (same sub-module names, so the same state_dict keys
+    as `resnet_fpn_feature_extractor`) without torchvision's IntermediateLayerGetter.
+    forward: (B, C, i, j, k) → dict of len(returned_layers)+1 maps of `out_channels`, finest first.
+    """
+
+    def __init__(self, backbone: ResNet, returned_layers: Sequence[int], in_channels_list: Sequence[int],
+                 out_channels: int):
+        super().__init__()
+        last = f"layer{max(returned_layers)}"
+        body = OrderedDict()
+        for name, module in backbone.named_children():
+            if name == "maxpool" and backbone.no_max_pool:
+                continue
+            body[name] = module
+            if name == last:
+                break
+        self.body = nn.ModuleDict(body)
+        self.return_layers = {f"layer{k}": str(n) for n, k in enumerate(returned_layers)}
+        self.fpn = FeaturePyramidNetwork(
+            spatial_dims=SPATIAL_DIMS,
+            in_channels_list=list(in_channels_list),
+            out_channels=out_channels,
+            extra_blocks=LastLevelMaxPool(SPATIAL_DIMS),
+        )
+        self.out_channels = out_channels
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        features: dict[str, Tensor] = OrderedDict()
+        for name, module in self.body.items():
+            x = module(x)
+            if name in self.return_layers:
+                features[self.return_layers[name]] = x
+        return self.fpn(features)
+
+
+def build_feature_extractor(cfg: DetectorConfig | Mapping[str, Any]) -> ResNetFPN:
+    """3D ResNet body (MONAI's `ResNet`) + FPN with `cfg.fpn_channels` channels per level."""
+    cfg = _config(cfg)
+    block = _BLOCKS[cfg.block]
+    backbone = ResNet(
+        block=block,
+        layers=list(cfg.layers),
+        block_inplanes=list(cfg.block_inplanes),
+        spatial_dims=SPATIAL_DIMS,
+        n_input_channels=cfg.n_input_channels,
+        conv1_t_size=tuple(cfg.conv1_t_size),
+        conv1_t_stride=tuple(cfg.conv1_t_stride),
+        feed_forward=False,
+    )
+    in_channels = [cfg.block_inplanes[k - 1] * block.expansion for k in cfg.returned_layers]
+    return ResNetFPN(backbone, cfg.returned_layers, in_channels, cfg.fpn_channels)
+
+
+def build_network(cfg: DetectorConfig | Mapping[str, Any], seed: int | None = None) -> RetinaNet:
+    """The RetinaNet network: (B, n_input_channels, i, j, k) → classification and box-regression maps.
+
+    With `seed`, weights are initialised from that seed without touching the global RNG, so the
+    same seed gives the same state_dict.
+    """
+    cfg = _config(cfg)
+    with torch.random.fork_rng(devices=[]):
+        if seed is not None:
+            torch.manual_seed(seed)
+        return RetinaNet(
+            spatial_dims=SPATIAL_DIMS,
+            num_classes=cfg.num_classes,
+            num_anchors=len(cfg.base_anchor_shapes),
+            feature_extractor=build_feature_extractor(cfg),
+            size_divisible=size_divisible(cfg),
+        )
+
+
+class AtssRetinaNetDetector(RetinaNetDetector):
+    """MONAI's `RetinaNetDetector`, restricted to the ATSS matcher so that it runs without torchvision."""
+
+    def compute_anchor_matched_idxs(self, anchors: list[Tensor], targets: list[dict[str, Tensor]],
+                                    num_anchor_locs_per_level: Sequence[int]) -> list[Tensor]:
+        if not isinstance(getattr(self, "proposal_matcher", None), ATSSMatcher):
+            raise TypeError("AtssRetinaNetDetector needs set_atss_matcher(...) before training")
+        # ATSSMatcher returns all -1 (background) for an image without boxes.
+        return [
+            self.proposal_matcher(t[self.target_box_key].to(a.device), a, num_anchor_locs_per_level,
+                                  self.num_anchors_per_loc)[1]
+            for a, t in zip(anchors, targets, strict=True)
+        ]
+
+
+def build_detector(cfg: DetectorConfig | Mapping[str, Any], network: RetinaNet) -> AtssRetinaNetDetector:
+    """Detector logic around `network`: anchors, ATSS + hard-negative sampling, NMS, sliding window.
+
+    train(): ``detector(images, targets) -> {"classification": loss, "box_regression": loss}`` with
+    targets ``[{"box": (N, 6) xyzxyz voxels, "label": (N,) int64}]``.
+    eval(): ``detector(images, use_inferer=True) -> [{"box", "label", "label_scores"}]`` per image;
+    `use_inferer` slides `sw_roi_size` windows over volumes of any size.
+    """
+    cfg = _config(cfg)
+    anchors = AnchorGeneratorWithAnchorShape(
+        feature_map_scales=[2**level for level in range(len(cfg.returned_layers) + 1)],
+        base_anchor_shapes=[list(map(float, s)) for s in cfg.base_anchor_shapes],
+    )
+    detector = AtssRetinaNetDetector(network=network, anchor_generator=anchors)
+    detector.set_atss_matcher(num_candidates=cfg.atss_num_candidates, center_in_gt=cfg.atss_center_in_gt)
+    detector.set_hard_negative_sampler(
+        batch_size_per_image=cfg.hns_batch_size_per_image,
+        positive_fraction=cfg.hns_positive_fraction,
+        pool_size=cfg.hns_pool_size,
+        min_neg=cfg.hns_min_neg,
+    )
+    detector.set_target_keys(box_key="box", label_key="label")
+    detector.set_box_selector_parameters(
+        score_thresh=cfg.score_thresh,
+        topk_candidates_per_level=cfg.topk_candidates_per_level,
+        nms_thresh=cfg.nms_thresh,
+        detections_per_img=cfg.detections_per_img,
+    )
+    detector.set_sliding_window_inferer(
+        roi_size=list(cfg.sw_roi_size),
+        overlap=cfg.sw_overlap,
+        sw_batch_size=cfg.sw_batch_size,
+        mode=cfg.sw_mode,
+    )
+    return detector
+
+
+def count_parameters(network: nn.Module, trainable_only: bool = False) -> int:
+    """Number of scalar weights in `network` (only those with requires_grad if `trainable_only`)."""
+    return sum(p.numel() for p in network.parameters() if p.requires_grad or not trainable_only)
+
+
+def _config(cfg: DetectorConfig | Mapping[str, Any]) -> DetectorConfig:
+    return cfg if isinstance(cfg, DetectorConfig) else DetectorConfig.from_dict(cfg)
+
+
+def _plain(value: Any) -> Any:
+    """Hydra DictConfig/ListConfig, tuples → plain dicts and lists."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _is_seq(value: Any, n: int, integer: bool = False) -> bool:
+    kind = int if integer else (int, float)
+    return isinstance(value, list) and len(value) == n and all(
+        isinstance(v, kind) and not isinstance(v, bool) for v in value)
