@@ -32,14 +32,14 @@ demo: $(STAMP)
 	for c in $(DEMO_OUT)/phantoms/center_*; do $(BIN)/medfound center card $$c --quiet; echo; done
 
 test: $(STAMP)
-	$(BIN)/python -m ruff check src tests benchmarks recipes scripts
+	$(BIN)/python -m ruff check .
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
-	$(BIN)/python -m ruff check src tests benchmarks recipes scripts
+	$(BIN)/python -m ruff check .
 
 format: $(STAMP)
-	$(BIN)/python -m ruff format src tests benchmarks
+	$(BIN)/python -m ruff format .
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/read_series.py
