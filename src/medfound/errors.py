@@ -23,3 +23,20 @@ class MedfoundError(Exception):
         if hint:
             parts.append(hint)
         super().__init__(" — ".join(parts))
+
+
+def exit_on_user_error(fn):
+    """Decorate an entry point (a CLI command, a Hydra recipe's main) so that a MedfoundError
+    ends the process with its one-line message on stderr, not a traceback."""
+    import functools
+    import sys
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except MedfoundError as err:
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(err.exit_code)
+
+    return wrapper

@@ -1,0 +1,50 @@
+"""Hydra configs compose, and the model YAMLs are the presets the code documents."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from hydra import compose, initialize_config_dir
+
+from medfound.models.detection import PRESETS, DetectorConfig
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_model_yaml_matches_the_preset(preset: str) -> None:
+    values = yaml.safe_load((CONFIGS / "model" / f"retinanet_{preset}.yaml").read_text())
+    assert values.pop("name") == "retinanet"
+    assert values == PRESETS[preset]
+
+
+@pytest.mark.parametrize("experiment", ["phantoms_smoke", "phantoms_small"])
+def test_train_detector_composes_with_each_experiment(experiment: str) -> None:
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base=None):
+        cfg = compose("train_detector", overrides=[
+            "data.root=/tmp/x", "out_dir=/tmp/run", f"experiment={experiment}",
+            "data.train_centers=[center_0]"])
+    assert cfg.data.train_centers == ["center_0"]
+    model = {k: v for k, v in cfg.model.items() if k != "name"}
+    DetectorConfig.from_dict(model)  # every key valid, sizes consistent
+    assert cfg.trainer.epochs >= 1 and cfg.trainer.monitor == "cpm"
+
+
+def test_reference_model_composes() -> None:
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base=None):
+        cfg = compose("train_detector", overrides=[
+            "data=luna16", "model=retinanet_reference", "data.root=/d", "out_dir=/o"])
+    assert list(cfg.model.patch_size) == [192, 192, 80]
+    assert list(cfg.model.spacing_mm) == [0.703125, 0.703125, 1.25]
+
+
+def test_run_names_the_known_recipes_for_an_unknown_one() -> None:
+    res = subprocess.run([sys.executable, "-m", "medfound", "run", "no_such_recipe"],
+                         capture_output=True, text=True, check=False)
+    assert res.returncode == 2
+    assert "no_such_recipe" in res.stderr and "train_detector" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
