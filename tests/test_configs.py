@@ -17,7 +17,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 def test_model_yaml_matches_the_preset(preset: str) -> None:
-    values = yaml.safe_load((CONFIGS / "model" / f"retinanet_{preset}.yaml").read_text())
+    values = yaml.safe_load((CONFIGS / "network" / f"retinanet_{preset}.yaml").read_text())
     assert values.pop("name") == "retinanet"
     assert values == PRESETS[preset]
 
@@ -29,7 +29,7 @@ def test_train_detector_composes_with_each_experiment(experiment: str) -> None:
             "data.root=/tmp/x", "out_dir=/tmp/run", f"experiment={experiment}",
             "data.train_centers=[center_0]"])
     assert cfg.data.train_centers == ["center_0"]
-    model = {k: v for k, v in cfg.model.items() if k != "name"}
+    model = {k: v for k, v in cfg.network.items() if k != "name"}
     DetectorConfig.from_dict(model)  # every key valid, sizes consistent
     assert cfg.trainer.epochs >= 1 and cfg.trainer.monitor == "cpm"
 
@@ -37,9 +37,9 @@ def test_train_detector_composes_with_each_experiment(experiment: str) -> None:
 def test_reference_model_composes() -> None:
     with initialize_config_dir(config_dir=str(CONFIGS), version_base=None):
         cfg = compose("train_detector", overrides=[
-            "data=luna16", "model=retinanet_reference", "data.root=/d", "out_dir=/o"])
-    assert list(cfg.model.patch_size) == [192, 192, 80]
-    assert list(cfg.model.spacing_mm) == [0.703125, 0.703125, 1.25]
+            "data=luna16", "network=retinanet_reference", "data.root=/d", "out_dir=/o"])
+    assert list(cfg.network.patch_size) == [192, 192, 80]
+    assert list(cfg.network.spacing_mm) == [0.703125, 0.703125, 1.25]
 
 
 def test_run_names_the_known_recipes_for_an_unknown_one() -> None:

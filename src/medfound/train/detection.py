@@ -1,0 +1,104 @@
+"""The nodule-detection task: what pooled, local and federated training all plug into the loop.
+
+Like a Flower app's task.py: build the detector, one training step, prediction on whole
+studies, and LUNA16 validation. World coordinates are LPS mm; the detector itself works in
+voxel "xyzxyz" boxes of the resampled image, and `medfound.data.detection` converts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from medfound.data.detection import load_datalist, predictions_to_rows
+from medfound.metrics.froc import evaluate_luna16
+from medfound.models.detection import DetectorConfig, build_detector, build_network
+
+PREDICTION_COLUMNS = ("seriesuid", "coordX", "coordY", "coordZ", "probability")
+
+
+def evaluation_items(root: str, centers: Sequence[str], trained_on: Sequence[str],
+                     split: str = "auto") -> list[dict[str, Any]]:
+    """Datalist items to validate or evaluate on. split "auto": every case of a center the
+    model never trained on (a held-out center), only the validation split of one it did."""
+    items: list[dict[str, Any]] = []
+    for center in centers:
+        which = split if split != "auto" else ("validation" if center in trained_on else "all")
+        items += load_datalist(root, [center], which)
+    return items
+
+
+def detector_config(model_cfg: Any) -> DetectorConfig:
+    """DetectorConfig from a Hydra `model` group (its `name` key is the group's, not the net's)."""
+    values = {k: v for k, v in dict(model_cfg).items() if k != "name"}
+    return DetectorConfig.from_dict(values)
+
+
+def build(model_cfg: Any, seed: int | None = None):
+    """(network, detector) for a model config; the detector holds the network."""
+    cfg = detector_config(model_cfg)
+    network = build_network(cfg, seed=seed)
+    return network, build_detector(cfg, network)
+
+
+def train_step(detector, batch: Sequence[dict[str, Any]], cls_weight: float = 1.0
+               ) -> dict[str, torch.Tensor]:
+    """Losses for one batch of patches: {"loss", "classification", "box_regression"}."""
+    images = [item["image"] for item in batch]
+    targets = [{"box": item["box"], "label": item["label"]} for item in batch]
+    det = getattr(detector, "module", detector)
+    out = detector(images, targets)
+    cls, reg = out[det.cls_key], out[det.box_reg_key]
+    return {"loss": cls_weight * cls + reg, "classification": cls.detach(),
+            "box_regression": reg.detach()}
+
+
+@torch.no_grad()
+def predict(detector, items: Sequence[dict[str, Any]], transform: Callable,
+            progress: bool = False) -> list[dict[str, Any]]:
+    """LUNA16 prediction rows (LPS mm centre + probability) for whole studies.
+
+    `transform` is the evaluation transform (read, resample, clip): it gives "image" as a
+    MetaTensor (1, i, j, k) whose affine maps the resampled voxels to LPS mm.
+    """
+    det = getattr(detector, "module", detector)
+    was_training = det.training
+    det.eval()
+    device = next(det.parameters()).device
+    rows: list[dict[str, Any]] = []
+    try:
+        for item in tqdm(items, desc="predict", unit="study", disable=not progress):
+            data = transform(dict(item))
+            image = data["image"]
+            out = det([image.to(device)], use_inferer=True)[0]
+            boxes = out[det.target_box_key].detach().cpu().numpy()
+            scores = out[det.pred_score_key].detach().cpu().numpy()
+            affine = np.asarray(image.affine, dtype=np.float64)
+            rows += predictions_to_rows(item["seriesuid"], boxes, scores, affine)
+    finally:
+        det.train(was_training)
+    return rows
+
+
+def annotations_of(items: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """LUNA16 annotation rows from datalist items (world cccwhd boxes, LPS mm)."""
+    rows = []
+    for item in items:
+        for box in np.asarray(item["box"], dtype=np.float64).reshape(-1, 6):
+            rows.append({"seriesuid": item["seriesuid"], "coordX": box[0], "coordY": box[1],
+                         "coordZ": box[2], "diameter_mm": float(np.mean(box[3:]))})
+    return rows
+
+
+def evaluate(detector, items: Sequence[dict[str, Any]], transform: Callable, *,
+             n_bootstraps: int = 1000, seed: int = 0, progress: bool = False
+             ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(LUNA16 metrics, prediction rows) of `detector` on `items`."""
+    rows = predict(detector, items, transform, progress=progress)
+    metrics = evaluate_luna16(rows, annotations_of(items), [it["seriesuid"] for it in items],
+                              n_bootstraps=n_bootstraps, seed=seed)
+    return metrics, rows

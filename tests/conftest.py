@@ -1,0 +1,50 @@
+"""Fixtures shared by several test files."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+
+def _write_scan(path: Path, centres_mm, direction, origin, spacing=(1.5, 1.5, 2.0),
+                size=(40, 40, 24), radius_mm=4.0) -> None:
+    """A -1000 HU box with +100 HU spheres at `centres_mm` (LPS), written by SimpleITK."""
+    import SimpleITK as sitk
+
+    img = sitk.Image(list(size), sitk.sitkInt16)
+    img.SetSpacing(spacing)
+    img.SetOrigin(origin)
+    img.SetDirection(np.asarray(direction, dtype=float).ravel().tolist())
+    affine = np.asarray(direction, dtype=float).reshape(3, 3) * spacing
+    ijk = np.stack(np.meshgrid(*[np.arange(n) for n in size], indexing="ij"), -1)
+    xyz = ijk @ affine.T + origin
+    arr = np.full(size, -1000, dtype=np.int16)
+    for c in centres_mm:
+        arr[np.linalg.norm(xyz - c, axis=-1) <= radius_mm] = 100
+    out = sitk.GetImageFromArray(arr.transpose(2, 1, 0).copy())
+    out.CopyInformation(img)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(out, str(path))
+
+
+@pytest.fixture(scope="module")
+def luna(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("luna16")
+    eye = np.eye(3)
+    flipped = np.array([[-1.0, 0, 0], [0, 1, 0], [0, 0, -1]])  # i → R, k → I: not canonical
+    scans = {"subset0/1.3.6.1.4.1.14519.5.2.1.6279.6001.100": (eye, [-30.0, -30, -20],
+                                                                [[0.0, 0, 0], [12.0, -10, 8]]),
+             "subset0/1.3.6.1.4.1.14519.5.2.1.6279.6001.200": (flipped, [30.0, -30, 20], []),
+             "subset8/1.3.6.1.4.1.14519.5.2.1.6279.6001.300": (flipped, [30.0, -30, 20],
+                                                                [[5.0, 3.0, -4.0]])}
+    with open(d / "annotations.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["seriesuid", "coordX", "coordY", "coordZ", "diameter_mm"])
+        for name, (direction, origin, centres) in scans.items():
+            _write_scan(d / f"{name}.mhd", centres, direction, origin)
+            w.writerows([[Path(name).name, *c, 8.0] for c in centres])
+    (d / "candidates.csv").write_text("seriesuid,coordX,coordY,coordZ,class\n")
+    return d

@@ -1,0 +1,137 @@
+"""MLflow tracking of a training run, read back through a real MlflowClient (no mocks)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+
+import pytest
+import torch
+from mlflow import MlflowClient
+from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
+from omegaconf import OmegaConf
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from medfound.errors import MedfoundError
+from medfound.train import (
+    Tracker,
+    TrainerConfig,
+    fit,
+    flatten_config,
+    load_checkpoint,
+    seed_everything,
+)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """One local store (a folder) shared by the runs of this module: creating one costs seconds."""
+    return tmp_path_factory.mktemp("mlflow_store")
+
+
+def loader() -> DataLoader:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(12, 5, generator=g)
+    return DataLoader(TensorDataset(x, x.sum(dim=1)), batch_size=4, shuffle=True,
+                      generator=torch.Generator().manual_seed(0))
+
+
+def train_step(model, batch):
+    x, y = batch
+    loss = nn.functional.mse_loss(model(x).squeeze(-1), y)
+    return {"loss": loss, "mse": loss.detach()}
+
+
+def validate(model):
+    return {"score": float(model.weight.sum())}
+
+
+def config(epochs: int) -> TrainerConfig:
+    return TrainerConfig.from_dict({"epochs": epochs, "lr": 0.01, "val_every": 1, "monitor": "score",
+                                    "progress": False})
+
+
+def test_a_tracked_run_records_params_one_metric_point_per_epoch_and_artifacts(store, tmp_path, capsys):
+    cfg = config(epochs=3)
+    run_config = OmegaConf.create({"trainer": cfg.to_dict(), "model": {"width": 5, "notes": "x" * 7000}})
+    seed_everything(0)
+    model = nn.Linear(5, 1)
+    tracking = OmegaConf.create({"uri": str(store), "experiment": "medfound-tests", "run_name": "pooled"})
+    with Tracker(tracking, out_dir=tmp_path, config=run_config) as tracker:
+        result = fit(model, loader(), train_step, cfg, tmp_path, validate=validate, tracker=tracker)
+        tracker.log_artifacts(tmp_path / "checkpoints", artifact_path="checkpoints")
+        tracker.log_artifacts(tmp_path / "mlflow_run.json")
+
+    info = json.loads((tmp_path / "mlflow_run.json").read_text())
+    assert info["run_id"] == tracker.run_id and info["run_id"] in capsys.readouterr().out
+    client = MlflowClient(info["tracking_uri"])
+    run = client.get_run(info["run_id"])
+    assert run.info.status == "FINISHED" and run.info.run_name == "pooled"
+    assert run.data.params["trainer.lr"] == "0.01" and run.data.params["model.width"] == "5"
+    assert len(run.data.params["model.notes"]) == MAX_PARAM_VAL_LENGTH
+    for name in ("train/loss", "train/mse", "lr", "val/score"):
+        points = client.get_metric_history(info["run_id"], name)
+        assert [p.step for p in points] == [1, 2, 3], name
+        assert [p.value for p in points] == pytest.approx([h[name] for h in result.history])
+    assert {a.path for a in client.list_artifacts(info["run_id"], "checkpoints")} == \
+        {"checkpoints/last.pt", "checkpoints/best.pt"}
+    assert "mlflow_run.json" in {a.path for a in client.list_artifacts(info["run_id"])}
+
+    best = nn.Linear(5, 1)
+    assert result.load_best(best) == tmp_path / "checkpoints" / "best.pt"
+    assert float(best.weight.detach().sum()) == result.best_metric == max(h["val/score"] for h in result.history)
+
+
+def test_only_rank_0_tracks(tmp_path, monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    with Tracker({"uri": None, "experiment": "medfound-tests"}, out_dir=tmp_path, config={"a": 1}) as tracker:
+        tracker.log_metrics({"loss": 1.0}, step=1)
+        tracker.log_artifacts(tmp_path)
+    assert tracker.run_id is None and not any(tmp_path.iterdir())
+
+
+def test_a_crash_marks_the_run_failed_keeps_the_last_epoch_and_resume_continues_it(tmp_path):
+    calls = {"n": 0}
+
+    def fails_in_epoch_2(model, batch):
+        calls["n"] += 1
+        if calls["n"] == 5:  # 3 steps per epoch
+            raise RuntimeError("disk unplugged")
+        return train_step(model, batch)
+
+    seed_everything(0)
+    with pytest.raises(RuntimeError, match="disk unplugged"):  # tracking_uri=None: a store in out_dir
+        with Tracker.start("medfound-tests", out_dir=tmp_path) as tracker:
+            fit(nn.Linear(5, 1), loader(), fails_in_epoch_2, config(epochs=3), tmp_path, validate=validate,
+                tracker=tracker)
+    assert (tmp_path / "mlruns" / "mlflow.db").is_file()
+    client = MlflowClient(tracker.tracking_uri)
+    assert client.get_run(tracker.run_id).info.status == "FAILED"
+    assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["epoch"] == 1  # nothing lost
+
+    with Tracker.start("medfound-tests", out_dir=tmp_path, resume=True) as resumed:
+        fit(nn.Linear(5, 1), loader(), train_step, config(epochs=3), tmp_path, validate=validate,
+            tracker=resumed, resume=True)
+    assert resumed.run_id == tracker.run_id
+    assert client.get_run(tracker.run_id).info.status == "FINISHED"
+    assert [p.step for p in client.get_metric_history(tracker.run_id, "train/loss")] == [1, 2, 3]
+
+
+def test_an_unreachable_tracking_server_is_one_clear_line(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        uri = f"http://127.0.0.1:{s.getsockname()[1]}"  # nothing listens once the socket closes
+    started = time.monotonic()
+    with pytest.raises(MedfoundError, match="unreachable") as err:
+        Tracker.start("medfound-tests", tracking_uri=uri, out_dir=tmp_path)
+    assert uri in str(err.value) and "\n" not in str(err.value)
+    assert time.monotonic() - started < 10
+
+
+def test_config_is_flattened_with_dotted_keys():
+    flat = flatten_config({"trainer": {"lr": 0.001, "amp": "auto"}, "data": {"centers": ["a", "b"]},
+                           "seed": 0, "model": {}})
+    assert flat == {"trainer.lr": "0.001", "trainer.amp": "auto", "data.centers": "['a', 'b']",
+                    "seed": "0", "model": "{}"}
