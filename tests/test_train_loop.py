@@ -87,6 +87,29 @@ def test_same_seed_gives_the_same_numbers_and_another_seed_does_not(tmp_path):
     assert len(result_a.history) == 4 and result_a.global_step == 16
 
 
+def test_monai_random_transforms_are_seeded_from_the_run_seed(tmp_path):
+    # MONAI's random transforms seed themselves from OS entropy; fit reseeds them per epoch.
+    from monai.data import Dataset as MonaiDataset
+    from monai.transforms import Compose, RandGaussianNoised, RandSpatialCropd
+
+    def loader():
+        cubes = Cubes()
+        items = [cubes[i] for i in range(len(cubes))]
+        transform = Compose([RandGaussianNoised("image", prob=1.0, std=0.5),
+                             RandSpatialCropd("image", roi_size=(4, 4, 4), random_size=False)])
+        return DataLoader(MonaiDataset(items, transform), batch_size=4, shuffle=False)
+
+    def train(out_dir, seed):
+        seed_everything(seed)
+        model = tiny_net()
+        fit(model, loader(), train_step, config(seed=seed, epochs=2), out_dir)
+        return model
+
+    a, b = train(tmp_path / "a", 3), train(tmp_path / "b", 3)
+    assert same_weights(a, b)
+    assert not same_weights(a, train(tmp_path / "c", 4))
+
+
 def test_resume_after_an_interruption_is_bit_identical_to_an_uninterrupted_run(tmp_path):
     full_model, full = run(tmp_path / "full")
 
@@ -206,7 +229,7 @@ def test_ddp_two_processes_train_on_disjoint_shards_like_one_process_with_the_gl
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
          "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(TESTS / "ddp_worker.py"),
          str(tmp_path / "ddp"), "2"],
-        env=env, capture_output=True, text=True, timeout=120)
+        env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
 
     ranks = [json.loads((tmp_path / "ddp" / f"rank{r}.json").read_text()) for r in (0, 1)]

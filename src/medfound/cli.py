@@ -92,6 +92,17 @@ def cmd_center_card(args) -> int:
     return 0
 
 
+def cmd_center_audit(args) -> int:
+    from medfound.fed.audit import audit_totals, format_audit, read_audit
+
+    records = read_audit(args.file)
+    if args.json:
+        _print_json({"records": records, "totals": audit_totals(records)})
+    else:
+        print(format_audit(records))
+    return 0
+
+
 def recipes_dir() -> Path:
     """recipes/ of the checkout medfound runs from (MEDFOUND_RECIPES overrides)."""
     import os
@@ -203,6 +214,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print JSON")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_center_card)
+    s = csub.add_parser(
+        "audit", help="show what a center sent to the federation",
+        description="Print a center's outbound audit log (FED/audit/<center>.jsonl: one line "
+        "per message that left the center, with its round, kind, size, sha256 and the names "
+        "of the metrics it carried) as a table, with totals.")
+    s.add_argument("file", type=Path, metavar="FILE", help="the center's audit log (.jsonl)")
+    s.add_argument("--json", action="store_true", help="print the records and totals as JSON")
+    s.set_defaults(func=cmd_center_audit)
     return p
 
 

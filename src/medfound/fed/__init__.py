@@ -1,1 +1,20 @@
-"""medfound.fed stage (see DESIGN.md)."""
+"""medfound.fed: federated training with Flower — centers train together, images stay put.
+
+The pieces, in the order a round uses them (see DESIGN.md for where fed sits):
+
+    settings.py    the fed.* config keys, validated before anything starts
+    protocol.py    what each message carries, both ways, and the version check
+    params.py      network weights ⇄ Flower ArrayRecords (float32 or float16), payload bytes
+    client_app.py  the ClientApp at each center: train with medfound.train.fit, evaluate
+                   (LUNA16 CPM), audit every outbound reply, keep failures' details local
+    audit.py       a center's outbound audit log and its table (`medfound center audit`)
+    screening.py   the coordinator's checks on each update before aggregation
+    strategies.py  configs/fed/<name>.yaml → Flower's Message-API strategy, and its state
+    server_app.py  the ServerApp: rounds, checkpoint/resume, metrics.json, MLflow, package
+    simulation.py  simulation mode: one virtual SuperNode per center, Flower's engine on Ray
+
+The recipe is recipes/federate.py (`medfound run federate ...`). The ServerApp and ClientApp
+are plain Flower apps: simulation gives each virtual center its folders through `Site`s,
+a SuperNode gives them through its node config (deployment mode is a later step).
+Importing this package imports nothing heavy; the modules above import Flower and torch.
+"""

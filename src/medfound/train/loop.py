@@ -291,6 +291,7 @@ def fit(model: nn.Module, train_loader: DataLoader, train_step: TrainStep, cfg: 
         while epoch < cfg.epochs and not stopped_early:
             if isinstance(sampler, DistributedSampler):
                 sampler.set_epoch(epoch)
+            _reseed_transforms(train_loader, cfg.seed, rank, epoch)
             net.train()
             sums: dict[str, float] = {}
             steps = 0
@@ -364,6 +365,8 @@ def fit(model: nn.Module, train_loader: DataLoader, train_step: TrainStep, cfg: 
                 if stopped_early:
                     print(f"early stopping: no improvement of {cfg.monitor} in "
                           f"{bad_validations} validations (best {best_metric:.4g} at epoch {best_epoch})", flush=True)
+        if distributed:
+            dist.barrier()  # leave together: rank 0 has just written the checkpoint
     finally:
         if owns_group:
             dist.destroy_process_group()
@@ -401,6 +404,14 @@ def _lr_factor(cfg: TrainerConfig, steps_per_epoch: int) -> Callable[[int], floa
         return 1.0
 
     return factor
+
+
+def _reseed_transforms(loader: DataLoader, seed: int, rank: int, epoch: int) -> None:
+    """Seed the dataset's random transforms (MONAI's draw from OS entropy unless told) from
+    (seed, rank, epoch): reruns and resumed runs then crop and augment exactly alike."""
+    transform = getattr(getattr(loader, "dataset", None), "transform", None)
+    if hasattr(transform, "set_random_state"):
+        transform.set_random_state(seed=(seed * 10_007 + rank * 101 + epoch) % 2**31)
 
 
 def _loader_generators(loader: DataLoader) -> list[torch.Generator]:

@@ -1,0 +1,337 @@
+"""The ClientApp: what runs at each center, on that center's data only.
+
+For a "train" message a center loads the global weights into the detector and trains
+``local_epochs`` epochs with the one training loop (`medfound.train.fit`) on its own training
+split, then replies with its weights and a few loss numbers (medfound.fed.protocol). For an
+"evaluate" message it scores the global weights on its own validation split (LUNA16 CPM).
+
+Between rounds a center keeps its local training state — optimizer moments, step counter,
+every RNG stream — in ``work_dir/rounds/<run_tag>/<round>/checkpoints/last.pt`` and hands it to
+`fit` as ``start_state`` with the new global weights swapped in. Round r starts from the state
+of the latest round before r, so a coordinator that resumes and re-sends a round gets the very
+same update back (CPU, same seed). Augmentation draws are seeded from (seed, center, round).
+
+Privacy at the boundary:
+- every outbound reply passes the audit mod, which appends a line to the center's audit log
+  (medfound.fed.audit) before the reply leaves;
+- an exception inside the center is logged locally (``work_dir/center.log`` and stderr) and
+  the coordinator only learns its type: messages can quote paths or series UIDs. A version
+  refusal is the exception — it quotes version numbers only.
+
+Where a center's data and folders are: in simulation `make_client_app` gets one `Site` per
+virtual node (Flower's ``partition-id`` picks it); under a Flower SuperNode the node config
+gives them (``center``, ``data-dir``, ``work-dir``, optional ``audit-file``), and the
+module-level ``app`` is the ClientApp to point the SuperNode at.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import sys
+import traceback
+import zlib
+from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from medfound.errors import MedfoundError
+from medfound.fed.audit import AuditLog
+from medfound.fed.params import from_arrays, payload_bytes, to_arrays
+from medfound.fed.protocol import (
+    ARRAYS,
+    CENTER,
+    CONFIG,
+    METRICS,
+    NUM_EXAMPLES,
+    ROUND,
+    VersionMismatch,
+    check_versions,
+    read_task,
+)
+
+__all__ = ["Site", "app", "evaluate_center", "make_client_app", "train_center"]
+
+_ERROR_CODE = 2  # flwr.common.constant.ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+
+
+@dataclasses.dataclass(frozen=True)
+class Site:
+    """One center as its ClientApp sees it. Paths are local to the center's machine."""
+
+    center: str  # the center's name in the federation
+    data_dir: Path  # its folder: datalist.json and the studies it lists
+    work_dir: Path  # local training state between rounds, cache, center.log
+    audit_file: Path  # outbound audit log (JSON lines)
+    keep_payloads: bool = False  # also keep each outbound payload beside the audit log
+
+    @classmethod
+    def from_node_config(cls, node_config: Mapping[str, Any]) -> Site:
+        """A SuperNode's site from ``--node-config "center='c0' data-dir='/data/c0' work-dir='/var/medfound'"``."""
+        missing = [k for k in ("center", "data-dir", "work-dir") if not node_config.get(k)]
+        if missing:
+            raise MedfoundError(f"the SuperNode's node config lacks {', '.join(missing)}",
+                                hint="start it with --node-config \"center='NAME' data-dir='DIR' "
+                                     "work-dir='DIR'\"")
+        work = Path(str(node_config["work-dir"]))
+        audit = node_config.get("audit-file") or work / "audit" / f"{node_config['center']}.jsonl"
+        return cls(center=str(node_config["center"]), data_dir=Path(str(node_config["data-dir"])),
+                   work_dir=work, audit_file=Path(str(audit)),
+                   keep_payloads=bool(node_config.get("keep-payloads", False)))
+
+
+def make_client_app(sites: Sequence[Site] | None = None) -> ClientApp:
+    """The ClientApp. `sites`: one per simulated node, by partition id; None: the node config."""
+    sites = list(sites) if sites is not None else None
+
+    def site_of(context: Context) -> Site:
+        if sites is None:
+            return Site.from_node_config(context.node_config)
+        return sites[int(context.node_config["partition-id"])]
+
+    client = ClientApp(mods=[_audit_mod(site_of)])
+
+    @client.train()
+    def train(msg: Message, context: Context) -> Message:
+        site = site_of(context)
+        return _reply_privately(msg, site, lambda: train_center(site, msg))
+
+    @client.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        site = site_of(context)
+        return _reply_privately(msg, site, lambda: evaluate_center(site, msg))
+
+    return client
+
+
+# --- the two jobs of a center -----------------------------------------------------------------
+
+
+def train_center(site: Site, msg: Message) -> Message:
+    """Train on the site's training split from the global weights in `msg`; the reply."""
+    from medfound.data.detection import detection_collate, load_datalist
+    from medfound.train import detection as task_lib
+    from medfound.train.checkpoint import load_checkpoint
+    from medfound.train.loop import TrainerConfig, distributed_loader, fit
+
+    task = _received_task(msg)
+    round_, run_tag = task["round"], str(task["run_tag"])
+    network, detector = task_lib.build(task["network"], seed=task["seed"])
+    global_state = from_arrays(msg.content[ARRAYS])
+    items = load_datalist(site.data_dir.parent, [site.data_dir.name], "training")
+    seed = center_seed(task["seed"], site.center)
+    dataset = _training_dataset(site, items, {**task["network"], **task["data"]},
+                                task["data"].get("cache", "memory"))
+    # fit seeds MONAI's random transforms from (center seed, epoch): a re-sent round repeats.
+    loader = distributed_loader(dataset, batch_size=int(task["data"]["batch_size"]), shuffle=True,
+                                seed=seed, num_workers=int(task["data"].get("num_workers", 0)),
+                                collate_fn=detection_collate)
+
+    rounds_dir = site.work_dir / "rounds" / run_tag
+    previous = _latest_round_state(rounds_dir, before=round_)
+    start_state, epochs_done = None, 0
+    if previous is not None:
+        start_state = load_checkpoint(previous)
+        detector.load_state_dict(start_state["model"])
+        epochs_done = int(start_state["epoch"])
+    _load_global(network, global_state)
+    if start_state is not None:
+        start_state["model"] = detector.state_dict()
+
+    trainer = TrainerConfig.from_dict({**task["trainer"], "seed": seed,
+                                       "epochs": epochs_done + int(task["local_epochs"])})
+    step = task_lib.train_step
+    if task["proximal_mu"] > 0:
+        step = _proximal(step, network, global_state, task["proximal_mu"])
+    result = fit(detector, loader, step, trainer, rounds_dir / f"{round_:04d}",
+                 start_state=start_state)
+    _prune_rounds(site.work_dir / "rounds", run_tag, keep_from=round_ - 1)
+
+    last = result.history[-1]
+    metrics = MetricRecord({NUM_EXAMPLES: len(items),
+                            **{k: float(v) for k, v in last.items() if k.startswith("train/")}})
+    return Message(RecordDict({ARRAYS: to_arrays(network.state_dict(), task["transfer_dtype"]),
+                               METRICS: metrics, CENTER: ConfigRecord({"name": site.center})}),
+                   reply_to=msg)
+
+
+def evaluate_center(site: Site, msg: Message) -> Message:
+    """LUNA16 metrics of the global weights in `msg` on the site's validation split."""
+    from medfound.data.detection import eval_transforms
+    from medfound.train import detection as task_lib
+
+    task = _received_task(msg)
+    network, detector = task_lib.build(task["network"], seed=task["seed"])
+    _load_global(network, from_arrays(msg.content[ARRAYS]))
+    detector.to(_device(task["trainer"]))
+    items = _validation_items(site)
+    n_nodules = sum(len(it["label"]) for it in items)
+    metrics: dict[str, float] = {NUM_EXAMPLES: len(items), "n_nodules": n_nodules}
+    if n_nodules > 0:  # CPM is a sensitivity: undefined without nodules
+        transform = _cached(eval_transforms({**task["network"], **task["data"]}),
+                            json.dumps({**task["network"], **task["data"]}, sort_keys=True))
+        luna, _ = task_lib.evaluate(detector, items, transform,
+                                    n_bootstraps=int(task["eval_bootstraps"]), seed=task["seed"])
+        metrics["cpm"] = float(luna["cpm"])
+        metrics.update({f"froc/{rate}": float(s) for rate, s in luna["froc"].items()})
+    return Message(RecordDict({METRICS: MetricRecord(metrics),
+                               CENTER: ConfigRecord({"name": site.center})}), reply_to=msg)
+
+
+def center_seed(seed: int, center: str) -> int:
+    """A center's own seed: the run's seed offset by a stable hash of the center's name."""
+    return int(seed) + zlib.crc32(center.encode()) % 100_000
+
+
+# --- helpers ----------------------------------------------------------------------------------
+
+
+def _received_task(msg: Message) -> dict[str, Any]:
+    config = msg.content[CONFIG]
+    try:
+        theirs = json.loads(str(config["versions"]))
+    except (KeyError, ValueError):
+        theirs = {}
+    check_versions(theirs)
+    return read_task(config)
+
+
+def _load_global(network: torch.nn.Module, global_state: Mapping[str, torch.Tensor]) -> None:
+    """Put the global (floating-point) weights into `network`; its own counters stay."""
+    from medfound.train.checkpoint import load_model_state
+
+    load_model_state(network, {**network.state_dict(), **global_state}, "the coordinator's weights")
+
+
+def _proximal(step: Callable, network: torch.nn.Module, global_state: Mapping[str, torch.Tensor],
+              mu: float) -> Callable:
+    """FedProx: `step`'s loss plus μ/2·‖w − w_global‖² over the network's parameters."""
+    pairs = [(p, global_state[name].detach().clone()) for name, p in network.named_parameters()
+             if name in global_state]
+
+    def step_with_proximal_term(model: Any, batch: Any) -> dict[str, torch.Tensor]:
+        losses = dict(step(model, batch))
+        term = sum(((p - g.to(p.device)) ** 2).sum() for p, g in pairs)
+        losses["loss"] = losses["loss"] + 0.5 * mu * term
+        losses["proximal"] = term.detach()
+        return losses
+
+    return step_with_proximal_term
+
+
+# One training dataset per (center, preprocessing) and process: a simulation actor serves
+# several rounds (and centers), and the deterministic head of the pipeline is cached inside.
+_DATASETS: dict[str, Any] = {}
+
+
+def _training_dataset(site: Site, items: list[dict[str, Any]], prep: dict[str, Any],
+                      cache: str) -> Any:
+    from medfound.data.detection import make_dataset, train_transforms
+
+    key = json.dumps([str(site.data_dir), [it["image"] for it in items], prep, cache],
+                     sort_keys=True, default=str)
+    if key not in _DATASETS:
+        _DATASETS[key] = make_dataset(items, train_transforms(prep), cache=cache,
+                                      cache_dir=site.work_dir / "cache")
+    return _DATASETS[key]
+
+
+_PREPARED: dict[tuple[str, str], Any] = {}
+
+
+def _cached(transform: Callable, key: str) -> Callable:
+    """`transform` (deterministic) remembering its output per study for this process: a
+    center evaluates the same validation studies every round."""
+
+    def prepared(item: dict[str, Any]) -> Any:
+        k = (key, str(item["image"]))
+        if k not in _PREPARED:
+            _PREPARED[k] = transform(item)
+        return _PREPARED[k]
+
+    return prepared
+
+
+def _validation_items(site: Site) -> list[dict[str, Any]]:
+    from medfound.data.detection import DATALIST, load_datalist
+
+    try:
+        listed = json.loads((site.data_dir / DATALIST).read_text()).get("validation") or []
+    except (OSError, ValueError, AttributeError):
+        listed = ["?"]  # let load_datalist name what is wrong
+    if not listed:
+        return []  # a center without a validation split shares only its case count (0)
+    return load_datalist(site.data_dir.parent, [site.data_dir.name], "validation")
+
+
+def _latest_round_state(rounds_dir: Path, before: int) -> Path | None:
+    done = [int(p.name) for p in rounds_dir.glob("*") if p.name.isdigit() and int(p.name) < before
+            and (p / "checkpoints" / "last.pt").is_file()]
+    return rounds_dir / f"{max(done):04d}" / "checkpoints" / "last.pt" if done else None
+
+
+def _prune_rounds(root: Path, run_tag: str, keep_from: int) -> None:
+    """Drop other runs' state and this run's rounds before `keep_from` (a resumed coordinator
+    may re-send round keep_from + 1, which starts from round keep_from's state)."""
+    for run in root.glob("*"):
+        if run.name != run_tag:
+            shutil.rmtree(run, ignore_errors=True)
+    for p in (root / run_tag).glob("*"):
+        if p.name.isdigit() and int(p.name) < keep_from:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _device(trainer: Mapping[str, Any]) -> torch.device:
+    wanted = str(trainer.get("device", "auto"))
+    if wanted == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(wanted)
+
+
+def _reply_privately(msg: Message, site: Site, job: Callable[[], Message]) -> Message:
+    """Run `job`; on an exception log it at the center and reply with its type only."""
+    try:
+        return job()
+    except Exception as err:  # any failure: the details stay at the center
+        kind = msg.metadata.message_type
+        detail = "".join(traceback.format_exception(err))
+        site.work_dir.mkdir(parents=True, exist_ok=True)
+        with open(site.work_dir / "center.log", "a") as log:
+            log.write(f"{datetime.now(timezone.utc).isoformat()} {kind} failed:\n{detail}\n")
+        print(f"center {site.center}: {kind} failed: {err}", file=sys.stderr, flush=True)
+        if isinstance(err, VersionMismatch):
+            reason = f"center {site.center} refused: {err}"
+        else:
+            reason = (f"{kind} failed at center {site.center}: {type(err).__name__} "
+                      "(details stay in the center's log)")
+        return Message(Error(code=_ERROR_CODE, reason=reason), reply_to=msg)
+
+
+def _audit_mod(site_of: Callable[[Context], Site]) -> Callable:
+    """A Flower mod that records every reply in the center's audit log before it leaves."""
+
+    def audit(msg: Message, context: Context, call_next: Callable) -> Message:
+        reply = call_next(msg, context)
+        site = site_of(context)
+        config = msg.content.config_records.get(CONFIG) if msg.has_content() else None
+        round_ = int(config.get(ROUND, 0)) if config is not None else 0
+        if reply.has_error():
+            payload, kind, names = str(reply.error.reason).encode(), "error", []
+        else:
+            payload, kind = payload_bytes(reply.content), msg.metadata.message_type
+            names = [n for rec in reply.content.metric_records.values() for n in rec]
+        AuditLog(site.audit_file, site.center, site.keep_payloads).record(
+            round=round_, kind=kind, payload=payload, metric_names=names)
+        return reply
+
+    return audit
+
+
+# The ClientApp a Flower SuperNode loads (its node config names the center and folders).
+app = make_client_app()

@@ -1,0 +1,366 @@
+"""The ServerApp: the coordinator's loop over rounds, and everything it leaves in FED/.
+
+Each round, in order:
+
+1. train — the strategy picks the centers (all connected ones, at least ``fed.min_centers``)
+   and sends them the global weights; replies are screened (medfound.fed.screening: bad
+   updates are rejected and logged) and the accepted ones aggregated by the Flower strategy,
+   weighted by each center's training case count where the strategy weights at all. With
+   fewer than ``fed.min_centers`` accepted updates the round keeps the previous weights;
+2. evaluate — every center scores the new global weights on its validation split; the global
+   metric is the case-weighted mean over the centers that could compute it;
+3. checkpoint — ``FED/server/state.pt`` (global weights, strategy state, round, history) is
+   written atomically, then ``FED/metrics.json``, then the round's numbers go to MLflow.
+
+``resume=true`` continues after the last round in ``FED/server/state.pt``: with the same seed
+on CPU the result equals an uninterrupted run's (the centers replay from their own per-round
+state, see medfound.fed.client_app). At the end the global weights become the model package
+``FED/model/`` (medfound.train.package), which evaluate_detector and export accept.
+
+FED/metrics.json: ``rounds`` (one record per round: duration_s, train {centers, accepted,
+rejected, failed, update_norms, aggregate}, evaluate {global, centers, failed}, bytes
+{center: {sent, received}} as the center sees it), ``global`` (per-round global metrics),
+``bytes_per_center`` (totals) and ``round_durations_s``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ConfigRecord, Context, Message
+from flwr.serverapp import Grid, ServerApp
+
+from medfound.errors import MedfoundError
+from medfound.fed.params import decode_arrays, encode_arrays, payload_bytes, shared_state
+from medfound.fed.protocol import (
+    ARRAYS,
+    METRICS,
+    NUM_EXAMPLES,
+    center_of,
+    task_spec,
+    versions,
+)
+from medfound.fed.screening import screen_updates
+from medfound.fed.settings import FedSettings
+from medfound.fed.strategies import build_strategy, restore_strategy_state, strategy_state
+
+__all__ = ["STATE_FILE", "make_server_app", "run_coordinator"]
+
+STATE_FILE = Path("server") / "state.pt"
+METRICS_FILE = "metrics.json"
+_FORMAT = "medfound-fed-server/1"
+
+
+def make_server_app(cfg: Mapping[str, Any], config_yaml: str = "") -> ServerApp:
+    """A ServerApp running `run_coordinator` for the resolved recipe config `cfg`."""
+    server = ServerApp()
+
+    @server.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_coordinator(grid, cfg, config_yaml)
+
+    return server
+
+
+def run_coordinator(grid: Grid, cfg: Mapping[str, Any], config_yaml: str = "") -> Path:
+    """Run the federation's rounds over `grid`; returns the model package's path."""
+    from medfound.train import detection as task
+    from medfound.train.checkpoint import load_checkpoint, save_checkpoint
+    from medfound.train.tracking import Tracker
+
+    settings = FedSettings.from_config(cfg)
+    out = Path(cfg["out_dir"])
+    strategy = build_strategy(settings.strategy, settings.min_centers)
+    network, _ = task.build(cfg["network"], seed=cfg["seed"])
+    global_arrays = {k: v.numpy().astype(np.float32)
+                     for k, v in shared_state(network.state_dict()).items()}
+    model_bytes = int(sum(a.nbytes for a in global_arrays.values()))
+
+    # --- set-up: a fresh run, or the state of the last completed round ---
+    history: list[dict[str, Any]] = []
+    run_tag, first_round = uuid.uuid4().hex[:12], 1
+    if cfg.get("resume"):
+        state = load_checkpoint(out / STATE_FILE)
+        _check_resumable(state, settings, out / STATE_FILE)
+        global_arrays = {k: v.numpy() for k, v in state["model"].items()}
+        restore_strategy_state(strategy, state["strategy"])
+        history, run_tag = list(state["history"]), state["run_tag"]
+        first_round = int(state["round"]) + 1
+        print(f"resuming after round {state['round']} from {out / STATE_FILE}", flush=True)
+    task_json = task_spec(cfg, local_epochs=settings.local_epochs,
+                          transfer_dtype=settings.transfer_dtype,
+                          eval_bootstraps=settings.eval_bootstraps, run_tag=run_tag)
+    versions_json = json.dumps(versions())
+
+    def instruction() -> ConfigRecord:  # a fresh one each time: strategies write the round in
+        return ConfigRecord({"task": task_json, "versions": versions_json})
+
+    known: dict[int, str] = {}  # node id → center name, learnt from replies
+
+    with Tracker(cfg["tracking"], out_dir=out, config=cfg, resume=bool(cfg.get("resume"))) as tracker:
+        # --- the loop ---
+        for rnd in range(first_round, settings.rounds + 1):
+            started = time.time()
+            traffic = _Traffic()
+            train, global_arrays = _train_round(grid, strategy, rnd, global_arrays, instruction,
+                                                settings, known, traffic)
+            evaluate = _evaluate_round(grid, strategy, rnd, global_arrays, instruction, settings,
+                                       known, traffic)
+            record = {"round": rnd, "duration_s": round(time.time() - started, 3),
+                      "aggregated": train.pop("aggregated"), "train": train,
+                      "evaluate": evaluate, "bytes": traffic.by_center(known)}
+            history.append(record)
+
+            # checkpoint (atomic), then metrics.json, then MLflow
+            save_checkpoint({"format": _FORMAT, "round": rnd, "run_tag": run_tag,
+                             "strategy_name": settings.strategy_name,
+                             "transfer_dtype": settings.transfer_dtype,
+                             "model": {k: torch.from_numpy(v) for k, v in global_arrays.items()},
+                             "strategy": strategy_state(strategy), "history": history},
+                            out / STATE_FILE)
+            write_metrics(out / METRICS_FILE, history, settings, model_bytes)
+            tracker.log_metrics(_flat_round(record), step=rnd)
+            print(_round_summary(record, settings.rounds), flush=True)
+
+        # --- package the global model ---
+        for name, value in shared_state(network.state_dict()).items():
+            value.copy_(torch.from_numpy(global_arrays[name]))
+        if not history:
+            raise MedfoundError("the federation completed no round", path=out,
+                                hint="set fed.rounds >= 1")
+        package = _package(out, network, cfg, config_yaml, settings, history, tracker.run_id)
+        write_metrics(out / METRICS_FILE, history, settings, model_bytes)
+        tracker.log_artifact(out / METRICS_FILE)
+        tracker.log_artifacts(package, "model")
+    final = history[-1]["evaluate"]["global"]
+    cpm = final.get("cpm")
+    print(f"model package: {package}  (federated validation CPM "
+          f"{'n/a' if cpm is None else f'{cpm:.3f}'} after {len(history)} rounds, "
+          f"MLflow run {tracker.run_id})", flush=True)
+    return package
+
+
+# --- helpers, in the order the loop uses them ---
+
+
+def _check_resumable(state: Mapping[str, Any], settings: FedSettings, path: Path) -> None:
+    if state.get("format") != _FORMAT:
+        raise MedfoundError("not a federated coordinator checkpoint", path=path,
+                            hint="point out_dir at the FED folder of a federate run")
+    for key, now in (("strategy_name", settings.strategy_name),
+                     ("transfer_dtype", settings.transfer_dtype)):
+        if state.get(key) != now:
+            raise MedfoundError(f"the run started with {key} {state.get(key)!r}, not {now!r}",
+                                path=path, hint="resume with the settings the run started with")
+
+
+def _train_round(grid: Grid, strategy: Any, rnd: int, global_arrays: dict[str, np.ndarray],
+                 instruction: Any, settings: FedSettings, known: dict[int, str],
+                 traffic: _Traffic) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Send the global weights for training, screen the updates, aggregate the accepted ones.
+
+    Returns the round's train record and the new global weights (the old ones when fewer
+    than ``fed.min_centers`` updates were accepted)."""
+    messages = strategy.configure_train(rnd, encode_arrays(global_arrays, "float32"),
+                                        instruction(), grid)
+    replies = _exchange(grid, messages, settings, known, traffic)
+    if replies and all(m.has_error() for m in replies):
+        reasons = sorted({str(m.error.reason) for m in replies})
+        raise MedfoundError(f"round {rnd}: no center could train ({'; '.join(reasons)})",
+                            hint="read each center's log (its work folder's center.log)")
+    screening = screen_updates(replies, global_arrays, transfer_dtype=settings.transfer_dtype,
+                               norm_factor=settings.reject_norm_factor, known_centers=known)
+    for item in screening.rejected:
+        print(f"round {rnd}: rejected the update of {item['center']}: {item['reason']}", flush=True)
+    for item in screening.failed:
+        print(f"round {rnd}: no update from {item['center']}: {item['reason']}", flush=True)
+
+    record = {"aggregated": False,
+              "centers": dict(sorted((center_of(m, known), _metrics(m))
+                                     for m in replies if m.has_content())),
+              "accepted": sorted(center_of(m, known) for m in screening.accepted),
+              "rejected": screening.rejected, "failed": screening.failed,
+              "update_norms": dict(sorted(screening.update_norms.items())), "aggregate": {}}
+    if len(screening.accepted) >= settings.min_centers:
+        # Flower's robust strategies consume the replies' arrays: nothing reads them after this.
+        new_arrays, metrics = strategy.aggregate_train(rnd, screening.accepted)
+        if new_arrays is not None:
+            global_arrays = {k: v.astype(np.float32) for k, v in decode_arrays(new_arrays).items()}
+            record.update(aggregated=True, aggregate=dict(metrics or {}))
+    return record, global_arrays
+
+
+def _evaluate_round(grid: Grid, strategy: Any, rnd: int, global_arrays: dict[str, np.ndarray],
+                    instruction: Any, settings: FedSettings, known: dict[int, str],
+                    traffic: _Traffic) -> dict[str, Any]:
+    """Every center scores the global weights; the round's evaluate record."""
+    messages = strategy.configure_evaluate(rnd, encode_arrays(global_arrays, "float32"),
+                                           instruction(), grid)
+    replies = _exchange(grid, messages, settings, known, traffic)
+    centers = dict(sorted((center_of(m, known), _metrics(m)) for m in replies if m.has_content()))
+    return {"global": weighted_mean(centers.values()), "centers": centers,
+            "failed": [{"center": center_of(m, known), "reason": str(m.error.reason)}
+                       for m in replies if m.has_error()]}
+
+
+class _Traffic:
+    """Bytes per round: sent to each node, received from each center."""
+
+    def __init__(self) -> None:
+        self.to_node: dict[int, int] = {}
+        self.from_center: dict[str, int] = {}
+
+    def by_center(self, known: Mapping[int, str]) -> dict[str, dict[str, int]]:
+        """{center: {"sent": bytes the center sent, "received": bytes it was sent}}."""
+        out: dict[str, dict[str, int]] = {}
+        for center, n in self.from_center.items():
+            out.setdefault(center, {"sent": 0, "received": 0})["sent"] += n
+        for node, n in self.to_node.items():
+            center = known.get(node, f"node-{node}")
+            out.setdefault(center, {"sent": 0, "received": 0})["received"] += n
+        return dict(sorted(out.items()))
+
+
+def _exchange(grid: Grid, messages: Iterable[Message], settings: FedSettings,
+              known: dict[int, str], traffic: _Traffic) -> list[Message]:
+    """Put the weights in the transfer dtype, send, and wait up to ``fed.round_timeout_s``.
+
+    Learns node id → center name from the replies and counts the bytes both ways."""
+    messages = list(messages)
+    sizes: dict[int, int] = {}
+    for msg in messages:
+        content = msg.content
+        if id(content) not in sizes:  # strategies share one content among their messages
+            content[ARRAYS] = encode_arrays(decode_arrays(content[ARRAYS]), settings.transfer_dtype)
+            sizes[id(content)] = len(payload_bytes(content))
+        node = msg.metadata.dst_node_id
+        traffic.to_node[node] = traffic.to_node.get(node, 0) + sizes[id(content)]
+    if not messages:
+        return []
+    replies = list(grid.send_and_receive(messages, timeout=settings.round_timeout_s))
+    for msg in replies:
+        if msg.has_content():
+            known[msg.metadata.src_node_id] = center_of(msg)
+    for msg in replies:
+        center = center_of(msg, known)
+        size = len(payload_bytes(msg.content)) if msg.has_content() else len(str(msg.error.reason))
+        traffic.from_center[center] = traffic.from_center.get(center, 0) + size
+    return replies
+
+
+def _metrics(msg: Message) -> dict[str, float]:
+    if METRICS not in msg.content.metric_records:
+        return {}
+    return {k: v for k, v in msg.content[METRICS].items() if not isinstance(v, list)}
+
+
+def weighted_mean(per_center: Iterable[Mapping[str, float]]) -> dict[str, float]:
+    """Case-weighted mean of each metric over the centers that report it; counts are summed.
+
+    Weights are ``num-examples``; a center with none (no validation split) adds nothing.
+    """
+    per_center = list(per_center)
+    out: dict[str, float] = {}
+    for key in ("num-examples", "n_nodules"):
+        if any(key in m for m in per_center):
+            out[key] = float(sum(m.get(key, 0) for m in per_center))
+    keys = sorted({k for m in per_center for k in m} - {NUM_EXAMPLES, "n_nodules"})
+    for key in keys:
+        pairs = [(float(m[key]), float(m.get(NUM_EXAMPLES, 0))) for m in per_center if key in m]
+        total = sum(w for _, w in pairs)
+        if total > 0:
+            out[key] = sum(v * w for v, w in pairs) / total
+    return out
+
+
+def write_metrics(path: Path, history: list[dict[str, Any]], settings: FedSettings,
+                  model_bytes: int) -> None:
+    """FED/metrics.json from the round records (atomic: temporary file, then rename)."""
+    totals: dict[str, dict[str, int]] = {}
+    for record in history:
+        for center, b in record["bytes"].items():
+            t = totals.setdefault(center, {"sent": 0, "received": 0})
+            t["sent"] += b["sent"]
+            t["received"] += b["received"]
+    doc = {
+        "format": "medfound-fed-metrics/1", "strategy": settings.strategy,
+        "centers": list(settings.centers), "rounds_planned": settings.rounds,
+        "rounds_completed": len(history), "transfer_dtype": settings.transfer_dtype,
+        "model_bytes_fp32": model_bytes,
+        "global": [{"round": r["round"], **r["evaluate"]["global"]} for r in history],
+        "bytes_per_center": totals,
+        "round_durations_s": [r["duration_s"] for r in history],
+        "rounds": history,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(doc, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _flat_round(record: Mapping[str, Any]) -> dict[str, float]:
+    """One round's numbers as MLflow metrics (logged with step = round)."""
+    flat = {"round_duration_s": record["duration_s"],
+            "updates_accepted": len(record["train"]["accepted"]),
+            "updates_rejected": len(record["train"]["rejected"]),
+            "centers_failed": len(record["train"]["failed"])}
+    flat.update({f"global/{k}": v for k, v in record["evaluate"]["global"].items()})
+    flat.update({f"aggregate/{k}": v for k, v in record["train"]["aggregate"].items()})
+    for center, metrics in record["train"]["centers"].items():
+        flat.update({f"{center}/{k}": v for k, v in metrics.items() if k != NUM_EXAMPLES})
+    for center, metrics in record["evaluate"]["centers"].items():
+        flat.update({f"{center}/val/{k}": v for k, v in metrics.items()})
+    for center, b in record["bytes"].items():
+        flat[f"{center}/bytes_sent"] = b["sent"]
+        flat[f"{center}/bytes_received"] = b["received"]
+    return {k: float(v) for k, v in flat.items() if isinstance(v, (int, float)) and np.isfinite(v)}
+
+
+def _round_summary(record: Mapping[str, Any], rounds: int) -> str:
+    train, glob = record["train"], record["evaluate"]["global"]
+    parts = [f"round {record['round']}/{rounds}",
+             f"{len(train['accepted'])} updates accepted, {len(train['rejected'])} rejected, "
+             f"{len(train['failed'])} failed" + ("" if record["aggregated"] else " (model kept)")]
+    if "train/loss" in train["aggregate"]:
+        parts.append(f"train/loss {train['aggregate']['train/loss']:.4g}")
+    if "cpm" in glob:
+        parts.append(f"global CPM {glob['cpm']:.3f}")
+    parts.append(f"{record['duration_s']:.1f} s")
+    return "  ".join(parts)
+
+
+def _package(out: Path, network: torch.nn.Module, cfg: Mapping[str, Any], config_yaml: str,
+             settings: FedSettings, history: list[dict[str, Any]], run_id: str | None) -> Path:
+    from medfound.train import detection as task
+    from medfound.train.package import save_model_package
+
+    last = history[-1]
+    glob = last["evaluate"]["global"]
+    metrics = {
+        "cpm": glob.get("cpm"),
+        "froc": {k.split("/", 1)[1]: v for k, v in glob.items() if k.startswith("froc/")},
+        "n_scans": int(glob.get(NUM_EXAMPLES, 0)), "n_nodules": int(glob.get("n_nodules", 0)),
+        "centers": last["evaluate"]["centers"], "round": last["round"],
+    }
+    train_cases = {c: int(m.get(NUM_EXAMPLES, 0)) for c, m in last["train"]["centers"].items()}
+    net_cfg = cfg["network"]
+    return save_model_package(
+        out / "model", network, task="lung_nodule_detection",
+        model_config=task.detector_config(net_cfg).to_dict(),
+        preprocessing={"spacing_mm": list(net_cfg["spacing_mm"]),
+                       "hu_window": list(net_cfg["hu_window"]), "orientation": "LPS",
+                       "intensity": "clip to hu_window, scale to [0, 1]"},
+        metrics=metrics, config_yaml=config_yaml,
+        provenance={"federated": True, "strategy": settings.strategy,
+                    "rounds": last["round"], "train_centers": list(settings.centers),
+                    "val_centers": list(settings.centers), "val_split": "validation",
+                    "train_cases": train_cases, "seed": cfg["seed"],
+                    "transfer_dtype": settings.transfer_dtype, "mlflow_run_id": run_id})

@@ -1,0 +1,114 @@
+"""The `fed.*` keys of configs/federate.yaml, checked once before any process starts.
+
+`FedSettings.from_config(cfg)` turns the resolved Hydra config (a plain dict) into one frozen
+record and raises a one-line `MedfoundError` naming the key for anything a user can get
+wrong. The coordinator, the simulation launcher and the recipe all read this record, so a
+bad value is caught before Ray or Flower start.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+from medfound.errors import MedfoundError
+
+MODES = ("simulation", "deployment")
+TRANSFER_DTYPES = ("float32", "float16")
+# fed/<name>.yaml → the Flower Message-API strategy behind it (see medfound.fed.strategies).
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "trimmed_mean", "krum")
+
+
+@dataclasses.dataclass(frozen=True)
+class FedSettings:
+    """Validated `fed.*` keys. Units: seconds for timeouts; epochs are local epochs per round."""
+
+    mode: str
+    centers: tuple[str, ...]
+    rounds: int
+    local_epochs: int
+    min_centers: int
+    round_timeout_s: float
+    transfer_dtype: str
+    reject_norm_factor: float | None
+    eval_bootstraps: int
+    audit_payloads: bool
+    strategy: dict[str, Any]
+    simulation: dict[str, Any]
+
+    @property
+    def strategy_name(self) -> str:
+        return str(self.strategy["name"])
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any], centers: list[str] | None = None) -> FedSettings:
+        """Validate `cfg["fed"]` (and the trainer keys federated training constrains).
+
+        `centers` replaces ``fed.centers`` when the caller resolved it (null = every center
+        folder of data.root, which only the simulation launcher can list).
+        """
+        fed = dict(cfg.get("fed") or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(fed) - known)
+        if unknown:
+            raise MedfoundError(f"fed config: unknown key(s) {unknown}",
+                                hint=f"valid keys are {sorted(known)}")
+
+        def need(ok: bool, key: str, why: str) -> None:
+            if not ok:
+                raise MedfoundError(f"config key 'fed.{key}' = {fed.get(key)!r}: {why}")
+
+        need(fed.get("mode") in MODES, "mode", f"must be one of {', '.join(MODES)}")
+        names = centers if centers is not None else fed.get("centers")
+        need(isinstance(names, (list, tuple)) and len(names) > 0
+             and all(isinstance(c, str) and c for c in names), "centers",
+             "must be a non-empty list of center names, e.g. fed.centers=[center_0,center_1]")
+        need(len(set(names)) == len(names), "centers", "lists a center twice")
+        for key in ("rounds", "local_epochs", "min_centers"):
+            need(_int(fed.get(key)) and fed[key] >= 1, key, "must be an integer >= 1")
+        need(fed["min_centers"] <= len(names), "min_centers",
+             f"is more than the {len(names)} centers in fed.centers")
+        need(_num(fed.get("round_timeout_s")) and fed["round_timeout_s"] > 0, "round_timeout_s",
+             "must be a number of seconds > 0")
+        need(fed.get("transfer_dtype") in TRANSFER_DTYPES, "transfer_dtype",
+             f"must be one of {', '.join(TRANSFER_DTYPES)}")
+        factor = fed.get("reject_norm_factor")
+        need(factor is None or (_num(factor) and factor > 1), "reject_norm_factor",
+             "must be a number > 1, or null to switch the norm check off")
+        need(_int(fed.get("eval_bootstraps")) and fed["eval_bootstraps"] >= 1, "eval_bootstraps",
+             "must be an integer >= 1")
+        need(isinstance(fed.get("audit_payloads"), bool), "audit_payloads", "must be true or false")
+        strategy = dict(fed.get("strategy") or {})
+        if strategy.get("name") not in STRATEGIES:
+            raise MedfoundError(f"config key 'fed.strategy.name' = {strategy.get('name')!r} is not "
+                                "a known strategy", hint=f"choose fed=<one of {', '.join(STRATEGIES)}>")
+        simulation = dict(fed.get("simulation") or {})
+        for key in ("cpus", "cpus_per_center", "gpus_per_center"):
+            value = simulation.get(key)
+            if value is not None and not (_num(value) and value >= 0):
+                raise MedfoundError(f"config key 'fed.simulation.{key}' = {value!r}: must be a "
+                                    "number >= 0 (or null)")
+
+        schedule = (cfg.get("trainer") or {}).get("schedule")
+        if schedule == "cosine":
+            raise MedfoundError(
+                "config key 'trainer.schedule' = 'cosine' cannot be used for federated training: "
+                "its length depends on the total number of epochs, which grows every round",
+                hint="use trainer.schedule=constant or trainer.schedule=step")
+        return cls(mode=fed["mode"], centers=tuple(names), rounds=int(fed["rounds"]),
+                   local_epochs=int(fed["local_epochs"]), min_centers=int(fed["min_centers"]),
+                   round_timeout_s=float(fed["round_timeout_s"]),
+                   transfer_dtype=fed["transfer_dtype"],
+                   reject_norm_factor=None if factor is None else float(factor),
+                   eval_bootstraps=int(fed["eval_bootstraps"]),
+                   audit_payloads=fed["audit_payloads"], strategy=strategy,
+                   simulation=simulation)
+
+
+def _int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _num(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

@@ -1,0 +1,89 @@
+"""Aggregation strategies: configs/fed/<name>.yaml → Flower's Message-API strategy.
+
+    fedavg        FedAvg         weighted mean, weights = each center's training case count
+    fedprox       FedProx        FedAvg on the coordinator; centers add μ/2·‖w − w_global‖²
+                                 to their loss (`strategy.proximal_mu`)
+    fedadam       FedAdam        server-side Adam on the averaged update (eta, beta_1, beta_2, tau)
+    fedyogi       FedYogi        server-side Yogi, same keys
+    fedmedian     FedMedian      coordinate-wise median (robust; unweighted by definition)
+    trimmed_mean  FedTrimmedAvg  coordinate-wise mean without the `beta` share at each tail
+    krum          Krum           the one update closest to the others (`num_malicious_nodes`)
+
+Every strategy samples all connected centers and needs at least ``fed.min_centers``. The
+server optimizers' moments are the strategy's state: `strategy_state` / `restore_strategy_state`
+put them in (and take them from) the coordinator's per-round checkpoint, so a resumed run
+continues with the same moments.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.serverapp import strategy as flwr_strategy
+
+from medfound.errors import MedfoundError
+from medfound.fed.protocol import NUM_EXAMPLES
+
+__all__ = ["build_strategy", "restore_strategy_state", "strategy_state"]
+
+# name → (Flower class, {config key: default}) — the keys a configs/fed/<name>.yaml may set.
+_STRATEGIES: dict[str, tuple[type, dict[str, Any]]] = {
+    "fedavg": (flwr_strategy.FedAvg, {}),
+    "fedprox": (flwr_strategy.FedProx, {"proximal_mu": 0.01}),
+    "fedadam": (flwr_strategy.FedAdam, {"eta": 1e-2, "beta_1": 0.9, "beta_2": 0.99, "tau": 1e-3}),
+    "fedyogi": (flwr_strategy.FedYogi, {"eta": 1e-2, "beta_1": 0.9, "beta_2": 0.99, "tau": 1e-3}),
+    "fedmedian": (flwr_strategy.FedMedian, {}),
+    "trimmed_mean": (flwr_strategy.FedTrimmedAvg, {"beta": 0.2}),
+    "krum": (flwr_strategy.Krum, {"num_malicious_nodes": 0}),
+}
+# Attributes holding a strategy's state between rounds (FedOpt's first and second moments).
+_STATE_ATTRS = ("m_t", "v_t")
+
+
+def build_strategy(spec: Mapping[str, Any], min_centers: int) -> flwr_strategy.Strategy:
+    """The Flower strategy for a `fed.strategy` mapping ({"name": ..., its keys})."""
+    spec = dict(spec)
+    name = spec.pop("name", None)
+    if name not in _STRATEGIES:
+        raise MedfoundError(f"config key 'fed.strategy.name' = {name!r} is not a known strategy",
+                            hint=f"choose fed=<one of {', '.join(_STRATEGIES)}>")
+    cls, defaults = _STRATEGIES[name]
+    unknown = sorted(set(spec) - set(defaults))
+    if unknown:
+        raise MedfoundError(f"fed.strategy ({name}): unknown key(s) {unknown}",
+                            hint=f"valid keys are {sorted(defaults) or 'none'}")
+    params = {**defaults, **spec}
+    for key, value in params.items():
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+            raise MedfoundError(f"config key 'fed.strategy.{key}' = {value!r}: must be a number >= 0")
+    if name == "trimmed_mean" and not params["beta"] < 0.5:
+        raise MedfoundError(f"config key 'fed.strategy.beta' = {params['beta']!r}: must be < 0.5")
+    if name == "krum":
+        params["num_malicious_nodes"] = int(params["num_malicious_nodes"])
+    return cls(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=min_centers,
+               min_evaluate_nodes=min_centers, min_available_nodes=min_centers,
+               weighted_by_key=NUM_EXAMPLES, **params)
+
+
+def strategy_state(strategy: flwr_strategy.Strategy) -> dict[str, dict[str, torch.Tensor]]:
+    """The strategy's between-round state as tensors (empty for stateless strategies)."""
+    state = {}
+    for attr in _STATE_ATTRS:
+        value = getattr(strategy, attr, None)
+        if value:
+            state[attr] = {k: torch.from_numpy(np.array(v)) for k, v in value.items()}
+    return state
+
+
+def restore_strategy_state(strategy: flwr_strategy.Strategy,
+                           state: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
+    """Inverse of `strategy_state`."""
+    for attr, arrays in state.items():
+        if attr not in _STATE_ATTRS or not hasattr(strategy, attr):
+            raise MedfoundError(f"the coordinator checkpoint holds '{attr}' state, which the "
+                                f"{type(strategy).__name__} strategy does not have",
+                                hint="resume with the strategy the run started with (fed=...)")
+        setattr(strategy, attr, {k: v.numpy() for k, v in arrays.items()})

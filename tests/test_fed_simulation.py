@@ -1,0 +1,187 @@
+"""The federate recipe in simulation mode, end to end: real Flower simulation engine (Ray),
+real centers on phantoms, real MLflow store; then what left the centers, byte by byte."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import torch
+
+from medfound.data.phantoms import make_phantoms
+from medfound.fed.audit import read_audit
+
+pytestmark = pytest.mark.slow
+
+CENTERS = ["center_0", "center_1", "center_2"]
+FAST = ["fed.mode=simulation", f"fed.centers=[{','.join(CENTERS)}]", "experiment=phantoms_smoke",
+        "trainer.progress=false", "data.num_patches_per_image=1", "fed.eval_bootstraps=10",
+        # One inference window per study keeps each center's evaluation to about a second.
+        "network.sw_roi_size=[144,144,96]"]
+
+
+def federate(*overrides: str) -> subprocess.CompletedProcess:
+    keys = {o.split("=", 1)[0] for o in overrides}
+    base = [o for o in FAST if o.split("=", 1)[0] not in keys]
+    return subprocess.run([sys.executable, "-m", "medfound", "run", "federate", *base, *overrides],
+                          capture_output=True, text=True, check=False, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("fed") / "phantoms"
+    make_phantoms(root, centers=3, cases=3, seed=5, size="small", progress=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def federated(phantoms: Path, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("fed_run") / "FED"
+    res = federate(f"data.root={phantoms}", "fed.rounds=2", "fed.audit_payloads=true",
+                   f"out_dir={out}")
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    return out
+
+
+def test_simulation_leaves_a_model_package_metrics_audit_logs_and_an_mlflow_run(
+        federated: Path) -> None:
+    from mlflow import MlflowClient
+
+    from medfound.models.detection import DetectorConfig, build_network
+    from medfound.train.package import load_weights, read_model_json
+
+    metrics = json.loads((federated / "metrics.json").read_text())
+    assert metrics["rounds_completed"] == 2 and metrics["centers"] == CENTERS
+    assert [g["round"] for g in metrics["global"]] == [1, 2]
+    assert len(metrics["round_durations_s"]) == 2 and min(metrics["round_durations_s"]) > 0
+    for record in metrics["rounds"]:
+        assert record["aggregated"] and record["train"]["accepted"] == CENTERS
+        assert record["train"]["rejected"] == [] and record["train"]["failed"] == []
+        assert sorted(record["evaluate"]["centers"]) == CENTERS
+        for center in CENTERS:
+            assert record["train"]["centers"][center]["num-examples"] >= 1
+    # Bytes each center sent = the sum of its audit log; an update is about one fp32 model.
+    for center in CENTERS:
+        audit = read_audit(federated / "audit" / f"{center}.jsonl")
+        assert [(a["round"], a["kind"]) for a in audit] == [(1, "train"), (1, "evaluate"),
+                                                            (2, "train"), (2, "evaluate")]
+        assert metrics["bytes_per_center"][center]["sent"] == sum(a["bytes"] for a in audit)
+        for a in audit:
+            if a["kind"] == "train":
+                assert a["bytes"] <= 1.05 * metrics["model_bytes_fp32"]
+
+    # The package is what evaluate_detector and export load; it holds the last global model.
+    meta = read_model_json(federated / "model")
+    assert meta["task"] == "lung_nodule_detection"
+    assert meta["provenance"]["federated"] is True
+    assert meta["provenance"]["train_centers"] == CENTERS
+    network = load_weights(federated / "model", build_network(DetectorConfig.from_dict(meta["model"])))
+    state = torch.load(federated / "server" / "state.pt", weights_only=True)
+    assert state["round"] == 2
+    for key, value in state["model"].items():
+        torch.testing.assert_close(network.state_dict()[key], value, rtol=0, atol=0)
+
+    run_id = json.loads((federated / "mlflow_run.json").read_text())["run_id"]
+    assert meta["provenance"]["mlflow_run_id"] == run_id
+    client = MlflowClient(tracking_uri=f"sqlite:///{federated / 'mlruns' / 'mlflow.db'}")
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["fed.strategy.name"] == "fedavg"
+    assert [m.step for m in client.get_metric_history(run_id, "round_duration_s")] == [1, 2]
+    assert [m.step for m in client.get_metric_history(run_id, "center_0/train/loss")] == [1, 2]
+    assert [m.step for m in client.get_metric_history(run_id, "center_2/bytes_sent")] == [1, 2]
+    assert {a.path for a in client.list_artifacts(run_id)} >= {"metrics.json", "model"}
+
+
+def test_no_phi_and_no_image_data_in_any_outbound_payload(federated: Path,
+                                                          phantoms: Path) -> None:
+    from medfound.data.detection import eval_transforms, load_datalist
+    from medfound.io.reader import read_volume
+
+    # Every payload that left a center, checked against the hash its audit log recorded.
+    payloads = []
+    for center in CENTERS:
+        for entry in read_audit(federated / "audit" / f"{center}.jsonl"):
+            data = (federated / "audit" / center / f"{entry['sha256']}.bin").read_bytes()
+            assert hashlib.sha256(data).hexdigest() == entry["sha256"]
+            assert len(data) == entry["bytes"]
+            payloads.append(data)
+    assert len(payloads) == 12
+
+    def leaked(needle: bytes) -> bool:
+        return any(needle in p for p in payloads)
+
+    # PHI: every identifying header value of every phantom file, and where the data lives.
+    phi: set[str] = {str(phantoms), "case_000", "datalist"}
+    for path in phantoms.rglob("*.dcm"):
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        for key in ("PatientName", "PatientID", "OtherPatientIDs", "PatientBirthDate",
+                    "AccessionNumber", "InstitutionName", "ReferringPhysicianName",
+                    "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
+            value = str(ds.get(key, "") or "")
+            if len(value) >= 6:
+                phi.add(value)
+    assert len(phi) > 100
+    found = sorted(v for v in phi if leaked(v.encode()) or leaked(v.encode("utf-16-le")))
+    assert found == []
+
+    # Image data: stored pixels, HU volumes (float32 and float16) and the preprocessed input
+    # the network sees, 64-byte runs from the middle of each study (where tissue varies).
+    runs: list[bytes] = []
+    for center in CENTERS:
+        for item in load_datalist(phantoms, [center], "all"):
+            hu = read_volume(item["image"]).array
+            i, j, k = (n // 2 for n in hu.shape)
+            for dk in (-10, 0, 10):
+                runs.append(np.ascontiguousarray(hu[i - 8:i + 8, j, k + dk], np.float32).tobytes())
+                runs.append(np.ascontiguousarray(hu[i - 16:i + 16, j, k + dk], np.float16).tobytes())
+            image = eval_transforms({"spacing_mm": [2.8125, 2.8125, 3.0]})(dict(item))["image"]
+            a = image.numpy()[0]
+            runs.append(np.ascontiguousarray(a[a.shape[0] // 2 - 8:a.shape[0] // 2 + 8,
+                                               a.shape[1] // 2, a.shape[2] // 2]).tobytes())
+        for path in sorted((phantoms / center).rglob("*.dcm"))[::20]:
+            pixels = pydicom.dcmread(path).PixelData
+            middle = len(pixels) // 2
+            runs += [pixels[middle + d:middle + d + 64] for d in (-2048, 0, 2048)]
+    runs = [r for r in runs if len(set(r)) > 8]  # a constant run proves nothing either way
+    assert len(runs) > 50 and all(len(r) == 64 for r in runs)
+    assert not any(leaked(r) for r in runs)
+
+
+def test_resume_after_a_completed_round_gives_the_uninterrupted_result(
+        federated: Path, phantoms: Path, tmp_path: Path) -> None:
+    out = tmp_path / "FED"
+    first = federate(f"data.root={phantoms}", "fed.rounds=1", f"out_dir={out}")
+    assert first.returncode == 0, first.stderr[-3000:]
+    run_id = json.loads((out / "mlflow_run.json").read_text())["run_id"]
+    resumed = federate(f"data.root={phantoms}", "fed.rounds=2", "resume=true", f"out_dir={out}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming after round 1" in resumed.stdout
+
+    straight = torch.load(federated / "model" / "weights.pt", weights_only=True)
+    again = torch.load(out / "model" / "weights.pt", weights_only=True)
+    assert straight.keys() == again.keys()
+    for key in straight:
+        torch.testing.assert_close(again[key], straight[key], rtol=0, atol=0)
+    a = json.loads((federated / "metrics.json").read_text())
+    b = json.loads((out / "metrics.json").read_text())
+    assert b["rounds_completed"] == 2 and b["global"] == a["global"]
+    assert json.loads((out / "mlflow_run.json").read_text())["run_id"] == run_id
+
+
+@pytest.mark.parametrize(("override", "expected"), [
+    ("fed.centers=[center_0,center_9]", "center_9"),
+    ("fed.transfer_dtype=int8", "fed.transfer_dtype"),
+])
+def test_bad_config_ends_in_one_line(phantoms: Path, tmp_path: Path, override: str,
+                                     expected: str) -> None:
+    res = federate(f"data.root={phantoms}", f"out_dir={tmp_path}", override)
+    assert res.returncode == 2
+    assert expected in res.stderr and "Traceback" not in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1, res.stderr
