@@ -12,7 +12,8 @@ STAMP       := $(VENV)/.medfound-installed
 .PHONY: help venv demo test lint format bench clean
 
 help:
-	@echo "make demo   generate three phantom centers and print their data cards"
+	@echo "make demo   generate three phantom centers, print their data cards, train and"
+	@echo "            evaluate the smoke nodule detector"
 	@echo "make test   run the test suite (creates .venv)"
 	@echo "make lint   ruff"
 	@echo "make bench  run the benchmarks (results in benchmarks/results/)"
@@ -26,10 +27,24 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# The smoke detector checks the pipeline end to end; it is not a good model (CPM about 0).
 demo: $(STAMP)
-	rm -rf $(DEMO_OUT)/phantoms
-	$(BIN)/medfound phantoms --out $(DEMO_OUT)/phantoms --centers 3 --cases 6 --seed 0 --size small
+	rm -rf $(DEMO_OUT)/phantoms $(DEMO_OUT)/run $(DEMO_OUT)/eval
+	$(BIN)/medfound phantoms --out $(DEMO_OUT)/phantoms --centers 3 --cases 4 --seed 0 --size small
 	for c in $(DEMO_OUT)/phantoms/center_*; do $(BIN)/medfound center card $$c --quiet; echo; done
+	$(BIN)/medfound run train_detector data.root=$(DEMO_OUT)/phantoms \
+	    'data.train_centers=[center_0,center_1]' 'data.val_centers=[center_2]' \
+	    experiment=phantoms_smoke out_dir=$(DEMO_OUT)/run
+	$(BIN)/medfound run evaluate_detector model=$(DEMO_OUT)/run/model \
+	    data.root=$(DEMO_OUT)/phantoms 'data.centers=[center_2]' out_dir=$(DEMO_OUT)/eval
+	@echo
+	@echo "model package    $(DEMO_OUT)/run/model/  (checkpoints in $(DEMO_OUT)/run/checkpoints/)"
+	@echo "predictions      $(DEMO_OUT)/eval/predictions.csv"
+	@echo "metrics          $(DEMO_OUT)/eval/metrics.json"
+	@echo "FROC curve       $(DEMO_OUT)/eval/froc.png"
+	@echo "MLflow (train)   $(BIN)/mlflow ui --backend-store-uri sqlite:///$(abspath $(DEMO_OUT))/run/mlruns/mlflow.db"
+	@echo "MLflow (eval)    $(BIN)/mlflow ui --backend-store-uri sqlite:///$(abspath $(DEMO_OUT))/eval/mlruns/mlflow.db"
+	@echo "The smoke model only checks the pipeline (CPM about 0); experiment=phantoms_small is the longer setting."
 
 test: $(STAMP)
 	$(BIN)/python -m ruff check .
@@ -43,6 +58,7 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/read_series.py
+	$(BIN)/python benchmarks/train_throughput.py
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache .ruff_cache
