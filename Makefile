@@ -9,11 +9,12 @@ DEMO_OUT    ?= demo_out
 BIN         := $(VENV)/bin
 STAMP       := $(VENV)/.medfound-installed
 
-.PHONY: help venv demo test lint format bench clean
+.PHONY: help venv demo demo-deploy test lint format bench clean
 
 help:
 	@echo "make demo   generate three phantom centers, print their data cards, train and"
 	@echo "            evaluate the smoke nodule detector"
+	@echo "make demo-deploy  a deployment-mode federation on 127.0.0.1: SuperLink + 3 SuperNodes, TLS"
 	@echo "make test   run the test suite (creates .venv)"
 	@echo "make lint   ruff"
 	@echo "make bench  run the benchmarks (results in benchmarks/results/)"
@@ -45,6 +46,14 @@ demo: $(STAMP)
 	@echo "MLflow (train)   $(BIN)/mlflow ui --backend-store-uri sqlite:///$(abspath $(DEMO_OUT))/run/mlruns/mlflow.db"
 	@echo "MLflow (eval)    $(BIN)/mlflow ui --backend-store-uri sqlite:///$(abspath $(DEMO_OUT))/eval/mlruns/mlflow.db"
 	@echo "The smoke model only checks the pipeline (CPM about 0); experiment=phantoms_small is the longer setting."
+
+# Deployment mode on this machine: one SuperLink and three SuperNodes as separate processes
+# talking TLS (scripts/local_federation.sh), two rounds of the smoke experiment.
+demo-deploy: $(STAMP)
+	rm -rf $(DEMO_OUT)/deploy_phantoms $(DEMO_OUT)/deploy
+	$(BIN)/medfound phantoms --out $(DEMO_OUT)/deploy_phantoms --centers 3 --cases 3 --seed 0 --size small
+	PATH="$(abspath $(BIN)):$$PATH" scripts/local_federation.sh $(DEMO_OUT)/deploy_phantoms $(DEMO_OUT)/deploy fed.rounds=2
+	$(BIN)/medfound center audit $(DEMO_OUT)/deploy/centers/center_0/audit/center_0.jsonl
 
 test: $(STAMP)
 	$(BIN)/python -m ruff check .

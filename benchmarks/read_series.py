@@ -93,8 +93,12 @@ def canonical(arr, affine):
 def machine() -> dict:
     import numpy
     import pydicom
-    import SimpleITK
 
+    try:  # the reader benchmark needs it; the training one runs without it (e.g. on a GPU box)
+        import SimpleITK
+        sitk_version = SimpleITK.Version_VersionString()
+    except ImportError:
+        sitk_version = None
     info = {
         "platform": platform.platform(),
         "python": platform.python_version(),
@@ -102,7 +106,7 @@ def machine() -> dict:
         "cores": os.cpu_count(),
         "numpy": numpy.__version__,
         "pydicom": pydicom.__version__,
-        "SimpleITK": SimpleITK.Version_VersionString(),
+        "SimpleITK": sitk_version,
     }
     try:
         with open("/proc/cpuinfo") as f:

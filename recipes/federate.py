@@ -17,7 +17,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from medfound.errors import MedfoundError, exit_on_user_error
+from medfound.errors import exit_on_user_error
 from medfound.fed.server_app import STATE_FILE
 from medfound.fed.settings import FedSettings
 from medfound.fed.strategies import build_strategy
@@ -43,12 +43,15 @@ def main(cfg: DictConfig) -> None:
 
     if config["resume"]:  # one line now, not after Ray has started
         load_checkpoint(Path(config["out_dir"]) / STATE_FILE)
+    config_yaml = OmegaConf.to_yaml(OmegaConf.create(config))
     if settings.mode == "deployment":
-        raise MedfoundError("fed.mode=deployment is not available yet",
-                            hint="run fed.mode=simulation on one machine for now")
+        from medfound.fed.deployment import run_deployment
+
+        run_deployment(config, config_yaml)
+        return
     from medfound.fed.simulation import run_simulation
 
-    run_simulation(config, OmegaConf.to_yaml(OmegaConf.create(config)))
+    run_simulation(config, config_yaml)
 
 
 if __name__ == "__main__":

@@ -103,6 +103,29 @@ def cmd_center_audit(args) -> int:
     return 0
 
 
+def cmd_fed_superlink(args) -> int:
+    from medfound.fed.deployment import run_process, superlink_command
+
+    cmd = superlink_command(certs=args.certs, insecure=args.insecure, address=args.address,
+                            database=args.database)
+    print(f"SuperLink on {args.address} ({'insecure' if args.insecure else 'TLS'}); "
+          "Ctrl-C stops it", flush=True)
+    return run_process(cmd)
+
+
+def cmd_center_join(args) -> int:
+    from medfound.fed.deployment import join_command, run_process
+
+    work = args.work or Path(args.data).resolve().parent / f"{Path(args.data).resolve().name}_work"
+    cmd = join_command(superlink=args.superlink, center=args.center or Path(args.data).resolve().name,
+                       data=args.data, work=str(work), root_certificates=args.root_certificates,
+                       insecure=args.insecure,
+                       runtime_port=args.port, keep_payloads=args.keep_payloads)
+    print(f"joining the federation at {args.superlink} as {args.center or Path(args.data).name}; "
+          f"audit log in {Path(work) / 'audit'}; Ctrl-C leaves", flush=True)
+    return run_process(cmd)
+
+
 def recipes_dir() -> Path:
     """recipes/ of the checkout medfound runs from (MEDFOUND_RECIPES overrides)."""
     import os
@@ -200,11 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("overrides", nargs=argparse.REMAINDER, help="Hydra overrides key=value")
     s.set_defaults(func=cmd_run)
 
-    center = sub.add_parser(
-        "center", help="what a center node does: check its data, join a federation",
-        description="Commands a center node runs on its own data.")
-    csub = center.add_subparsers(dest="center_command", metavar="COMMAND")
-    center.set_defaults(func=lambda a: (center.print_help(), 2)[1])
+    csub = _command_group(sub, "center", "what a center node does: check its data, join a federation",
+                          "Commands a center node runs on its own data.")
     s = csub.add_parser(
         "card", help="summarise a center's data without PHI",
         description="Build the data card a center may share before training: modalities, "
@@ -222,7 +242,55 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("file", type=Path, metavar="FILE", help="the center's audit log (.jsonl)")
     s.add_argument("--json", action="store_true", help="print the records and totals as JSON")
     s.set_defaults(func=cmd_center_audit)
+    s = csub.add_parser(
+        "join", help="join a federation: run this center's Flower SuperNode",
+        description="Start a Flower SuperNode for this center and keep it running: it connects "
+        "to the coordinator's SuperLink and runs medfound's ClientApp on the rounds it is sent, "
+        "reading only --data. Only weights and the metrics named in the audit log leave; the "
+        "log is WORK/audit/CENTER.jsonl (see `medfound center audit`). TLS is on by default.")
+    s.add_argument("--superlink", required=True, metavar="HOST:PORT",
+                   help="the coordinator's SuperLink (`medfound fed superlink`)")
+    s.add_argument("--data", required=True, metavar="DIR",
+                   help="this center's folder (holding datalist.json)")
+    s.add_argument("--center", help="this center's name in the federation (default: the folder name)")
+    s.add_argument("--work", type=Path, metavar="DIR",
+                   help="local training state, cache and audit log (default: DATA_work beside DATA)")
+    s.add_argument("--root-certificates", metavar="CA.crt",
+                   help="CA certificate the SuperLink's certificate is signed with")
+    s.add_argument("--insecure", action="store_true", help="no TLS (a trial on one machine only)")
+    s.add_argument("--port", type=int,
+                   help="local port of the SuperNode's API for its ClientApp processes "
+                        "(default 9094; give each SuperNode on one machine its own)")
+    s.add_argument("--keep-payloads", action="store_true",
+                   help="also keep every outbound payload beside the audit log")
+    s.set_defaults(func=cmd_center_join)
+
+    fsub = _command_group(sub, "fed", "the coordinator's side of a federation",
+                          "Commands the coordinator (the federation's server) runs.")
+    s = fsub.add_parser(
+        "superlink", help="run the coordinator's Flower SuperLink",
+        description="Start a Flower SuperLink and keep it running: centers join it with "
+        "`medfound center join`, and `medfound run federate fed.mode=deployment "
+        "fed.deployment.superlink=HOST:PORT ...` submits runs to it (their ServerApp runs "
+        "here and writes out_dir on this machine). TLS is on by default.")
+    s.add_argument("--address", default="127.0.0.1:9092", metavar="HOST:PORT",
+                   help="where to listen (default 127.0.0.1:9092; 0.0.0.0:9092 for other machines)")
+    s.add_argument("--certs", metavar="DIR",
+                   help="folder with ca.crt, server.pem, server.key (scripts/make_certs.sh DIR)")
+    s.add_argument("--insecure", action="store_true", help="no TLS (a trial on one machine only)")
+    s.add_argument("--database", metavar="PATH",
+                   help="SuperLink state database (default: Flower's in-memory one)")
+    s.set_defaults(func=cmd_fed_superlink)
     return p
+
+
+def _command_group(sub, name: str, help_: str, description: str):
+    """`medfound NAME COMMAND ...`: a parser whose sub-commands are added to the returned
+    action; `medfound NAME` alone prints its help and exits with 2."""
+    group = sub.add_parser(name, help=help_, description=description)
+    commands = group.add_subparsers(dest=f"{name}_command", metavar="COMMAND")
+    group.set_defaults(func=lambda a: (group.print_help(), 2)[1])
+    return commands
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,9 +12,11 @@ The pieces, in the order a round uses them (see DESIGN.md for where fed sits):
     strategies.py  configs/fed/<name>.yaml → Flower's Message-API strategy, and its state
     server_app.py  the ServerApp: rounds, checkpoint/resume, metrics.json, MLflow, package
     simulation.py  simulation mode: one virtual SuperNode per center, Flower's engine on Ray
+    deployment.py  deployment mode: SuperLink / SuperNode commands (TLS, node auth) and the
+                   Flower App `flwr run` submits; the apps Flower loads by name
 
 The recipe is recipes/federate.py (`medfound run federate ...`). The ServerApp and ClientApp
 are plain Flower apps: simulation gives each virtual center its folders through `Site`s,
-a SuperNode gives them through its node config (deployment mode is a later step).
+a SuperNode gives them through its node config (deployment mode).
 Importing this package imports nothing heavy; the modules above import Flower and torch.
 """

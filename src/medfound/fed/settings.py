@@ -36,6 +36,7 @@ class FedSettings:
     audit_payloads: bool
     strategy: dict[str, Any]
     simulation: dict[str, Any]
+    deployment: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def strategy_name(self) -> str:
@@ -90,6 +91,20 @@ class FedSettings:
                 raise MedfoundError(f"config key 'fed.simulation.{key}' = {value!r}: must be a "
                                     "number >= 0 (or null)")
 
+        deployment = dict(fed.get("deployment") or {})
+        unknown = sorted(set(deployment) - {"superlink", "root_certificates", "insecure"})
+        if unknown:
+            raise MedfoundError(f"fed config: unknown key(s) fed.deployment.{unknown}",
+                                hint="valid keys are superlink, root_certificates, insecure")
+        if fed["mode"] == "deployment":
+            link, insecure = deployment.get("superlink"), deployment.get("insecure", False)
+            if not (isinstance(link, str) and link.rpartition(":")[2].isdigit()):
+                raise MedfoundError(f"config key 'fed.deployment.superlink' = {link!r}: must be "
+                                    "HOST:PORT of the SuperLink, e.g. 127.0.0.1:9092")
+            if not isinstance(insecure, bool):
+                raise MedfoundError(f"config key 'fed.deployment.insecure' = {insecure!r}: must "
+                                    "be true or false")
+
         schedule = (cfg.get("trainer") or {}).get("schedule")
         if schedule == "cosine":
             raise MedfoundError(
@@ -103,7 +118,7 @@ class FedSettings:
                    reject_norm_factor=None if factor is None else float(factor),
                    eval_bootstraps=int(fed["eval_bootstraps"]),
                    audit_payloads=fed["audit_payloads"], strategy=strategy,
-                   simulation=simulation)
+                   simulation=simulation, deployment=deployment)
 
 
 def _int(value: Any) -> bool:

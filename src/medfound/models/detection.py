@@ -328,10 +328,12 @@ class AtssRetinaNetDetector(RetinaNetDetector):
                                     num_anchor_locs_per_level: Sequence[int]) -> list[Tensor]:
         if not isinstance(getattr(self, "proposal_matcher", None), ATSSMatcher):
             raise TypeError("AtssRetinaNetDetector needs set_atss_matcher(...) before training")
-        # ATSSMatcher returns all -1 (background) for an image without boxes.
+        # ATSSMatcher returns all -1 (background) for an image without boxes, and builds that
+        # tensor on the CPU: move every result to the anchors' device, or the hard-negative
+        # sampler mixes CPU and CUDA indices on a GPU.
         return [
             self.proposal_matcher(t[self.target_box_key].to(a.device), a, num_anchor_locs_per_level,
-                                  self.num_anchors_per_loc)[1]
+                                  self.num_anchors_per_loc)[1].to(a.device)
             for a, t in zip(anchors, targets, strict=True)
         ]
 

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# A whole deployment-mode federation on this machine: one SuperLink and three SuperNodes as
+# separate processes on 127.0.0.1, talking TLS, training the smoke experiment.
+#
+#   scripts/local_federation.sh DATA_DIR OUT_DIR [key=value ...]
+#
+# DATA_DIR holds center_0..center_2 (`medfound phantoms --out DATA_DIR`); the key=value
+# overrides go to `medfound run federate` (e.g. fed.rounds=3). OUT_DIR gets what simulation
+# mode leaves (model/, metrics.json, server/state.pt, MLflow) plus certs/, logs/ and each
+# center's work folder (centers/<center>/, with its audit log in audit/). Every process this
+# script starts is stopped when it ends, also on failure or Ctrl-C. PORT (default 9092) is
+# the SuperLink's port; the SuperNodes use PORT+2 and up for their local APIs.
+set -euo pipefail
+if [[ $# -lt 2 || "$1" == "-h" || "$1" == "--help" ]]; then
+    sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'
+    exit 2
+fi
+data=$(cd "$1" && pwd); out=$2; shift 2
+here=$(cd "$(dirname "$0")" && pwd)
+medfound=${MEDFOUND:-medfound}
+port=${PORT:-9092}
+centers=(center_0 center_1 center_2)
+mkdir -p "$out/logs"; out=$(cd "$out" && pwd)
+export FLWR_HOME="$out/.flwr-home"   # Flower's own state stays inside OUT_DIR
+
+pids=()
+cleanup() {
+    # each one leads its own process group: stop it with everything it started
+    for pid in "${pids[@]}"; do kill -- -"$pid" 2>/dev/null || true; done
+    for pid in "${pids[@]}"; do
+        for _ in $(seq 50); do kill -0 -- -"$pid" 2>/dev/null || break; sleep 0.2; done
+        kill -9 -- -"$pid" 2>/dev/null || true
+    done
+}
+trap cleanup EXIT INT TERM
+
+[[ -f "$out/certs/ca.crt" ]] || "$here/make_certs.sh" "$out/certs"
+setsid $medfound fed superlink --address "127.0.0.1:$port" --certs "$out/certs" >"$out/logs/superlink.log" 2>&1 &
+pids+=($!)
+for i in $(seq 100); do   # wait until the SuperLink listens
+    grep -q "Uvicorn running" "$out/logs/superlink.log" 2>/dev/null && break
+    kill -0 "${pids[0]}" 2>/dev/null || { cat "$out/logs/superlink.log" >&2; exit 1; }
+    sleep 0.2
+done
+for i in "${!centers[@]}"; do
+    c=${centers[$i]}
+    setsid $medfound center join --superlink "127.0.0.1:$port" --data "$data/$c" --center "$c" \
+        --work "$out/centers/$c" --root-certificates "$out/certs/ca.crt" \
+        --port $((port + 2 + i)) >"$out/logs/$c.log" 2>&1 &
+    pids+=($!)
+done
+$medfound run federate fed.mode=deployment data.root="$data" \
+    "fed.centers=[$(IFS=,; echo "${centers[*]}")]" fed.min_centers=${#centers[@]} \
+    experiment=phantoms_smoke fed.deployment.superlink="127.0.0.1:$port" \
+    fed.deployment.root_certificates="$out/certs/ca.crt" out_dir="$out" "$@"
+echo "local federation done: $out/model; audit logs: $out/centers/*/audit/"

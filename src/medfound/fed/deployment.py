@@ -1,0 +1,265 @@
+"""Deployment mode: a real Flower federation across machines (or processes on 127.0.0.1).
+
+Three roles, three commands, each a thin wrapper around Flower's own executables:
+
+- the coordinator runs a SuperLink (`medfound fed superlink`, i.e. ``flower-superlink``): on
+  one HTTP(S) port (9092 here) it accepts SuperNodes and submitted runs, and runs the ServerApp;
+- each center runs a SuperNode (`medfound center join`, i.e. ``flower-supernode``) whose node
+  config names its data folder: the ClientApp (medfound.fed.client_app) reads only that folder
+  and writes the center's audit log there, on the center's machine;
+- the researcher submits the run (`medfound run federate fed.mode=deployment ...`):
+  `run_deployment` writes a one-file Flower App (FED/app/pyproject.toml, whose run config
+  carries the resolved recipe config) and hands it to ``flwr run`` against the same SuperLink,
+  then waits for the run to end.
+
+TLS is on unless `insecure` is asked for: the SuperLink serves with a certificate signed by a
+CA whose certificate every SuperNode and the researcher hold (scripts/make_certs.sh makes
+both for a local trial). Node authentication is not wired yet: in Flower 1.41 it needs the
+gRPC-rere Fleet transport and keys registered through `flwr supernode register`.
+
+The ServerApp and ClientApp below are the same functions simulation mode runs; only where
+their settings come from differs (run config and node config instead of Python objects).
+Paths in the recipe config (out_dir) are the coordinator's.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from medfound import __version__
+from medfound.errors import MedfoundError
+from medfound.fed.client_app import make_client_app
+from medfound.fed.server_app import run_coordinator
+
+__all__ = ["client_app", "join_command", "run_deployment", "server_app", "superlink_command",
+           "write_app"]
+
+RUN_CONFIG_KEY = "medfound-config"  # the resolved recipe config, YAML text
+CONNECTION = "medfound"  # the SuperLink connection's name in FED/.flwr/config.toml
+DEFAULT_SUPERLINK = "127.0.0.1:9092"  # Flower >= 1.41 serves every SuperLink API on one port
+
+# --- the apps Flower loads by name (see write_app's components) ---------------------------------
+
+server_app = ServerApp()
+
+
+@server_app.main()
+def _main(grid: Grid, context: Context) -> None:
+    text = context.run_config.get(RUN_CONFIG_KEY)
+    if not text:
+        raise MedfoundError(f"the run config has no {RUN_CONFIG_KEY!r}",
+                            hint="submit the run with `medfound run federate fed.mode=deployment`")
+    run_coordinator(grid, yaml.safe_load(str(text)), str(text))
+
+
+client_app = make_client_app(None)  # the Site comes from the SuperNode's --node-config
+
+
+# --- the researcher's side ------------------------------------------------------------------
+
+
+def write_app(app_dir: Path, config_yaml: str) -> Path:
+    """Write the Flower App that `flwr run` ships to the SuperLink: a pyproject.toml naming
+    medfound's ServerApp and ClientApp (installed at every site, so the bundle holds no code)
+    with the resolved recipe config as its run config."""
+    app_dir.mkdir(parents=True, exist_ok=True)
+    (app_dir / "pyproject.toml").write_text(
+        "# Written by `medfound run federate fed.mode=deployment`: the Flower App it submits.\n"
+        "[build-system]\n"
+        'requires = ["hatchling"]\n'
+        'build-backend = "hatchling.build"\n\n'
+        "[project]\n"
+        'name = "medfound-federation"\n'
+        f'version = "{_pep440(__version__)}"\n'
+        'description = "medfound federated detector training (coordinator and centers)"\n'
+        'license = "Apache-2.0"\n'
+        "dependencies = []\n\n"
+        "[tool.flwr.app]\n"
+        'publisher = "medfound"\n\n'
+        "[tool.flwr.app.components]\n"
+        'serverapp = "medfound.fed.deployment:server_app"\n'
+        'clientapp = "medfound.fed.deployment:client_app"\n\n'
+        "[tool.flwr.app.config]\n"
+        f"{RUN_CONFIG_KEY} = {_toml_string(config_yaml)}\n")
+    return app_dir
+
+
+def write_connection(flwr_home: Path, address: str, root_certificates: str | None,
+                     insecure: bool) -> Path:
+    """$FLWR_HOME/config.toml with one SuperLink connection, CONNECTION, for `flwr run`."""
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    lines = ["[superlink]", f'default = "{CONNECTION}"', "", f"[superlink.{CONNECTION}]",
+             f"address = {_toml_string(address)}"]
+    if insecure:
+        lines.append("insecure = true")
+    elif root_certificates:
+        lines.append(f"root-certificates = {_toml_string(str(Path(root_certificates).resolve()))}")
+    path = flwr_home / "config.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def run_deployment(cfg: Mapping[str, Any], config_yaml: str) -> None:
+    """Submit the federation to the SuperLink of ``fed.deployment`` and wait for it to end.
+
+    The coordinator writes FED/ (out_dir) on its own machine; on 127.0.0.1 that is this one.
+    """
+    dep = dict((cfg.get("fed") or {}).get("deployment") or {})
+    out = Path(cfg["out_dir"]).resolve()
+    superlink = str(dep.get("superlink") or DEFAULT_SUPERLINK)
+    insecure = bool(dep.get("insecure", False))
+    ca = dep.get("root_certificates")
+    if not insecure and not ca:
+        raise MedfoundError("fed.mode=deployment uses TLS: fed.deployment.root_certificates is not set",
+                            hint="point it at the CA certificate the SuperLink's certificate is "
+                                 "signed with (scripts/make_certs.sh makes one), or set "
+                                 "fed.deployment.insecure=true for a trial without TLS")
+    if ca and not Path(ca).is_file():
+        raise MedfoundError("no such CA certificate", path=ca,
+                            hint="fed.deployment.root_certificates must be a PEM file")
+    app = write_app(out / "app", config_yaml)
+    flwr_home = out / ".flwr"
+    write_connection(flwr_home, superlink, ca, insecure)
+    env = {**os.environ, "FLWR_HOME": str(flwr_home)}
+    _prepend_own_bin(env)
+    flwr = _executable("flwr")
+    cmd = [flwr, "run", str(app), CONNECTION, "--stream"]
+    print(f"submitting the federation to the SuperLink at {superlink} "
+          f"({'insecure' if insecure else 'TLS'})", flush=True)
+    started = time.time()
+    proc = subprocess.run(cmd, env=env, check=False)
+    if proc.returncode != 0:
+        raise MedfoundError(f"`flwr run` exited with status {proc.returncode}",
+                            hint=f"is a SuperLink listening on {superlink}? "
+                                 "See the SuperLink's log for the ServerApp's error")
+    if not (out / "model" / "model.json").is_file():
+        raise MedfoundError("the federated run ended without a model package", path=out / "model",
+                            hint="see the SuperLink's log: the ServerApp runs there")
+    print(f"deployment run finished in {time.time() - started:.0f} s: {out / 'model'}", flush=True)
+
+
+# --- the coordinator's and the centers' commands ------------------------------------------------
+
+
+def superlink_command(*, certs: str | None = None, insecure: bool = False,
+                      address: str = DEFAULT_SUPERLINK, database: str | None = None) -> list[str]:
+    """The ``flower-superlink`` command line for `medfound fed superlink`.
+
+    certs: a folder with ca.crt, server.pem and server.key (scripts/make_certs.sh's layout).
+    """
+    host, port = _host_port(address)
+    cmd = [_executable("flower-superlink"), "--host", host, "--port", str(port)]
+    if database:
+        cmd += ["--database", str(database)]
+    if insecure:
+        cmd.append("--insecure")
+    else:
+        cmd += _tls_files(certs, ("ca.crt", "server.pem", "server.key"),
+                          ("--ssl-ca-certfile", "--ssl-certfile", "--ssl-keyfile"))
+    return cmd
+
+
+def join_command(*, superlink: str, center: str, data: str, work: str,
+                 root_certificates: str | None = None, insecure: bool = False,
+                 runtime_port: int | None = None,
+                 keep_payloads: bool = False) -> list[str]:
+    """The ``flower-supernode`` command line for `medfound center join`.
+
+    The node config tells medfound's ClientApp which center this is and where its data and
+    work folders are; the audit log goes to WORK/audit/CENTER.jsonl.
+    """
+    data_dir = Path(data).resolve()
+    if not (data_dir / "datalist.json").is_file():
+        raise MedfoundError("not a center data folder (no datalist.json)", path=data_dir,
+                            hint="point --data at one center's folder, e.g. PHANTOMS/center_0")
+    work_dir = Path(work).resolve()
+    node_config = (f"center={_toml_string(center)} data-dir={_toml_string(str(data_dir))} "
+                   f"work-dir={_toml_string(str(work_dir))}"
+                   + (" keep-payloads=true" if keep_payloads else ""))
+    cmd = [_executable("flower-supernode"), "--superlink", superlink, "--node-config", node_config]
+    if runtime_port:  # the SuperNode's local API for its ClientApp processes (default 9094)
+        cmd += ["--port", str(runtime_port)]
+    if insecure:
+        cmd.append("--insecure")
+    else:
+        if not root_certificates or not Path(root_certificates).is_file():
+            raise MedfoundError("TLS needs the CA certificate the SuperLink's certificate is signed "
+                                f"with: --root-certificates {root_certificates or '(missing)'}",
+                                hint="copy ca.crt from the coordinator, or use --insecure for a trial")
+        cmd += ["--root-certificates", str(Path(root_certificates).resolve())]
+    return cmd
+
+
+def run_process(cmd: Sequence[str]) -> int:
+    """Become the Flower executable (exec): signals and Ctrl-C reach Flower directly, and
+    stopping this process stops the SuperLink or SuperNode with it, leaving nothing behind."""
+    env = dict(os.environ)
+    _prepend_own_bin(env)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(cmd[0], list(cmd), env)
+    return 1  # not reached
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+
+def _host_port(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise MedfoundError(f"address {address!r} is not HOST:PORT", hint="e.g. 127.0.0.1:9092")
+    return host, int(port)
+
+
+def _tls_files(certs: str | None, names: Sequence[str], flags: Sequence[str]) -> list[str]:
+    if not certs:
+        raise MedfoundError("TLS is on by default: --certs DIR is missing",
+                            hint="make a CA and server certificate with scripts/make_certs.sh DIR, "
+                                 "or pass --insecure for a trial without TLS")
+    folder = Path(certs)
+    args: list[str] = []
+    for name, flag in zip(names, flags, strict=True):
+        path = folder / name
+        if not path.is_file():
+            raise MedfoundError(f"the certificate folder lacks {name}", path=folder,
+                                hint="scripts/make_certs.sh DIR writes ca.crt, server.pem, server.key")
+        args += [flag, str(path.resolve())]
+    return args
+
+
+def _executable(name: str) -> str:
+    """Flower's executables from this Python's environment first, then PATH."""
+    own = Path(sys.executable).parent / name
+    found = str(own) if own.is_file() else shutil.which(name)
+    if not found:
+        raise MedfoundError(f"Flower's `{name}` command is not installed",
+                            hint="pip install 'medfound[ml]' (it brings flwr)")
+    return found
+
+
+def _prepend_own_bin(env: dict[str, str]) -> None:
+    # SuperLink and SuperNode start flwr-serverapp / flwr-clientapp by name: use ours.
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+
+
+def _toml_string(text: str) -> str:
+    """A TOML basic string holding `text` exactly (JSON escaping is valid TOML escaping)."""
+    import json
+
+    return json.dumps(text, ensure_ascii=False)
+
+
+def _pep440(version: str) -> str:
+    base = version.split("+")[0]
+    return base if base[:1].isdigit() else "0.0.0"

@@ -1,0 +1,117 @@
+"""Deployment mode with real Flower processes on 127.0.0.1: a SuperLink, three SuperNodes and
+`flwr run`, over TLS with certificates scripts/make_certs.sh makes; plus the commands' errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+
+from medfound.data.phantoms import make_phantoms
+
+REPO = Path(__file__).resolve().parents[1]
+CENTERS = ("center_0", "center_1", "center_2")
+
+
+def free_port_block(n: int = 5) -> int:
+    """A port p with p..p+n-1 free on 127.0.0.1 (the SuperLink and each SuperNode's API)."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = s.getsockname()[1]
+        if base + n < 65535 and all(_free(base + i) for i in range(n)):
+            return base
+    raise RuntimeError("no block of free ports")
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def medfound_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    return env
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("deploy") / "phantoms"
+    make_phantoms(root, centers=3, cases=3, seed=5, size="small", progress=False)
+    return root
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="scripts/make_certs.sh needs openssl")
+def test_local_federation_over_tls_trains_two_rounds_and_stops_every_process(
+        phantoms: Path, tmp_path: Path) -> None:
+    out = tmp_path / "FED"
+    env = {**medfound_env(), "PORT": str(free_port_block())}
+    res = subprocess.run([str(REPO / "scripts" / "local_federation.sh"), str(phantoms), str(out),
+                          "fed.rounds=2"], env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+
+    # TLS: the SuperLink served HTTPS, with the certificate the script made.
+    assert "running on https://127.0.0.1" in (out / "logs" / "superlink.log").read_text()
+    assert (out / "certs" / "ca.crt").is_file()
+
+    # Same outputs as simulation mode: two rounds, all three centers in each, a model package.
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [r["round"] for r in metrics["rounds"]] == [1, 2]
+    for record in metrics["rounds"]:
+        assert sorted(record["train"]["accepted"]) == list(CENTERS)
+        assert sorted(record["evaluate"]["centers"]) == list(CENTERS)
+    model = json.loads((out / "model" / "model.json").read_text())
+    assert model["task"] == "lung_nodule_detection"
+    assert (out / "server" / "state.pt").is_file()
+
+    # Each center's own audit log, written by its SuperNode, lists what it sent: two train
+    # replies and two evaluate replies whose sizes add up to what the coordinator received.
+    for center in CENTERS:
+        lines = (out / "centers" / center / "audit" / f"{center}.jsonl").read_text().splitlines()
+        records = [json.loads(line) for line in lines]
+        assert sorted(r["kind"] for r in records) == ["evaluate", "evaluate", "train", "train"]
+        sent = sum(r["bytes"] for r in records)
+        assert sent == sum(r["bytes"][center]["sent"] for r in metrics["rounds"])
+
+    # Nothing the script started is left running.
+    leftovers = [p.info for p in psutil.process_iter(["pid", "cmdline"])
+                 if any(str(out) in part for part in (p.info["cmdline"] or []))]
+    assert leftovers == []
+
+
+def test_center_join_and_superlink_refuse_bad_arguments_with_one_line(tmp_path: Path) -> None:
+    def medfound(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "medfound", *args], capture_output=True,
+                              text=True, env=medfound_env(), timeout=120)
+
+    res = medfound("center", "join", "--superlink", "127.0.0.1:9092", "--data", str(tmp_path),
+                   "--insecure")
+    assert res.returncode != 0 and "no datalist.json" in res.stderr
+    (tmp_path / "datalist.json").write_text("{}")
+    res = medfound("center", "join", "--superlink", "127.0.0.1:9092", "--data", str(tmp_path))
+    assert res.returncode != 0 and "--root-certificates" in res.stderr
+    res = medfound("fed", "superlink", "--certs", str(tmp_path))
+    assert res.returncode != 0 and "lacks ca.crt" in res.stderr
+    res = medfound("fed", "superlink")
+    assert res.returncode != 0 and "make_certs.sh" in res.stderr
+
+
+def test_deployment_run_needs_a_ca_or_insecure(phantoms: Path, tmp_path: Path) -> None:
+    res = subprocess.run([sys.executable, "-m", "medfound", "run", "federate",
+                          "fed.mode=deployment", f"data.root={phantoms}",
+                          "experiment=phantoms_smoke", f"out_dir={tmp_path / 'FED'}"],
+                         capture_output=True, text=True, env=medfound_env(), timeout=300)
+    assert res.returncode != 0
+    assert "root_certificates" in res.stderr and "Traceback" not in res.stderr
