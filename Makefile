@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
-	$(BIN)/python -m pip install --quiet -e ".[ml,dev]"
+	$(BIN)/python -m pip install --quiet -e ".[ml,dev,infer]"
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -126,6 +126,18 @@ def cmd_center_join(args) -> int:
     return run_process(cmd)
 
 
+def cmd_export(args) -> int:
+    from medfound.export.onnx import export_model_package
+
+    card = export_model_package(args.model_dir, args.out, opset=args.opset,
+                                dynamic=not args.fixed_shape)
+    parity = card["parity"]
+    print(f"wrote {Path(args.out) / 'model.onnx'} (sha256 {card['onnx']['sha256'][:12]}…), "
+          f"model_card.json, MODEL_CARD.md; onnxruntime vs torch: max relative error "
+          f"{parity['max_rel']:.1e} (≤ {parity['rtol']:.0e}, passed)")
+    return 0
+
+
 def recipes_dir() -> Path:
     """recipes/ of the checkout medfound runs from (MEDFOUND_RECIPES overrides)."""
     import os
@@ -222,6 +234,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("recipe", help="recipe name, e.g. train_detector, evaluate_detector")
     s.add_argument("overrides", nargs=argparse.REMAINDER, help="Hydra overrides key=value")
     s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser(
+        "export", help="export a model package's network to ONNX, with a parity check",
+        description="Export the network of a model package (RUN/model/, FED/model/) with "
+        "torch.onnx.export(dynamo=True) to OUT/model.onnx, write OUT/model_card.json and "
+        "OUT/MODEL_CARD.md, and check onnxruntime against torch on random patches "
+        "(OUT/parity.json). Exits non-zero, leaving no model.onnx, when parity fails.")
+    s.add_argument("model_dir", type=Path, metavar="MODEL_DIR", help="the model package folder")
+    s.add_argument("--out", type=Path, required=True, metavar="EXP", help="output folder")
+    s.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
+    s.add_argument("--fixed-shape", action="store_true",
+                   help="fix the input to one sliding window (1, C, *sw_roi_size) instead of "
+                        "dynamic batch and spatial axes")
+    s.set_defaults(func=cmd_export)
 
     csub = _command_group(sub, "center", "what a center node does: check its data, join a federation",
                           "Commands a center node runs on its own data.")

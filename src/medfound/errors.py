@@ -40,3 +40,22 @@ def exit_on_user_error(fn):
             sys.exit(err.exit_code)
 
     return wrapper
+
+
+def read_json(path, what: str | None = None):
+    """The JSON document in `path`; an unreadable or invalid file is a one-line MedfoundError.
+
+    Used for the small metadata files medfound writes and reads back (model.json,
+    model_card.json): the message names the file, and `what` says what it should have been.
+    """
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise MedfoundError(f"{path.name} is not valid JSON ({err.msg})", path=path,
+                            hint=what) from None
+    except OSError as err:
+        raise MedfoundError(f"cannot read {path.name} ({err.strerror})", path=path, hint=what) from None

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from medfound import __version__
-from medfound.errors import MedfoundError
+from medfound.errors import MedfoundError, read_json
 
 WEIGHTS = "weights.pt"
 MODEL_JSON = "model.json"
@@ -74,10 +74,7 @@ def read_model_json(path: str | Path) -> dict[str, Any]:
     if not meta_path.is_file() or not (path / WEIGHTS).is_file():
         raise MedfoundError("not a model package (needs model.json and weights.pt)", path=path,
                             hint="pass RUN/model from a finished `medfound run train_detector`")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as err:
-        raise MedfoundError(f"model.json is not valid JSON ({err.msg})", path=meta_path) from None
+    meta = read_json(meta_path)
     if meta.get("format") != "medfound-model/1":
         raise MedfoundError(f"unknown package format {meta.get('format')!r}", path=meta_path,
                             hint="re-train or re-export with this medfound version")

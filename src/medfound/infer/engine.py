@@ -1,0 +1,169 @@
+"""`OnnxDetector`: an exported network (model.onnx) + its model card → boxes, scores, labels.
+
+onnxruntime runs the network; everything around it (padding, sliding window, anchors, box
+decoding, selection) is numpy, so this runs where torch and MONAI are not installed. Given the
+same preprocessed volume it returns what MONAI's ``RetinaNetDetector(..., use_inferer=True)``
+returns for the same weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medfound.errors import MedfoundError, read_json
+from medfound.infer.boxes import (
+    cell_anchors,
+    decode_boxes,
+    grid_anchors,
+    reshape_head_output,
+    select_boxes,
+)
+from medfound.infer.sliding_window import sliding_window
+
+__all__ = ["PROVIDER_PREFERENCE", "OnnxDetector", "choose_providers", "load_model_card"]
+
+CARD_FORMAT = "medfound-onnx/1"
+# Fastest first; onnxruntime falls back along the list for operators a provider lacks.
+PROVIDER_PREFERENCE = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+
+
+def load_model_card(path: str | Path) -> tuple[Path, dict[str, Any]]:
+    """(model.onnx path, model card) from an export folder or a model.onnx beside its card."""
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    card_path = folder / "model_card.json"
+    if not card_path.is_file():
+        raise MedfoundError("no model_card.json beside the ONNX model", path=folder,
+                            hint="pass the folder written by `medfound export` (model.onnx + model_card.json)")
+    card = read_json(card_path)
+    if card.get("format") != CARD_FORMAT:
+        raise MedfoundError(f"unknown model card format {card.get('format')!r}", path=card_path,
+                            hint=f"re-export with this medfound version (expects {CARD_FORMAT})")
+    onnx_path = path if path.is_file() else folder / card.get("onnx", {}).get("file", "model.onnx")
+    if not onnx_path.is_file():
+        raise MedfoundError("ONNX model file missing", path=onnx_path,
+                            hint="re-export: a failed parity gate leaves no model.onnx")
+    return onnx_path, card
+
+
+def choose_providers(requested: Sequence[str] | str | None = None) -> list[str]:
+    """Execution providers to use: `requested` (all must be available) or, by default, the
+    available ones among TensorRT, CUDA, CPU in that order."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if requested is None:
+        chosen = [p for p in PROVIDER_PREFERENCE if p in available]
+        return chosen or list(available)
+    requested = [requested] if isinstance(requested, str) else list(requested)
+    short = {p.removesuffix("ExecutionProvider").lower(): p for p in available}
+    resolved = [short.get(p.lower(), p) for p in requested]
+    missing = [p for p in resolved if p not in available]
+    if missing:
+        raise MedfoundError(f"execution provider(s) {missing} not available in this onnxruntime",
+                            hint=f"available: {available} (install onnxruntime-gpu for CUDA/TensorRT)")
+    return resolved
+
+
+class OnnxDetector:
+    """Nodule detector from an export folder (or model.onnx beside its model_card.json).
+
+    `providers`: onnxruntime execution providers ("cpu", "cuda", "tensorrt" or full names);
+    default: the best available. `threads`: onnxruntime intra-op threads (None: its default).
+    `verify_sha256`: refuse a model.onnx whose hash differs from the card's (a file swapped or
+    corrupted after export).
+    """
+
+    def __init__(self, model: str | Path, providers: Sequence[str] | str | None = None,
+                 threads: int | None = None, verify_sha256: bool = True):
+        import onnxruntime as ort
+
+        self.onnx_path, self.card = load_model_card(model)
+        if verify_sha256:
+            expected = self.card.get("onnx", {}).get("sha256")
+            digest = hashlib.sha256(self.onnx_path.read_bytes()).hexdigest()
+            if expected and digest != expected:
+                raise MedfoundError("model.onnx does not match the sha256 in model_card.json",
+                                    path=self.onnx_path,
+                                    hint="the file was changed after export; re-export the model")
+        det = self.card["detector"]
+        self.detector = det
+        self.output_names = list(self.card["onnx"]["output_names"])
+        self.num_levels = int(det["num_levels"])
+        self.num_anchors = int(det["num_anchors_per_location"])
+        self.cells = cell_anchors(det["base_anchor_shapes"], det["feature_map_scales"])
+        options = ort.SessionOptions()
+        if threads is not None:
+            options.intra_op_num_threads = int(threads)
+            options.inter_op_num_threads = 1
+        self.providers = choose_providers(providers)
+        try:
+            self.session = ort.InferenceSession(str(self.onnx_path), sess_options=options,
+                                                providers=self.providers)
+        except Exception as err:  # onnxruntime raises its own exception types for a bad file
+            raise MedfoundError(f"onnxruntime cannot load the model ({err})", path=self.onnx_path,
+                                hint="re-export it with `medfound export`") from None
+        self.input_name = self.session.get_inputs()[0].name
+        batch_dim = self.session.get_inputs()[0].shape[0]
+        # A graph exported with a fixed batch of 1 cannot take sw_batch_size windows at once.
+        self.sw_batch_size = int(det["sw_batch_size"]) if not isinstance(batch_dim, int) else batch_dim
+
+    def network(self, batch: np.ndarray) -> list[np.ndarray]:
+        """The exported network on a (n, C, i, j, k) float32 batch: cls_0..cls_L, box_0..box_L."""
+        return self.session.run(self.output_names, {self.input_name: np.ascontiguousarray(batch, np.float32)})
+
+    def head_outputs(self, volume: np.ndarray) -> tuple[list[np.ndarray], list[int]]:
+        """Sliding-window head outputs on `volume` padded at the end to `size_divisible`.
+
+        Returns (outputs in output_names order, padded spatial size) — MONAI's
+        `preprocess_images` + `predict_with_inferer`.
+        """
+        det = self.detector
+        image = _as_batch(volume, int(self.card["input"].get("channels", 1)))
+        size = list(image.shape[2:])
+        padded = [int(np.ceil(s / d) * d) for s, d in zip(size, det["size_divisible"], strict=True)]
+        if padded != size:
+            image = np.pad(image, [(0, 0), (0, 0), *[(0, p - s) for p, s in zip(padded, size, strict=True)]])
+        outs = sliding_window(image, self.network, det["sw_roi_size"], det["sw_overlap"],
+                              mode=det["sw_mode"], sigma_scale=det.get("sw_sigma_scale", 0.125),
+                              batch_size=self.sw_batch_size, pad_value=det.get("sw_padding_value", 0.0))
+        return outs, padded
+
+    def predict(self, volume: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Detections on one preprocessed volume.
+
+        `volume`: (i, j, k) or (C, i, j, k) float, already resampled to the card's spacing_mm and
+        scaled to [0, 1] (see `medfound.infer.preprocess`). Returns boxes (N, 6) float32 xyzxyz
+        in voxels of `volume` (voxel n covers [n, n + 1)), scores (N,) float32 in [0, 1] and
+        labels (N,) int64, highest score first.
+        """
+        det = self.detector
+        size = list(np.shape(volume)[-3:])
+        outs, padded = self.head_outputs(volume)
+        cls_maps, box_maps = outs[: self.num_levels], outs[self.num_levels:]
+        grids = [m.shape[2:] for m in cls_maps]
+        anchors = grid_anchors(self.cells, grids, padded)
+        boxes, logits = [], []
+        for cls_map, box_map, level_anchors in zip(cls_maps, box_maps, anchors, strict=True):
+            rel = reshape_head_output(box_map, self.num_anchors)[0]
+            boxes.append(decode_boxes(rel, level_anchors, det["box_coder_weights"], det["box_xform_clip"]))
+            logits.append(reshape_head_output(cls_map, self.num_anchors)[0])
+        return select_boxes(boxes, logits, size, score_thresh=det["score_thresh"],
+                            topk_candidates_per_level=det["topk_candidates_per_level"],
+                            nms_thresh=det["nms_thresh"], detections_per_img=det["detections_per_img"],
+                            apply_sigmoid=det.get("apply_sigmoid", True))
+
+
+def _as_batch(volume: np.ndarray, channels: int) -> np.ndarray:
+    arr = np.asarray(volume, dtype=np.float32)
+    if arr.ndim == 3:
+        arr = arr[None]
+    if arr.ndim != 4 or arr.shape[0] != channels:
+        raise MedfoundError(f"volume must be (i, j, k) or ({channels}, i, j, k), got shape {arr.shape}",
+                            hint="pass one preprocessed volume (see medfound.infer.preprocess)")
+    return arr[None]
