@@ -13,7 +13,8 @@ import torch
 from onnx import numpy_helper
 
 from medfound.errors import MedfoundError
-from medfound.export.onnx import check_parity, export_model_package, sha256_of
+from medfound.export.onnx import check_parity, export_model_package
+from medfound.infer.engine import sha256_of
 from medfound.models.detection import DetectorConfig, build_network
 from medfound.train.package import load_weights, save_model_package
 

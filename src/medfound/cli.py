@@ -116,12 +116,13 @@ def cmd_fed_superlink(args) -> int:
 def cmd_center_join(args) -> int:
     from medfound.fed.deployment import join_command, run_process
 
-    work = args.work or Path(args.data).resolve().parent / f"{Path(args.data).resolve().name}_work"
-    cmd = join_command(superlink=args.superlink, center=args.center or Path(args.data).resolve().name,
-                       data=args.data, work=str(work), root_certificates=args.root_certificates,
-                       insecure=args.insecure,
+    data = Path(args.data).resolve()
+    center = args.center or data.name
+    work = args.work or data.parent / f"{data.name}_work"
+    cmd = join_command(superlink=args.superlink, center=center, data=str(data), work=str(work),
+                       root_certificates=args.root_certificates, insecure=args.insecure,
                        runtime_port=args.port, keep_payloads=args.keep_payloads)
-    print(f"joining the federation at {args.superlink} as {args.center or Path(args.data).name}; "
+    print(f"joining the federation at {args.superlink} as {center}; "
           f"audit log in {Path(work) / 'audit'}; Ctrl-C leaves", flush=True)
     return run_process(cmd)
 

@@ -19,7 +19,6 @@ core reproduces what torch actually does.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import math
@@ -35,20 +34,18 @@ from torch import nn
 
 from medfound import __version__
 from medfound.errors import MedfoundError
+from medfound.infer.engine import CARD_FORMAT, sha256_of
 from medfound.models.detection import DetectorConfig, build_detector, build_network, size_divisible
 from medfound.train.package import load_weights, read_model_json
 
 __all__ = [
-    "CARD_FORMAT",
     "FP32_RTOL",
     "ListOutputNetwork",
     "check_parity",
     "export_model_package",
     "output_names",
-    "sha256_of",
 ]
 
-CARD_FORMAT = "medfound-onnx/1"
 INPUT_NAME = "image"
 FP32_RTOL = 1e-4  # the issue's parity bound for fp32: max |onnx - torch| / max |torch| per output
 _TASK_MODALITY = {"lung_nodule_detection": "CT"}
@@ -74,15 +71,6 @@ class ListOutputNetwork(nn.Module):
 def output_names(num_levels: int) -> list[str]:
     """ONNX output names for a network with `num_levels` pyramid levels, in graph order."""
     return [f"cls_{n}" for n in range(num_levels)] + [f"box_{n}" for n in range(num_levels)]
-
-
-def sha256_of(path: str | Path) -> str:
-    """Hex sha256 of a file, read in chunks (ONNX files can be large)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def export_model_package(model_dir: str | Path, out_dir: str | Path, opset: int | None = None,
@@ -239,7 +227,7 @@ def _export_network(network: nn.Module, cfg: DetectorConfig, path: Path, names: 
     except Exception as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise MedfoundError(f"torch.onnx.export failed ({type(err).__name__}: {first})", path=path.parent,
-                            hint="try dynamic=False (--static) or another opset") from err
+                            hint="try dynamic=False (medfound export --fixed-shape) or another --opset") from err
     if not path.is_file():
         raise MedfoundError("torch.onnx.export wrote no file", path=path)
 
@@ -299,7 +287,7 @@ def _model_card(meta: dict[str, Any], cfg: DetectorConfig, detector: Any, onnx_p
         },
         "onnx": {
             "file": onnx_path.name,
-            "sha256": sha256_of(onnx_path),
+            "sha256": parity["onnx_sha256"],  # hashed by the gate; the file was only renamed
             "opset": opset,
             "input_name": graph.graph.input[0].name,
             "input_shape": dims(graph.graph.input[0]),

@@ -24,6 +24,7 @@ Paths in the recipe config (out_dir) are the coordinator's.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -41,6 +42,7 @@ from medfound import __version__
 from medfound.errors import MedfoundError
 from medfound.fed.client_app import make_client_app
 from medfound.fed.server_app import run_coordinator
+from medfound.fed.settings import FedSettings, parse_host_port
 
 __all__ = ["client_app", "join_command", "run_deployment", "server_app", "superlink_command",
            "write_app"]
@@ -115,11 +117,9 @@ def run_deployment(cfg: Mapping[str, Any], config_yaml: str) -> None:
 
     The coordinator writes FED/ (out_dir) on its own machine; on 127.0.0.1 that is this one.
     """
-    dep = dict((cfg.get("fed") or {}).get("deployment") or {})
+    dep = FedSettings.from_config(cfg).deployment  # superlink and insecure checked there
     out = Path(cfg["out_dir"]).resolve()
-    superlink = str(dep.get("superlink") or DEFAULT_SUPERLINK)
-    insecure = bool(dep.get("insecure", False))
-    ca = dep.get("root_certificates")
+    superlink, insecure, ca = dep["superlink"], dep.get("insecure", False), dep.get("root_certificates")
     if not insecure and not ca:
         raise MedfoundError("fed.mode=deployment uses TLS: fed.deployment.root_certificates is not set",
                             hint="point it at the CA certificate the SuperLink's certificate is "
@@ -158,7 +158,7 @@ def superlink_command(*, certs: str | None = None, insecure: bool = False,
 
     certs: a folder with ca.crt, server.pem and server.key (scripts/make_certs.sh's layout).
     """
-    host, port = _host_port(address)
+    host, port = parse_host_port(address, "--address")
     cmd = [_executable("flower-superlink"), "--host", host, "--port", str(port)]
     if database:
         cmd += ["--database", str(database)]
@@ -215,13 +215,6 @@ def run_process(cmd: Sequence[str]) -> int:
 # --- helpers ---------------------------------------------------------------------------------
 
 
-def _host_port(address: str) -> tuple[str, int]:
-    host, _, port = address.rpartition(":")
-    if not host or not port.isdigit():
-        raise MedfoundError(f"address {address!r} is not HOST:PORT", hint="e.g. 127.0.0.1:9092")
-    return host, int(port)
-
-
 def _tls_files(certs: str | None, names: Sequence[str], flags: Sequence[str]) -> list[str]:
     if not certs:
         raise MedfoundError("TLS is on by default: --certs DIR is missing",
@@ -255,8 +248,6 @@ def _prepend_own_bin(env: dict[str, str]) -> None:
 
 def _toml_string(text: str) -> str:
     """A TOML basic string holding `text` exactly (JSON escaping is valid TOML escaping)."""
-    import json
-
     return json.dumps(text, ensure_ascii=False)
 
 

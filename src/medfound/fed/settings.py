@@ -97,10 +97,8 @@ class FedSettings:
             raise MedfoundError(f"fed config: unknown key(s) fed.deployment.{unknown}",
                                 hint="valid keys are superlink, root_certificates, insecure")
         if fed["mode"] == "deployment":
-            link, insecure = deployment.get("superlink"), deployment.get("insecure", False)
-            if not (isinstance(link, str) and link.rpartition(":")[2].isdigit()):
-                raise MedfoundError(f"config key 'fed.deployment.superlink' = {link!r}: must be "
-                                    "HOST:PORT of the SuperLink, e.g. 127.0.0.1:9092")
+            parse_host_port(deployment.get("superlink"), "config key 'fed.deployment.superlink'")
+            insecure = deployment.get("insecure", False)
             if not isinstance(insecure, bool):
                 raise MedfoundError(f"config key 'fed.deployment.insecure' = {insecure!r}: must "
                                     "be true or false")
@@ -119,6 +117,14 @@ class FedSettings:
                    eval_bootstraps=int(fed["eval_bootstraps"]),
                    audit_payloads=fed["audit_payloads"], strategy=strategy,
                    simulation=simulation, deployment=deployment)
+
+
+def parse_host_port(address: Any, what: str = "address") -> tuple[str, int]:
+    """(host, port) of a "HOST:PORT" string; a one-line MedfoundError naming `what` otherwise."""
+    host, _, port = address.rpartition(":") if isinstance(address, str) else ("", "", "")
+    if not host or not port.isdigit():
+        raise MedfoundError(f"{what} = {address!r}: must be HOST:PORT, e.g. 127.0.0.1:9092")
+    return host, int(port)
 
 
 def _int(value: Any) -> bool:

@@ -25,11 +25,21 @@ from medfound.infer.boxes import (
 )
 from medfound.infer.sliding_window import sliding_window
 
-__all__ = ["PROVIDER_PREFERENCE", "OnnxDetector", "choose_providers", "load_model_card"]
+__all__ = ["CARD_FORMAT", "PROVIDER_PREFERENCE", "OnnxDetector", "choose_providers",
+           "load_model_card", "sha256_of"]
 
-CARD_FORMAT = "medfound-onnx/1"
+CARD_FORMAT = "medfound-onnx/1"  # written by medfound.export.onnx, read here
 # Fastest first; onnxruntime falls back along the list for operators a provider lacks.
 PROVIDER_PREFERENCE = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+
+
+def sha256_of(path: str | Path) -> str:
+    """Hex sha256 of a file, read in chunks (ONNX files can be large)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def load_model_card(path: str | Path) -> tuple[Path, dict[str, Any]]:
@@ -86,7 +96,7 @@ class OnnxDetector:
         self.onnx_path, self.card = load_model_card(model)
         if verify_sha256:
             expected = self.card.get("onnx", {}).get("sha256")
-            digest = hashlib.sha256(self.onnx_path.read_bytes()).hexdigest()
+            digest = sha256_of(self.onnx_path)
             if expected and digest != expected:
                 raise MedfoundError("model.onnx does not match the sha256 in model_card.json",
                                     path=self.onnx_path,
