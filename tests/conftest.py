@@ -8,6 +8,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+# Prepended to a `python -c` script: from then on, importing torch or MONAI fails, as in an
+# environment that has only numpy and onnxruntime (what medfound.infer promises to need).
+BLOCK_TORCH = """
+import sys
+class _Blocked:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "monai"):
+            raise ImportError(name + " is blocked in this test")
+sys.meta_path.insert(0, _Blocked())
+"""
+
 
 def _write_scan(path: Path, centres_mm, direction, origin, spacing=(1.5, 1.5, 2.0),
                 size=(40, 40, 24), radius_mm=4.0) -> None:

@@ -109,3 +109,88 @@ def test_export_command_writes_the_files_and_refuses_a_non_package(exported, tmp
     assert json.loads((tmp_path / "exp" / "parity.json").read_text())["passed"] is True
     assert main(["export", str(tmp_path), "--out", str(tmp_path / "exp2")]) != 0
     assert not (tmp_path / "exp2" / "model.onnx").exists()
+
+
+# --- CPM parity and INT8 on phantom studies ----------------------------------------------------
+
+QCFG = DetectorConfig.preset("tiny", spacing_mm=[2.8125, 2.8125, 3.0], patch_size=[32, 32, 16],
+                             sw_roi_size=[64, 64, 32], score_thresh=0.02)
+
+
+@pytest.fixture(scope="module")
+def phantom_package(tmp_path_factory) -> tuple[Path, Path]:
+    from medfound.data.phantoms import make_phantoms
+
+    root = tmp_path_factory.mktemp("export_quality")
+    data = make_phantoms(root / "phantoms", centers=2, cases=2, seed=4, size="small", progress=False)
+    network = build_network(QCFG, seed=0)
+    with torch.no_grad():  # scores spread around 0.5: many candidates, some on nodules
+        network.classification_head.cls_logits.bias.zero_()
+    package = save_model_package(root / "model", network, task="lung_nodule_detection",
+                                 model_config=QCFG.to_dict(),
+                                 preprocessing={"spacing_mm": QCFG.spacing_mm, "hu_window": QCFG.hu_window,
+                                                "orientation": "LPS"},
+                                 provenance={"train_centers": ["center_0"], "val_centers": ["center_1"],
+                                             "val_split": "auto", "seed": 0})
+    return package, data
+
+
+def test_int8_acceptance_rule():
+    from medfound.export.quality import int8_decision
+
+    assert int8_decision(0.80, 0.795)["accepted"]
+    assert int8_decision(0.80, 0.79)["accepted"]  # exactly the 0.01 allowed
+    assert not int8_decision(0.80, 0.785)["accepted"]
+    assert int8_decision(0.50, 0.52)["accepted"]  # a gain is fine
+    assert not int8_decision(0.80, float("nan"))["accepted"]
+
+
+def test_cpm_parity_and_int8_follow_the_rule(phantom_package, tmp_path):
+    from medfound.export.quality import int8_decision
+    from medfound.infer import OnnxDetector
+
+    package, data = phantom_package
+    card = export_model_package(package, tmp_path / "exp", data_root=data, int8=True,
+                                calibration_patches=4, parity_patches=1)
+    parity = json.loads((tmp_path / "exp" / "parity.json").read_text())
+    q = parity["cpm"]
+    assert q["passed"] and q["n_scans"] >= 1 and q["n_nodules"] >= 1
+    assert abs(q["cpm_onnx"] - q["cpm_torch"]) <= 0.005
+    d = parity["int8"]
+    assert d == card["int8"]
+    assert d["accepted"] == int8_decision(d["cpm_fp32"], d["cpm_int8"])["accepted"]
+    assert d["accepted"]  # raised otherwise
+    assert (tmp_path / "exp" / "model.int8.onnx").is_file()
+    assert d["sha256"] == sha256_of(tmp_path / "exp" / "model.int8.onnx")
+    assert d["input_shape"] == [1, 1, *QCFG.sw_roi_size]  # quantized at the fixed window shape
+    assert d["calibration"]["center"] == "center_0" and d["calibration"]["patches"] == 4
+    # The quantized graph computes nearly what fp32 computes on a real-intensity window.
+    fp32 = OnnxDetector(tmp_path / "exp", providers="cpu")
+    int8 = OnnxDetector(tmp_path / "exp", providers="cpu", precision="int8")
+    x = np.random.default_rng(0).random((1, 1, *QCFG.sw_roi_size), dtype=np.float32) * 0.3 + 0.1
+    a, b = fp32.network(x)[0], int8.network(x)[0]
+    assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.95
+    assert np.abs(a - b).mean() <= 0.05 * np.abs(a).max()
+    assert "INT8" in (tmp_path / "exp" / "MODEL_CARD.md").read_text()
+
+
+def test_rejected_int8_leaves_only_the_fp32_model(phantom_package, tmp_path):
+    from medfound.infer import OnnxDetector
+
+    package, data = phantom_package
+    with pytest.raises(MedfoundError, match="INT8 rejected"):
+        export_model_package(package, tmp_path / "exp", data_root=data, int8=True,
+                             calibration_patches=2, parity_patches=1, max_cpm_drop=-1.0)
+    out = tmp_path / "exp"
+    assert not (out / "model.int8.onnx").exists() and (out / "model.int8.onnx.rejected").is_file()
+    assert json.loads((out / "parity.json").read_text())["int8"]["accepted"] is False
+    OnnxDetector(out, providers="cpu")  # the fp32 model passed and stays usable
+    with pytest.raises(MedfoundError, match="no accepted INT8"):
+        OnnxDetector(out, providers="cpu", precision="int8")
+
+
+def test_int8_needs_validation_data(exported, tmp_path):
+    model_dir, _, _ = exported
+    with pytest.raises(MedfoundError, match="CPM drop"):
+        export_model_package(model_dir, tmp_path / "exp", int8=True, parity_patches=1)
+    assert not (tmp_path / "exp" / "model.onnx").exists()

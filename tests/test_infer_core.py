@@ -15,6 +15,7 @@ import torch
 from monai.apps.detection.utils.anchor_utils import AnchorGeneratorWithAnchorShape
 from monai.data.box_utils import batched_nms
 
+from conftest import BLOCK_TORCH
 from medfound.errors import MedfoundError
 from medfound.export.onnx import export_model_package
 from medfound.infer import OnnxDetector, normalize_hu, resample_to_spacing
@@ -108,13 +109,8 @@ def test_inference_core_runs_without_torch_or_monai(model):
     _, exp = model
     volume = np.random.default_rng(1).random((45, 40, 27), dtype=np.float32)
     expected = OnnxDetector(exp, providers="cpu").predict(volume)
-    script = textwrap.dedent(f"""
+    script = BLOCK_TORCH + textwrap.dedent(f"""
         import sys
-        class Blocked:
-            def find_spec(self, name, path=None, target=None):
-                if name.split(".")[0] in ("torch", "monai"):
-                    raise ImportError(f"{{name}} is blocked in this test")
-        sys.meta_path.insert(0, Blocked())
         import numpy as np
         from medfound.infer import OnnxDetector
         volume = np.random.default_rng(1).random((45, 40, 27), dtype=np.float32)

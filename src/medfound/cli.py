@@ -131,12 +131,42 @@ def cmd_export(args) -> int:
     from medfound.export.onnx import export_model_package
 
     card = export_model_package(args.model_dir, args.out, opset=args.opset,
-                                dynamic=not args.fixed_shape)
+                                dynamic=not args.fixed_shape, data_root=args.data, int8=args.int8,
+                                calibration=args.calibration, calibration_patches=args.calibration_patches)
     parity = card["parity"]
     print(f"wrote {Path(args.out) / 'model.onnx'} (sha256 {card['onnx']['sha256'][:12]}…), "
           f"model_card.json, MODEL_CARD.md; onnxruntime vs torch: max relative error "
           f"{parity['max_rel']:.1e} (≤ {parity['rtol']:.0e}, passed)")
+    if "cpm" in parity:
+        q = parity["cpm"]
+        print(f"CPM on {q['n_scans']} validation scans: torch {q['cpm_torch']:.4f}, "
+              f"onnx {q['cpm_onnx']:.4f} (|diff| ≤ {q['tolerance']}, passed)")
+    if "int8" in card:
+        d = card["int8"]
+        print(f"INT8 accepted: {Path(args.out) / d['file']}, CPM {d['cpm_int8']:.4f} "
+              f"(drop {d['cpm_drop']:.4f} ≤ {d['max_cpm_drop']})")
     return 0
+
+
+def cmd_infer(args) -> int:
+    from medfound.infer.study import run_studies
+
+    summary = run_studies(args.model, args.studies, args.out, providers=args.provider,
+                          threads=args.threads, precision="int8" if args.int8 else "fp32",
+                          threshold=args.threshold,
+                          max_findings=args.max_findings, sr=not args.no_sr,
+                          progress=not args.quiet)
+    for rec in summary["studies"]:
+        if rec["status"] == "ok":
+            t = rec["timings_s"]
+            print(f"{rec['study']}: {rec['n_findings']} finding(s) → {rec['out']}/ "
+                  f"(read {t['read']:.2f} s, preprocess {t['preprocess']:.2f} s, "
+                  f"network {t['network']:.2f} s, postprocess {t['postprocess']:.2f} s)")
+        else:
+            print(f"FAILED: {rec['error']}")
+    print(f"{summary['n_ok']} ok, {summary['n_failed']} failed; summary in "
+          f"{Path(args.out) / 'summary.json'} (providers: {', '.join(summary['model']['providers'])})")
+    return 1 if summary["n_failed"] else 0
 
 
 def recipes_dir() -> Path:
@@ -248,7 +278,44 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--fixed-shape", action="store_true",
                    help="fix the input to one sliding window (1, C, *sw_roi_size) instead of "
                         "dynamic batch and spatial axes")
+    s.add_argument("--data", type=Path, metavar="ROOT",
+                   help="folder holding the model's validation centers: adds the CPM parity gate "
+                        "(deployed ONNX path vs torch, |diff| ≤ 0.005)")
+    s.add_argument("--int8", action="store_true",
+                   help="also write model.int8.onnx (static QDQ, per-channel), kept only when its "
+                        "CPM drop is ≤ 0.01; needs --data")
+    s.add_argument("--calibration", type=Path, metavar="DATALIST",
+                   help="center folder or datalist.json whose training studies calibrate INT8 "
+                        "(default: the model's first training center under --data)")
+    s.add_argument("--calibration-patches", type=int, default=16, metavar="N",
+                   help="calibration windows (default 16)")
     s.set_defaults(func=cmd_export)
+
+    s = sub.add_parser(
+        "infer", help="find nodules in DICOM/NIfTI/MHD studies with an exported model",
+        description="Run an exported model (the folder `medfound export` wrote) on each STUDY "
+        "with onnxruntime (no torch needed). Writes OUT/<series_uid>/findings.json (LPS mm and "
+        "voxel centres, diameter, probability, model sha256), findings_sr.dcm (a DICOM "
+        "Comprehensive 3D SR, TID 1500, referencing the source series, for DICOM studies) and "
+        "overview.png, and OUT/summary.json with each study's status and timings. A study that "
+        "fails is reported and skipped; the exit status is 1 if any failed.")
+    s.add_argument("studies", nargs="+", type=Path, metavar="STUDY",
+                   help="a DICOM series folder, or a .nii/.nii.gz/.mhd/.mha file")
+    s.add_argument("--model", type=Path, required=True, metavar="EXP",
+                   help="the export folder (model.onnx + model_card.json)")
+    s.add_argument("--out", type=Path, required=True, metavar="OUT", help="output folder")
+    s.add_argument("--threshold", type=float, default=0.5,
+                   help="report findings with probability ≥ this (default 0.5)")
+    s.add_argument("--max-findings", type=int, default=20, help="at most this many per study")
+    s.add_argument("--provider", action="append", metavar="NAME",
+                   help="onnxruntime execution provider (tensorrt, cuda, cpu; repeat for a "
+                        "fallback list); default: the best available")
+    s.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: all cores)")
+    s.add_argument("--int8", action="store_true",
+                   help="run model.int8.onnx (written by `medfound export --int8` when accepted)")
+    s.add_argument("--no-sr", action="store_true", help="skip the DICOM SR")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_infer)
 
     csub = _command_group(sub, "center", "what a center node does: check its data, join a federation",
                           "Commands a center node runs on its own data.")

@@ -39,10 +39,10 @@ from monai.transforms import (
     Spacingd,
     SpatialPadd,
 )
-from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation
 
 from medfound.errors import MedfoundError
 from medfound.io.reader import read_volume
+from medfound.io.volume import canonical_axes, voxel_boxes_to_world
 
 __all__ = [
     "DEFAULTS",
@@ -220,15 +220,12 @@ class CanonicalAxesd(MapTransform):
         for key in self.key_iterator(d):
             img = d[key]
             affine = np.asarray(img.affine, dtype=np.float64)
-            ornt = io_orientation(affine)
-            if (ornt == [[0, 1], [1, 1], [2, 1]]).all():
+            array, new = canonical_axes(img.numpy(), affine)
+            if new is affine:
                 continue
-            shape = img.shape[1:]
-            array = np.stack([apply_orientation(c, ornt) for c in img.numpy()])
-            new = affine @ inv_ornt_aff(ornt, shape)
             meta = dict(img.meta)
             meta["affine"] = torch.as_tensor(new, dtype=torch.float64)
-            d[key] = MetaTensor(torch.from_numpy(np.ascontiguousarray(array)), meta=meta)
+            d[key] = MetaTensor(torch.from_numpy(array), meta=meta)
         return d
 
 
@@ -471,13 +468,9 @@ def boxes_to_world(boxes_xyzxyz_voxel: Any, affine: Any) -> tuple[np.ndarray, np
     """Voxel xyzxyz boxes (MONAI convention, as the detector outputs) of an image with
     (i, j, k) → LPS `affine` → (N, 3) box centres in LPS mm and (N,) diameters in mm (the mean
     of the box's three sizes in mm)."""
-    b = np.asarray(torch.as_tensor(boxes_xyzxyz_voxel).detach().cpu().numpy()
-                   if isinstance(boxes_xyzxyz_voxel, torch.Tensor) else boxes_xyzxyz_voxel,
-                   dtype=np.float64).reshape(-1, 6)
-    a = np.asarray(affine, dtype=np.float64)
-    centre_ijk = 0.5 * (b[:, :3] + b[:, 3:]) - 0.5
-    centres = centre_ijk @ a[:3, :3].T + a[:3, 3]
-    sizes_mm = (b[:, 3:] - b[:, :3]) * np.linalg.norm(a[:3, :3], axis=0)
+    if isinstance(boxes_xyzxyz_voxel, torch.Tensor):
+        boxes_xyzxyz_voxel = boxes_xyzxyz_voxel.detach().cpu().numpy()
+    centres, sizes_mm = voxel_boxes_to_world(boxes_xyzxyz_voxel, affine)
     return centres, sizes_mm.mean(axis=1)
 
 

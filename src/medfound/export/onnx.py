@@ -40,6 +40,7 @@ from medfound.train.package import load_weights, read_model_json
 
 __all__ = [
     "FP32_RTOL",
+    "INT8_FILE",
     "ListOutputNetwork",
     "check_parity",
     "export_model_package",
@@ -75,7 +76,10 @@ def output_names(num_levels: int) -> list[str]:
 
 def export_model_package(model_dir: str | Path, out_dir: str | Path, opset: int | None = None,
                          dynamic: bool = True, parity_patches: int = 3, seed: int = 0,
-                         rtol: float = FP32_RTOL) -> dict[str, Any]:
+                         rtol: float = FP32_RTOL, data_root: str | Path | None = None,
+                         int8: bool = False, calibration: str | Path | None = None,
+                         calibration_patches: int = 16,
+                         max_cpm_drop: float | None = None) -> dict[str, Any]:
     """Export a model package's network to `out_dir`; return the model card (parity included).
 
     `dynamic`: batch and spatial axes of the ONNX input are symbolic (spatial sizes must stay
@@ -86,6 +90,16 @@ def export_model_package(model_dir: str | Path, out_dir: str | Path, opset: int 
     Raises `MedfoundError` when the package cannot be read or exported, and when onnxruntime's
     outputs differ from torch's by more than `rtol` (relative to each output's largest
     magnitude); then parity.json records the failure and no model.onnx is left in `out_dir`.
+
+    `data_root`: the folder holding the package's validation centers; then the CPM of the
+    deployed path (medfound.infer on model.onnx) must be within CPM_TOL of the torch
+    detector's on those studies, else model.onnx is rejected the same way.
+    `int8`: also write model.int8.onnx — static QDQ quantization of the fixed-shape network,
+    calibrated on `calibration_patches` windows from `calibration` (a center folder or its
+    datalist.json; default: the first training center under `data_root`) — kept only when its
+    CPM is at most `max_cpm_drop` (default INT8_MAX_CPM_DROP) below fp32's; needs `data_root`.
+    A rejected INT8 model is renamed model.int8.onnx.rejected and MedfoundError is raised after
+    parity.json and the card are written (the fp32 model stays valid).
     """
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     meta = read_model_json(model_dir)
@@ -114,12 +128,125 @@ def export_model_package(model_dir: str | Path, out_dir: str | Path, opset: int 
         # Keep the rejected file for inspection, under a name nothing will load by mistake.
         staged.replace(out_dir / "model.onnx.rejected")
         raise
+    if int8 and data_root is None:
+        staged.unlink(missing_ok=True)
+        raise MedfoundError("INT8 is accepted only on a measured CPM drop", hint=
+                            "pass --data ROOT (the folder holding the model's validation centers)")
     staged.replace(onnx_path)
+    for stale in (out_dir / INT8_FILE, out_dir / (INT8_FILE + ".rejected")):
+        stale.unlink(missing_ok=True)
 
     card = _model_card(meta, cfg, detector, onnx_path, names, dynamic, parity)
-    (out_dir / "model_card.json").write_text(json.dumps(card, indent=2) + "\n")
-    (out_dir / "MODEL_CARD.md").write_text(_card_markdown(card))
+    _write_card(out_dir, card)
+    if data_root is None:
+        return card
+    from medfound.export.quality import CPM_TOL, INT8_MAX_CPM_DROP, validation_items
+
+    items = validation_items(meta, data_root)
+    quality = _cpm_parity(meta, cfg, detector, out_dir, items)
+    parity["cpm"] = quality
+    card["parity"]["cpm"] = quality
+    _write_json(out_dir / "parity.json", parity)
+    if not quality["passed"]:
+        onnx_path.replace(out_dir / "model.onnx.rejected")
+        (out_dir / "model_card.json").unlink(missing_ok=True)
+        raise MedfoundError(f"CPM parity failed: onnx {quality['cpm_onnx']:.4f} vs torch "
+                            f"{quality['cpm_torch']:.4f} (bound {CPM_TOL})", path=out_dir / "parity.json",
+                            hint="do not deploy; compare preprocessing and the card's detector settings")
+    _write_card(out_dir, card)
+    if int8:
+        from medfound.export.quantize import calibration_items
+
+        first_train = (meta.get("provenance", {}).get("train_centers") or [None])[0]
+        if calibration is None and first_train is None:
+            raise MedfoundError("no calibration data", hint="pass --calibration CENTER_DIR")
+        cal = calibration_items(calibration if calibration is not None
+                                else Path(data_root) / str(first_train))
+        decision = _int8(network, cfg, out_dir, card, items, cal, calibration_patches, opset, seed,
+                         INT8_MAX_CPM_DROP if max_cpm_drop is None else max_cpm_drop,
+                         quality["cpm_onnx"])
+        parity["int8"] = decision
+        card["int8"] = decision
+        _write_json(out_dir / "parity.json", parity)
+        _write_card(out_dir, card)
+        if not decision["accepted"]:
+            raise MedfoundError(
+                f"INT8 rejected: CPM {decision['cpm_int8']:.4f} is {decision['cpm_drop']:.4f} below "
+                f"fp32's {decision['cpm_fp32']:.4f} (allowed {decision['max_cpm_drop']})",
+                path=out_dir / "parity.json", hint="deploy the fp32 model.onnx (it passed parity)")
     return card
+
+
+INT8_FILE = "model.int8.onnx"
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(json.dumps(data, indent=2, allow_nan=True) + "\n")
+    tmp.replace(path)
+
+
+def _write_card(out_dir: Path, card: dict[str, Any]) -> None:
+    _write_json(out_dir / "model_card.json", card)
+    (out_dir / "MODEL_CARD.md").write_text(_card_markdown(card))
+
+
+def _cpm_parity(meta: dict[str, Any], cfg: DetectorConfig, detector: Any, out_dir: Path,
+                items: list[dict[str, Any]]) -> dict[str, Any]:
+    """CPM of the torch detector (MONAI transforms) and of the deployed path (medfound.infer)."""
+    from medfound.data.detection import eval_transforms
+    from medfound.export.quality import CPM_TOL, onnx_predictions
+    from medfound.infer.engine import OnnxDetector
+    from medfound.metrics.froc import evaluate_luna16
+    from medfound.train.detection import annotations_of, evaluate
+
+    transform = eval_transforms({**cfg.to_dict(), **meta.get("preprocessing", {})})
+    torch_metrics, _ = evaluate(detector, items, transform, n_bootstraps=1)
+    rows = onnx_predictions(OnnxDetector(out_dir, providers="cpu"), items)
+    onnx_metrics = evaluate_luna16(rows, annotations_of(items), [it["seriesuid"] for it in items],
+                                   n_bootstraps=1)
+    diff = abs(float(onnx_metrics["cpm"]) - float(torch_metrics["cpm"]))
+    return {"passed": bool(diff <= CPM_TOL), "cpm_torch": float(torch_metrics["cpm"]),
+            "cpm_onnx": float(onnx_metrics["cpm"]), "cpm_abs_diff": diff, "tolerance": CPM_TOL,
+            "n_scans": len(items), "n_nodules": int(onnx_metrics["n_nodules"]),
+            "studies": [it["seriesuid"] for it in items]}
+
+
+def _int8(network: nn.Module, cfg: DetectorConfig, out_dir: Path, card: dict[str, Any],
+          items: list[dict[str, Any]], cal_items: list[dict[str, Any]], n_patches: int,
+          opset: int | None, seed: int, max_drop: float, cpm_fp32: float) -> dict[str, Any]:
+    """Quantize a fixed-shape export, measure its CPM through medfound.infer, keep or reject it."""
+    from medfound.export.quality import int8_decision, onnx_predictions
+    from medfound.export.quantize import calibration_patches, quantize_int8
+    from medfound.infer.engine import OnnxDetector
+    from medfound.metrics.froc import evaluate_luna16
+    from medfound.train.detection import annotations_of
+
+    fixed = out_dir / ".model.fixed.onnx"
+    int8_path = out_dir / INT8_FILE
+    try:
+        _export_network(network, cfg, fixed, card["onnx"]["output_names"], opset=opset, dynamic=False)
+        patches = calibration_patches(cal_items, card, n=n_patches, seed=seed)
+        quantize_int8(fixed, int8_path, patches, input_name=INPUT_NAME)
+    finally:
+        fixed.unlink(missing_ok=True)
+    import onnx
+
+    graph = onnx.load(str(int8_path), load_external_data=False)
+    card["int8"] = {"file": INT8_FILE, "sha256": sha256_of(int8_path),
+                    "input_shape": [d.dim_param or d.dim_value
+                                    for d in graph.graph.input[0].type.tensor_type.shape.dim]}
+    _write_card(out_dir, card)
+    rows = onnx_predictions(OnnxDetector(out_dir, providers="cpu", precision="int8"), items)
+    metrics = evaluate_luna16(rows, annotations_of(items), [it["seriesuid"] for it in items],
+                              n_bootstraps=1)
+    decision = {**card["int8"], **int8_decision(cpm_fp32, metrics["cpm"], max_drop),
+                "calibration": {"studies": len(cal_items), "patches": len(patches),
+                                "center": cal_items[0].get("center"), "method": "MinMax",
+                                "format": "QDQ, per-channel int8 weights, uint8 activations"}}
+    if not decision["accepted"]:
+        int8_path.replace(out_dir / (INT8_FILE + ".rejected"))
+    return decision
 
 
 def check_parity(network: nn.Module, onnx_path: str | Path, shapes: Sequence[Sequence[int]],
@@ -331,6 +458,19 @@ def _model_card(meta: dict[str, Any], cfg: DetectorConfig, detector: Any, onnx_p
     }
 
 
+def _quality_lines(card: dict[str, Any]) -> list[str]:
+    lines = []
+    q = card["parity"].get("cpm")
+    if q:
+        lines.append(f"- CPM on {q['n_scans']} validation scans: torch {q['cpm_torch']:.4f}, deployed "
+                     f"ONNX path {q['cpm_onnx']:.4f} (bound |diff| ≤ {q['tolerance']})")
+    d = card.get("int8")
+    if d and "accepted" in d:
+        lines.append(f"- INT8 ({d['file']}): CPM {d['cpm_int8']:.4f}, drop {d['cpm_drop']:.4f} "
+                     f"(bound {d['max_cpm_drop']}): {'accepted' if d['accepted'] else 'REJECTED'}")
+    return lines
+
+
 def _card_markdown(card: dict[str, Any]) -> str:
     inp, onx, det = card["input"], card["onnx"], card["detector"]
     metrics = card.get("metrics") or {}
@@ -367,6 +507,7 @@ def _card_markdown(card: dict[str, Any]) -> str:
         "## Parity (onnxruntime vs torch, fp32)",
         f"- passed: {card['parity']['passed']} — max relative error {card['parity']['max_rel']:.3g} "
         f"(bound {card['parity']['rtol']:g}), max abs {card['parity']['max_abs']:.3g}",
+        *_quality_lines(card),
         "",
         "## Versions",
         *[f"- {k}: {v}" for k, v in card["versions"].items() if k != "trained_with"],

@@ -42,8 +42,12 @@ def sha256_of(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def load_model_card(path: str | Path) -> tuple[Path, dict[str, Any]]:
-    """(model.onnx path, model card) from an export folder or a model.onnx beside its card."""
+def load_model_card(path: str | Path, precision: str = "fp32") -> tuple[Path, dict[str, Any]]:
+    """(ONNX file, model card) from an export folder or a model file beside its card.
+
+    precision: "fp32" (model.onnx, the card's `onnx` section) or "int8" (model.int8.onnx, the
+    card's `int8` section, written by `medfound export --int8` only when its CPM was accepted).
+    """
     path = Path(path)
     folder = path if path.is_dir() else path.parent
     card_path = folder / "model_card.json"
@@ -54,10 +58,16 @@ def load_model_card(path: str | Path) -> tuple[Path, dict[str, Any]]:
     if card.get("format") != CARD_FORMAT:
         raise MedfoundError(f"unknown model card format {card.get('format')!r}", path=card_path,
                             hint=f"re-export with this medfound version (expects {CARD_FORMAT})")
-    onnx_path = path if path.is_file() else folder / card.get("onnx", {}).get("file", "model.onnx")
+    if precision not in ("fp32", "int8"):
+        raise MedfoundError(f"unknown precision {precision!r}", hint="use fp32 or int8")
+    section = card.get("onnx" if precision == "fp32" else "int8")
+    if precision == "int8" and (not section or section.get("accepted") is False):
+        raise MedfoundError("this export has no accepted INT8 model", path=card_path,
+                            hint="re-export with --int8 (it is kept only when the CPM drop is small)")
+    onnx_path = path if path.is_file() else folder / section.get("file", "model.onnx")
     if not onnx_path.is_file():
         raise MedfoundError("ONNX model file missing", path=onnx_path,
-                            hint="re-export: a failed parity gate leaves no model.onnx")
+                            hint="re-export: a failed parity gate leaves no model file")
     return onnx_path, card
 
 
@@ -86,16 +96,18 @@ class OnnxDetector:
     `providers`: onnxruntime execution providers ("cpu", "cuda", "tensorrt" or full names);
     default: the best available. `threads`: onnxruntime intra-op threads (None: its default).
     `verify_sha256`: refuse a model.onnx whose hash differs from the card's (a file swapped or
-    corrupted after export).
+    corrupted after export). `precision`: "fp32" (model.onnx) or "int8" (model.int8.onnx).
     """
 
     def __init__(self, model: str | Path, providers: Sequence[str] | str | None = None,
-                 threads: int | None = None, verify_sha256: bool = True):
+                 threads: int | None = None, verify_sha256: bool = True, precision: str = "fp32"):
         import onnxruntime as ort
 
-        self.onnx_path, self.card = load_model_card(model)
+        self.onnx_path, self.card = load_model_card(model, precision)
+        self.precision = precision
+        self.sha256 = self.card["onnx" if precision == "fp32" else "int8"]["sha256"]
         if verify_sha256:
-            expected = self.card.get("onnx", {}).get("sha256")
+            expected = self.sha256
             digest = sha256_of(self.onnx_path)
             if expected and digest != expected:
                 raise MedfoundError("model.onnx does not match the sha256 in model_card.json",
@@ -152,9 +164,15 @@ class OnnxDetector:
         in voxels of `volume` (voxel n covers [n, n + 1)), scores (N,) float32 in [0, 1] and
         labels (N,) int64, highest score first.
         """
-        det = self.detector
-        size = list(np.shape(volume)[-3:])
         outs, padded = self.head_outputs(volume)
+        return self.postprocess(outs, padded, list(np.shape(volume)[-3:]))
+
+    def postprocess(self, outs: Sequence[np.ndarray], padded: Sequence[int], size: Sequence[int]
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """`head_outputs` → boxes, scores, labels: anchors, box decoding, per-level top-k,
+        score threshold and NMS (MONAI's `postprocess_detections`). `size`: the unpadded
+        volume's (i, j, k), to which boxes are clipped."""
+        det = self.detector
         cls_maps, box_maps = outs[: self.num_levels], outs[self.num_levels:]
         grids = [m.shape[2:] for m in cls_maps]
         anchors = grid_anchors(self.cells, grids, padded)
@@ -163,7 +181,7 @@ class OnnxDetector:
             rel = reshape_head_output(box_map, self.num_anchors)[0]
             boxes.append(decode_boxes(rel, level_anchors, det["box_coder_weights"], det["box_xform_clip"]))
             logits.append(reshape_head_output(cls_map, self.num_anchors)[0])
-        return select_boxes(boxes, logits, size, score_thresh=det["score_thresh"],
+        return select_boxes(boxes, logits, list(size), score_thresh=det["score_thresh"],
                             topk_candidates_per_level=det["topk_candidates_per_level"],
                             nms_thresh=det["nms_thresh"], detections_per_img=det["detections_per_img"],
                             apply_sigmoid=det.get("apply_sigmoid", True))

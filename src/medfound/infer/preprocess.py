@@ -1,10 +1,11 @@
 """Numpy preprocessing for the inference core: resample to the model's spacing, window HU.
 
 The model card says what the network was trained on (`input.spacing_mm`, `input.hu_window`);
-these helpers bring a volume there without torch. Resampling keeps the first voxel centre and
-the axis directions and changes only the step, with linear interpolation and edge values
-beyond the border (MONAI Spacingd with bilinear / "border" in training). Axes stay (i, j, k);
-bring a study to canonical LPS axes first if the model expects it (the card's `orientation`).
+these helpers bring a volume there without torch: canonical axes (the card's `orientation`,
+"LPS": i → +x, j → +y, k → +z, a lossless permutation/flip as in training), then resampling
+that keeps the first voxel centre and the axis directions and changes only the step, with
+linear interpolation and edge values beyond the border (MONAI Spacingd with bilinear /
+"border" in training), then the HU window.
 """
 
 from __future__ import annotations
@@ -13,6 +14,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+
+from medfound.errors import MedfoundError
+from medfound.io.volume import CANONICAL, canonical_axes
 
 __all__ = ["normalize_hu", "preprocess", "resample_to_spacing"]
 
@@ -58,6 +62,12 @@ def resample_to_spacing(volume: np.ndarray, affine: np.ndarray,
 
 
 def preprocess(volume: np.ndarray, affine: np.ndarray, card: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-    """HU volume (i, j, k) + affine → the network's input space per the model card's `input`."""
+    """HU volume (i, j, k) + affine → the network's input space per the model card's `input`:
+    (canonical volume resampled and windowed, float32; its (i, j, k) → LPS affine)."""
+    orientation = card["input"].get("orientation", CANONICAL)
+    if orientation != CANONICAL:
+        raise MedfoundError(f"model card asks for orientation {orientation!r}; this medfound "
+                            f"brings studies to {CANONICAL} only", hint="re-export the model")
+    volume, affine = canonical_axes(np.asarray(volume), affine)
     resampled, new_affine = resample_to_spacing(volume, affine, card["input"]["spacing_mm"])
     return normalize_hu(resampled, card["input"]["hu_window"]), new_affine

@@ -83,3 +83,42 @@ class Volume:
                 "mean": float(a.mean(dtype=np.float64)) if a.size else None,
             },
         }
+
+
+# --- geometry shared by training (data/) and deployment (infer/): numpy only -------------------
+
+# The canonical axes every model sees: i → +x (Left), j → +y (Posterior), k → +z (Superior).
+CANONICAL = "LPS"
+
+
+def canonical_axes(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Permute and flip the last three axes of `array` so that i → +x (L), j → +y (P),
+    k → +z (S) in LPS; returns (array, affine) with every voxel at its old world position.
+
+    Lossless (no interpolation). `array` is (i, j, k) or (C, i, j, k); `affine` maps (i, j, k)
+    to LPS mm. Already-canonical input is returned as is (no copy).
+    """
+    from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation
+
+    affine = np.asarray(affine, dtype=np.float64)
+    ornt = io_orientation(affine)
+    if (ornt == [[0, 1], [1, 1], [2, 1]]).all():
+        return array, affine
+    shape = array.shape[-3:]
+    if array.ndim == 3:
+        out = apply_orientation(array, ornt)
+    else:
+        out = np.stack([apply_orientation(c, ornt) for c in array])
+    return np.ascontiguousarray(out), affine @ inv_ornt_aff(ornt, shape)
+
+
+def voxel_boxes_to_world(boxes_xyzxyz: Any, affine: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Voxel boxes (N, 6) xyzxyz in MONAI's convention (voxel n covers [n, n + 1)), as the
+    detector outputs them, of an image with (i, j, k) → LPS `affine` → (N, 3) box centres in
+    LPS mm and (N, 3) box sizes in mm along i, j, k."""
+    b = np.asarray(boxes_xyzxyz, dtype=np.float64).reshape(-1, 6)
+    a = np.asarray(affine, dtype=np.float64)
+    centre_ijk = 0.5 * (b[:, :3] + b[:, 3:]) - 0.5
+    centres = centre_ijk @ a[:3, :3].T + a[:3, 3]
+    sizes_mm = (b[:, 3:] - b[:, :3]) * np.linalg.norm(a[:3, :3], axis=0)
+    return centres, sizes_mm

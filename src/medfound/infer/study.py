@@ -1,0 +1,264 @@
+"""Study in, findings out: the pipeline behind `medfound infer`.
+
+For each study (a DICOM series folder, or a NIfTI/MetaImage file):
+
+    read (medfound.io) → canonical axes, resample, HU window (preprocess) → sliding-window
+    network (onnxruntime) → anchors, decoding, NMS (postprocess) → findings
+
+and, in ``OUT/<series_uid>/``: ``findings.json``, ``findings_sr.dcm`` (a TID 1500
+Comprehensive 3D SR a PACS can show; DICOM sources only) and ``overview.png``. A study's folder
+appears only when all its files are written (they are made in ``<series_uid>.partial`` first).
+A study that fails is recorded in ``OUT/summary.json`` with its error and skipped; the others
+go on. Nothing here imports torch or MONAI.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medfound.errors import MedfoundError
+from medfound.infer.engine import OnnxDetector
+from medfound.infer.preprocess import preprocess
+from medfound.io.volume import Volume, canonical_axes, voxel_boxes_to_world
+
+__all__ = ["FINDINGS_FORMAT", "detect_study", "findings_from_boxes", "render_overview",
+           "run_studies"]
+
+FINDINGS_FORMAT = "medfound-findings/1"
+SUMMARY = "summary.json"
+# Display window of the overview (lung window), HU.
+_LUNG_WINDOW = (-1350.0, 150.0)
+
+
+def findings_from_boxes(boxes: np.ndarray, scores: np.ndarray, input_affine: np.ndarray,
+                        study_affine: np.ndarray, threshold: float, max_findings: int
+                        ) -> list[dict[str, Any]]:
+    """Detector boxes (voxels of the network input, whose affine is `input_affine`) → findings
+    with probability ≥ `threshold`, highest first, at most `max_findings`.
+
+    Each finding: ``center_lps_mm``, ``center_voxel`` (fractional (i, j, k) of the study as read,
+    whose affine is `study_affine`), ``diameter_mm`` (mean of the box's three sizes),
+    ``size_mm`` (along the input's i, j, k) and ``probability``.
+    """
+    keep = np.flatnonzero(np.asarray(scores) >= threshold)[: max(int(max_findings), 0)]
+    centres, sizes = voxel_boxes_to_world(np.asarray(boxes)[keep], input_affine)
+    a = np.asarray(study_affine, dtype=np.float64)
+    voxels = (centres - a[:3, 3]) @ np.linalg.inv(a[:3, :3]).T
+    return [{"id": n + 1,
+             "center_lps_mm": [round(float(v), 2) for v in c],
+             "center_voxel": [round(float(v), 2) for v in ijk],
+             "diameter_mm": round(float(s.mean()), 2),
+             "size_mm": [round(float(v), 2) for v in s],
+             "probability": round(float(scores[k]), 4)}
+            for n, (k, c, ijk, s) in enumerate(zip(keep, centres, voxels, sizes, strict=True))]
+
+
+def detect_study(detector: OnnxDetector, study: str | Path, *, threshold: float = 0.5,
+                 max_findings: int = 20) -> tuple[Volume, list[dict[str, Any]], dict[str, Any]]:
+    """Read one study and detect nodules in it: (volume as read, findings, facts).
+
+    facts: ``timings_s`` (read, preprocess, network, postprocess), ``n_candidates`` (detections
+    before the threshold) and ``input_shape`` (the network input's (i, j, k)).
+    """
+    from medfound.io.reader import read_volume
+
+    t0 = time.perf_counter()
+    volume = read_volume(study, progress=False)
+    expected = str(detector.card["input"].get("modality", "")).upper()
+    if expected in ("CT", "MR", "PT", "US") and volume.modality not in (expected, "OT"):
+        raise MedfoundError(f"study modality is {volume.modality}; this model reads {expected}",
+                            path=study, hint="pass studies of the model's modality")
+    t1 = time.perf_counter()
+    image, input_affine = preprocess(volume.array, volume.affine, detector.card)
+    t2 = time.perf_counter()
+    outs, padded = detector.head_outputs(image)
+    t3 = time.perf_counter()
+    boxes, scores, _ = detector.postprocess(outs, padded, image.shape)
+    findings = findings_from_boxes(boxes, scores, input_affine, volume.affine, threshold, max_findings)
+    t4 = time.perf_counter()
+    facts = {"timings_s": {"read": t1 - t0, "preprocess": t2 - t1, "network": t3 - t2,
+                           "postprocess": t4 - t3},
+             "n_candidates": len(scores), "input_shape": list(image.shape)}
+    return volume, findings, facts
+
+
+def render_overview(volume: Volume, findings: Sequence[dict[str, Any]], path: str | Path,
+                    title: str = "") -> Path:
+    """overview.png: a coronal average projection (radiograph-like) with every finding
+    circled, and the axial slice through each of the (up to) three most probable findings."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Circle
+
+    array, affine = canonical_axes(volume.array, volume.affine)  # i → L, j → P, k → S
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    inv = np.linalg.inv(affine[:3, :3])
+
+    def ijk(f: dict[str, Any]) -> np.ndarray:
+        return (np.asarray(f["center_lps_mm"], dtype=np.float64) - affine[:3, 3]) @ inv.T
+
+    lo, hi = _LUNG_WINDOW
+    shown = list(findings[:3])
+    fig, axes = plt.subplots(1, 1 + len(shown), figsize=(4.2 * (1 + len(shown)), 4.6), squeeze=False)
+    # Panel 1: coronal average projection (i, k), superior at the top, every finding marked.
+    ax = axes[0, 0]
+    ax.imshow(array.mean(axis=1).T, cmap="gray", vmin=-1000.0, vmax=100.0, origin="lower",
+              aspect=spacing[2] / spacing[0], interpolation="nearest")
+    for f in findings:
+        i, _, k = ijk(f)
+        ax.add_patch(Circle((i, k), 6.0, fill=False, color="#ffcc00", linewidth=1.2))
+        ax.text(i + 6, k + 6, str(f["id"]), color="#ffcc00", fontsize=8)
+    ax.set_title("coronal average projection", fontsize=9)
+    ax.axis("off")
+    # Then the axial slice through each of the top findings: rows = j (anterior at the top),
+    # columns = i (the patient's left on the right, as radiologists read).
+    for ax, f in zip(axes[0, 1:], shown, strict=True):
+        i, j, k = ijk(f)
+        k = int(np.clip(round(float(k)), 0, array.shape[2] - 1))
+        ax.imshow(array[:, :, k].T, cmap="gray", vmin=lo, vmax=hi,
+                  aspect=spacing[1] / spacing[0], interpolation="nearest")
+        radius = max(f["diameter_mm"] / 2 / spacing[0] * 1.6, 4.0)
+        ax.add_patch(Circle((i, j), radius, fill=False, color="#ffcc00", linewidth=1.2))
+        ax.text(i + radius, j - radius, str(f["id"]), color="#ffcc00", fontsize=8)
+        ax.set_title(f"#{f['id']}  p={f['probability']:.2f}  {f['diameter_mm']:.1f} mm  (k={k})",
+                     fontsize=9)
+        ax.axis("off")
+    fig.suptitle(title or f"{len(findings)} finding(s)", fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def _study_files(study: Path) -> list[Path]:
+    if study.is_file():
+        return [study]
+    return sorted(p for p in study.rglob("*") if p.is_file())
+
+
+def _is_dicom_source(study: Path) -> bool:
+    return not study.name.lower().endswith((".nii", ".nii.gz", ".mhd", ".mha"))
+
+
+def _safe_name(text: str) -> str:
+    keep = "".join(c if c.isalnum() or c in "._-" else "_" for c in text)
+    return keep.strip("._") or "study"
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _one_study(detector: OnnxDetector, study: Path, out: Path, model: dict[str, Any],
+               threshold: float, max_findings: int, sr: bool, used: set[str]) -> dict[str, Any]:
+    volume, findings, facts = detect_study(detector, study, threshold=threshold,
+                                           max_findings=max_findings)
+    name = _safe_name(volume.series_uid or study.name)
+    while name in used:
+        name += "_1"
+    used.add(name)
+    t0 = time.perf_counter()
+    work = out / f"{name}.partial"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    try:
+        outputs = _write_outputs(work, study, volume, findings, facts, model, threshold, sr)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)  # no half-written study folder
+        raise
+    final = out / name
+    shutil.rmtree(final, ignore_errors=True)
+    work.rename(final)
+    facts["timings_s"]["write"] = time.perf_counter() - t0
+    return {"series_uid": volume.series_uid, "out": str(final), "outputs": outputs,
+            "n_findings": len(findings), "n_candidates": facts["n_candidates"],
+            "input_shape": facts["input_shape"],
+            "timings_s": {k: round(v, 4) for k, v in facts["timings_s"].items()}}
+
+
+def _write_outputs(work: Path, study: Path, volume: Volume, findings: list[dict[str, Any]],
+                   facts: dict[str, Any], model: dict[str, Any], threshold: float, sr: bool
+                   ) -> dict[str, str]:
+    record = {"format": FINDINGS_FORMAT, "study": str(study), "series_uid": volume.series_uid,
+              "modality": volume.modality, "shape": list(volume.shape),
+              "spacing_mm": [round(s, 4) for s in volume.spacing], "model": model,
+              "threshold": threshold, "n_candidates": facts["n_candidates"],
+              "findings": findings}
+    _write_json(work / "findings.json", record)
+    outputs = {"findings": "findings.json"}
+    if sr and _is_dicom_source(study):
+        from medfound.io.sr import read_source_headers, write_nodule_sr
+
+        headers = read_source_headers(_study_files(study), volume.series_uid)
+        write_nodule_sr(findings, headers, work / "findings_sr.dcm",
+                        algorithm_name=model["name"], algorithm_version=model["version"],
+                        model_sha256=model["sha256"])
+        outputs["sr"] = "findings_sr.dcm"
+    render_overview(volume, findings, work / "overview.png",
+                    title=f"{volume.series_uid[-24:]}: {len(findings)} finding(s) at p ≥ {threshold:g}")
+    outputs["overview"] = "overview.png"
+    return outputs
+
+
+def run_studies(model: str | Path, studies: Sequence[str | Path], out: str | Path, *,
+                providers: Sequence[str] | str | None = None, threads: int | None = None,
+                precision: str = "fp32", threshold: float = 0.5, max_findings: int = 20, sr: bool = True,
+                progress: bool = True) -> dict[str, Any]:
+    """Run the exported detector `model` on every study; write per-study outputs and
+    ``OUT/summary.json`` (rewritten after each study, so an interrupted run keeps what it did).
+
+    Returns the summary: ``studies`` (one record per study: ``status`` "ok" or "failed",
+    ``error`` for a failure, timings and outputs for a success), ``n_ok``, ``n_failed``.
+    """
+    from tqdm.auto import tqdm
+
+    if not studies:
+        raise MedfoundError("no studies given", hint="pass one or more DICOM folders or NIfTI/MHD files")
+    if not 0.0 <= threshold <= 1.0:
+        raise MedfoundError(f"threshold must be in [0, 1], got {threshold}", hint="e.g. --threshold 0.5")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    detector = OnnxDetector(model, providers=providers, threads=threads, precision=precision)
+    card = detector.card
+    model_info = {"name": f"medfound-{card.get('task') or 'detector'}",
+                  "version": str(card.get("versions", {}).get("medfound", "")),
+                  "sha256": detector.sha256, "precision": precision, "export": str(Path(model)),
+                  "providers": detector.providers}
+    summary: dict[str, Any] = {"model": model_info, "threshold": threshold, "studies": [],
+                               "n_ok": 0, "n_failed": 0}
+    used: set[str] = set()
+    bar = tqdm(studies, desc="infer", unit="study", disable=not progress)
+    for study in bar:
+        study = Path(study)
+        t0 = time.perf_counter()
+        try:
+            rec = {"study": str(study), "status": "ok",
+                   **_one_study(detector, study, out, model_info, threshold, max_findings, sr, used)}
+            summary["n_ok"] += 1
+        except MedfoundError as err:
+            rec = {"study": str(study), "status": "failed", "error": str(err)}
+            summary["n_failed"] += 1
+        except Exception as err:  # a reader or library failure on one study must not stop the rest
+            rec = {"study": str(study), "status": "failed",
+                   "error": f"{study}: {type(err).__name__}: {err}"}
+            summary["n_failed"] += 1
+        rec["seconds"] = round(time.perf_counter() - t0, 3)
+        summary["studies"].append(rec)
+        if rec["status"] == "failed":
+            bar.write(f"failed: {rec['error']}")
+        bar.set_postfix(ok=summary["n_ok"], failed=summary["n_failed"])
+        _write_json(out / SUMMARY, summary)
+    return summary
