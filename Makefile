@@ -13,7 +13,8 @@ STAMP       := $(VENV)/.medfound-installed
 
 help:
 	@echo "make demo   generate three phantom centers, print their data cards, train and"
-	@echo "            evaluate the smoke nodule detector"
+	@echo "            evaluate the smoke nodule detector, train it federated, export it to"
+	@echo "            ONNX and run it on a new site's DICOM study (findings + DICOM SR)"
 	@echo "make demo-deploy  a deployment-mode federation on 127.0.0.1: SuperLink + 3 SuperNodes, TLS"
 	@echo "make test   run the test suite (creates .venv)"
 	@echo "make lint   ruff"
@@ -29,8 +30,11 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 # The smoke detector checks the pipeline end to end; it is not a good model (CPM about 0).
+# Then the same three centers train together in Flower's simulation engine, and the federated
+# model is exported to ONNX (parity-checked) and run on a study from a site none of them saw.
 demo: $(STAMP)
-	rm -rf $(DEMO_OUT)/phantoms $(DEMO_OUT)/run $(DEMO_OUT)/eval
+	rm -rf $(DEMO_OUT)/phantoms $(DEMO_OUT)/run $(DEMO_OUT)/eval $(DEMO_OUT)/fed \
+	    $(DEMO_OUT)/exp $(DEMO_OUT)/new_site $(DEMO_OUT)/findings
 	$(BIN)/medfound phantoms --out $(DEMO_OUT)/phantoms --centers 3 --cases 4 --seed 0 --size small
 	for c in $(DEMO_OUT)/phantoms/center_*; do $(BIN)/medfound center card $$c --quiet; echo; done
 	$(BIN)/medfound run train_detector data.root=$(DEMO_OUT)/phantoms \
@@ -38,11 +42,21 @@ demo: $(STAMP)
 	    experiment=phantoms_smoke out_dir=$(DEMO_OUT)/run
 	$(BIN)/medfound run evaluate_detector model=$(DEMO_OUT)/run/model \
 	    data.root=$(DEMO_OUT)/phantoms 'data.centers=[center_2]' out_dir=$(DEMO_OUT)/eval
+	$(BIN)/medfound run federate fed.mode=simulation data.root=$(DEMO_OUT)/phantoms \
+	    'fed.centers=[center_0,center_1,center_2]' experiment=phantoms_smoke fed.rounds=2 \
+	    out_dir=$(DEMO_OUT)/fed
+	$(BIN)/medfound export $(DEMO_OUT)/fed/model --out $(DEMO_OUT)/exp --data $(DEMO_OUT)/phantoms
+	$(BIN)/medfound phantoms --out $(DEMO_OUT)/new_site --centers 1 --cases 1 --seed 42 --size small
+	$(BIN)/medfound infer --model $(DEMO_OUT)/exp $(DEMO_OUT)/new_site/center_0/case_000/ct \
+	    --out $(DEMO_OUT)/findings --threshold 0.05
 	@echo
 	@echo "model package    $(DEMO_OUT)/run/model/  (checkpoints in $(DEMO_OUT)/run/checkpoints/)"
 	@echo "predictions      $(DEMO_OUT)/eval/predictions.csv"
 	@echo "metrics          $(DEMO_OUT)/eval/metrics.json"
 	@echo "FROC curve       $(DEMO_OUT)/eval/froc.png"
+	@echo "federated model  $(DEMO_OUT)/fed/model/  (per-round metrics $(DEMO_OUT)/fed/metrics.json, audit logs $(DEMO_OUT)/fed/audit/)"
+	@echo "ONNX export      $(DEMO_OUT)/exp/  (model.onnx, MODEL_CARD.md, parity.json)"
+	@echo "findings         $(DEMO_OUT)/findings/  (per study: findings.json, findings_sr.dcm, overview.png; summary.json)"
 	@echo "MLflow (train)   $(BIN)/mlflow ui --backend-store-uri sqlite:///$(abspath $(DEMO_OUT))/run/mlruns/mlflow.db"
 	@echo "MLflow (eval)    $(BIN)/mlflow ui --backend-store-uri sqlite:///$(abspath $(DEMO_OUT))/eval/mlruns/mlflow.db"
 	@echo "The smoke model only checks the pipeline (CPM about 0); experiment=phantoms_small is the longer setting."

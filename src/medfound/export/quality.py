@@ -24,7 +24,9 @@ INT8_MAX_CPM_DROP = 0.01  # CPM(fp32) - CPM(int8) allowed
 
 
 def validation_items(meta: dict[str, Any], data_root: str | Path) -> list[dict[str, Any]]:
-    """The package's validation studies under `data_root` (centers and split from its provenance)."""
+    """The package's validation studies under `data_root` (centers and split from its
+    provenance). A center with no study in that split (a small center whose few cases all
+    train) is left out; none at all is an error."""
     from medfound.train.detection import evaluation_items
 
     prov = meta.get("provenance", {})
@@ -32,8 +34,18 @@ def validation_items(meta: dict[str, Any], data_root: str | Path) -> list[dict[s
     if not centers:
         raise MedfoundError("the model package records no validation centers", hint=
                             "CPM parity needs them: export a package written by train_detector or federate")
-    return evaluation_items(str(data_root), list(centers), list(prov.get("train_centers", [])),
-                            prov.get("val_split", "auto"))
+    items: list[dict[str, Any]] = []
+    for center in centers:
+        try:
+            items += evaluation_items(str(data_root), [center], list(prov.get("train_centers", [])),
+                                      prov.get("val_split", "auto"))
+        except MedfoundError as err:
+            if "no '" not in str(err):  # only "no <split> items" is skippable
+                raise
+    if not items:
+        raise MedfoundError(f"no validation studies of {', '.join(centers)}", path=data_root,
+                            hint="point --data at the folder the model was trained from")
+    return items
 
 
 def onnx_predictions(detector: Any, items: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
