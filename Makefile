@@ -82,6 +82,7 @@ format: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/read_series.py
 	$(BIN)/python benchmarks/train_throughput.py
+	$(BIN)/python benchmarks/inference.py
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache .ruff_cache

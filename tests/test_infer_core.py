@@ -155,3 +155,14 @@ def test_preprocess_windows_hu_and_resamples_to_spacing():
     np.testing.assert_allclose(new_affine[:3, 3], affine[:3, 3])
     # A linear ramp in mm is reproduced exactly by linear interpolation.
     np.testing.assert_allclose(out[:, 0, 0], np.arange(20) * 1.4, atol=1e-4)
+
+
+def test_io_binding_gives_the_same_outputs(model):
+    """The IOBinding path (used on CUDA/TensorRT) runs here on the CPU and must not change a number."""
+    _, exp = model
+    volume = np.random.default_rng(2).random((45, 40, 27), dtype=np.float32)
+    plain = OnnxDetector(exp, providers="cpu", io_binding=False)
+    bound = OnnxDetector(exp, providers="cpu", io_binding=True)
+    assert not plain.io_binding and bound.io_binding
+    for a, b in zip(plain.predict(volume), bound.predict(volume), strict=True):
+        np.testing.assert_array_equal(a, b)

@@ -153,6 +153,7 @@ def cmd_infer(args) -> int:
 
     summary = run_studies(args.model, args.studies, args.out, providers=args.provider,
                           threads=args.threads, precision="int8" if args.int8 else "fp32",
+                          trt_cache=args.trt_cache, fp16=args.fp16,
                           threshold=args.threshold,
                           max_findings=args.max_findings, sr=not args.no_sr,
                           progress=not args.quiet)
@@ -311,6 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="onnxruntime execution provider (tensorrt, cuda, cpu; repeat for a "
                         "fallback list); default: the best available")
     s.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: all cores)")
+    s.add_argument("--trt-cache", type=Path, metavar="DIR",
+                   help="TensorRT: keep built engines in DIR and reuse them (skips engine building)")
+    s.add_argument("--fp16", action="store_true", help="TensorRT: allow fp16 kernels")
     s.add_argument("--int8", action="store_true",
                    help="run model.int8.onnx (written by `medfound export --int8` when accepted)")
     s.add_argument("--no-sr", action="store_true", help="skip the DICOM SR")

@@ -215,7 +215,8 @@ def _write_outputs(work: Path, study: Path, volume: Volume, findings: list[dict[
 
 def run_studies(model: str | Path, studies: Sequence[str | Path], out: str | Path, *,
                 providers: Sequence[str] | str | None = None, threads: int | None = None,
-                precision: str = "fp32", threshold: float = 0.5, max_findings: int = 20, sr: bool = True,
+                precision: str = "fp32", trt_cache: str | Path | None = None, fp16: bool = False,
+                threshold: float = 0.5, max_findings: int = 20, sr: bool = True,
                 progress: bool = True) -> dict[str, Any]:
     """Run the exported detector `model` on every study; write per-study outputs and
     ``OUT/summary.json`` (rewritten after each study, so an interrupted run keeps what it did).
@@ -231,7 +232,8 @@ def run_studies(model: str | Path, studies: Sequence[str | Path], out: str | Pat
         raise MedfoundError(f"threshold must be in [0, 1], got {threshold}", hint="e.g. --threshold 0.5")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    detector = OnnxDetector(model, providers=providers, threads=threads, precision=precision)
+    detector = OnnxDetector(model, providers=providers, threads=threads, precision=precision,
+                            trt_cache=trt_cache, fp16=fp16)
     card = detector.card
     model_info = {"name": f"medfound-{card.get('task') or 'detector'}",
                   "version": str(card.get("versions", {}).get("medfound", "")),
