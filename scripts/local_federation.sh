@@ -1,18 +1,19 @@
 #!/usr/bin/env bash
 # A whole deployment-mode federation on this machine: one SuperLink and three SuperNodes as
-# separate processes on 127.0.0.1, talking TLS, training the smoke experiment.
+# separate processes on 127.0.0.1, talking TLS with node authentication (each center makes a
+# key pair, the SuperLink admits only the registered public keys), training the smoke experiment.
 #
 #   scripts/local_federation.sh DATA_DIR OUT_DIR [key=value ...]
 #
 # DATA_DIR holds center_0..center_2 (`medfound phantoms --out DATA_DIR`); the key=value
 # overrides go to `medfound run federate` (e.g. fed.rounds=3). OUT_DIR gets what simulation
-# mode leaves (model/, metrics.json, server/state.pt, MLflow) plus certs/, logs/ and each
+# mode leaves (model/, metrics.json, server/state.pt, MLflow) plus certs/, keys/, logs/ and each
 # center's work folder (centers/<center>/, with its audit log in audit/). Every process this
 # script starts is stopped when it ends, also on failure or Ctrl-C. PORT (default 9092) is
 # the SuperLink's port; the SuperNodes use PORT+2 and up for their local APIs.
 set -euo pipefail
 if [[ $# -lt 2 || "$1" == "-h" || "$1" == "--help" ]]; then
-    sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
 fi
 data=$(cd "$1" && pwd); out=$2; shift 2
@@ -35,18 +36,24 @@ cleanup() {
 trap cleanup EXIT INT TERM
 
 [[ -f "$out/certs/ca.crt" ]] || "$here/make_certs.sh" "$out/certs"
-setsid $medfound fed superlink --address "127.0.0.1:$port" --certs "$out/certs" >"$out/logs/superlink.log" 2>&1 &
+setsid $medfound fed superlink --address "127.0.0.1:$port" --certs "$out/certs" --auth >"$out/logs/superlink.log" 2>&1 &
 pids+=($!)
 for i in $(seq 100); do   # wait until the SuperLink listens
     grep -q "Uvicorn running" "$out/logs/superlink.log" 2>/dev/null && break
     kill -0 "${pids[0]}" 2>/dev/null || { cat "$out/logs/superlink.log" >&2; exit 1; }
     sleep 0.2
 done
+pubs=()
+for c in "${centers[@]}"; do   # each center's key pair; the coordinator registers the public keys
+    [[ -f "$out/keys/$c.key" ]] || $medfound center keys --out "$out/keys" --center "$c" >/dev/null
+    pubs+=("$out/keys/$c.pub")
+done
+$medfound fed register "${pubs[@]}" --superlink "127.0.0.1:$port" --root-certificates "$out/certs/ca.crt"
 for i in "${!centers[@]}"; do
     c=${centers[$i]}
     setsid $medfound center join --superlink "127.0.0.1:$port" --data "$data/$c" --center "$c" \
         --work "$out/centers/$c" --root-certificates "$out/certs/ca.crt" \
-        --port $((port + 2 + i)) >"$out/logs/$c.log" 2>&1 &
+        --auth-key "$out/keys/$c.key" --port $((port + 2 + i)) >"$out/logs/$c.log" 2>&1 &
     pids+=($!)
 done
 $medfound run federate fed.mode=deployment data.root="$data" \

@@ -3,12 +3,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psutil
@@ -65,6 +68,12 @@ def test_local_federation_over_tls_trains_two_rounds_and_stops_every_process(
     # TLS: the SuperLink served HTTPS, with the certificate the script made.
     assert "running on https://127.0.0.1" in (out / "logs" / "superlink.log").read_text()
     assert (out / "certs" / "ca.crt").is_file()
+    # Node authentication: the SuperLink admitted registered keys only, and every center used one.
+    assert "registered centers only" in (out / "logs" / "superlink.log").read_text()
+    assert res.stdout.count("as SuperNode") == len(CENTERS)
+    for center in CENTERS:
+        assert (out / "keys" / f"{center}.pub").read_text().startswith("ecdsa-sha2-nistp384 ")
+        assert (out / "keys" / f"{center}.key").stat().st_mode & 0o077 == 0
 
     # Same outputs as simulation mode: two rounds, all three centers in each, a model package.
     metrics = json.loads((out / "metrics.json").read_text())
@@ -89,6 +98,74 @@ def test_local_federation_over_tls_trains_two_rounds_and_stops_every_process(
     leftovers = [p.info for p in psutil.process_iter(["pid", "cmdline"])
                  if any(str(out) in part for part in (p.info["cmdline"] or []))]
     assert leftovers == []
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="scripts/make_certs.sh needs openssl")
+def test_superlink_with_auth_admits_registered_centers_only(phantoms: Path, tmp_path: Path) -> None:
+    """A registered center's SuperNode comes online; one with an unregistered key, and one
+    with no key, are refused and exit. Real SuperLink and SuperNodes over TLS on 127.0.0.1."""
+    env = medfound_env()
+    port = free_port_block()
+    subprocess.run([str(REPO / "scripts" / "make_certs.sh"), str(tmp_path / "certs")], check=True,
+                   capture_output=True, env=env)
+    ca = str(tmp_path / "certs" / "ca.crt")
+
+    def medfound(*args: str, **kw) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "medfound", *args], capture_output=True,
+                              text=True, env=env, timeout=120, **kw)
+
+    for center in ("center_0", "center_1"):
+        assert medfound("center", "keys", "--out", str(tmp_path / "keys"), "--center",
+                        center).returncode == 0
+    again = medfound("center", "keys", "--out", str(tmp_path / "keys"), "--center", "center_0")
+    assert again.returncode != 0 and "already exists" in again.stderr
+
+    procs = []
+
+    def start(*args: str, log: str) -> subprocess.Popen:
+        proc = subprocess.Popen([sys.executable, "-m", "medfound", *args], env=env,
+                                stdout=open(tmp_path / log, "w"), stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        procs.append(proc)
+        return proc
+
+    try:
+        start("fed", "superlink", "--address", f"127.0.0.1:{port}", "--certs",
+              str(tmp_path / "certs"), "--auth", log="superlink.log")
+        for _ in range(150):
+            if "Uvicorn running" in (tmp_path / "superlink.log").read_text():
+                break
+            time.sleep(0.2)
+        reg = medfound("fed", "register", str(tmp_path / "keys" / "center_0.pub"), "--superlink",
+                       f"127.0.0.1:{port}", "--root-certificates", ca)
+        assert reg.returncode == 0, reg.stdout + reg.stderr
+        assert "as SuperNode" in reg.stdout
+
+        def join(center: str, n: int, key: str | None) -> subprocess.Popen:
+            args = ["center", "join", "--superlink", f"127.0.0.1:{port}", "--data",
+                    str(phantoms / center), "--work", str(tmp_path / "work" / f"{center}{n}"),
+                    "--root-certificates", ca, "--port", str(port + 2 + n)]
+            return start(*args, *(["--auth-key", key] if key else []), log=f"join{n}.log")
+
+        admitted = join("center_0", 0, str(tmp_path / "keys" / "center_0.key"))
+        unregistered = join("center_1", 1, str(tmp_path / "keys" / "center_1.key"))
+        keyless = join("center_2", 2, None)
+        for proc in (unregistered, keyless):
+            assert proc.wait(timeout=120) != 0
+        logs = [(tmp_path / f"join{n}.log").read_text() for n in (1, 2)]
+        assert all("Exit Code: 305" in log for log in logs)  # could not connect to the SuperLink
+        assert "Failed to activate SuperNode" in logs[0]
+        assert "must be registered" in logs[1]
+        assert admitted.poll() is None  # still connected
+        log0 = (tmp_path / "join0.log").read_text()
+        assert "SuperNode ID" in log0 and "Failed to activate" not in log0
+    finally:
+        for proc in procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=20)
 
 
 def test_center_join_and_superlink_refuse_bad_arguments_with_one_line(tmp_path: Path) -> None:

@@ -185,3 +185,45 @@ def test_bad_config_ends_in_one_line(phantoms: Path, tmp_path: Path, override: s
     assert res.returncode == 2
     assert expected in res.stderr and "Traceback" not in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1, res.stderr
+
+
+
+@pytest.mark.parametrize(("where", "noise"), [("client", 0.0), ("server", 1.0)])
+def test_differential_privacy_clips_each_update_and_adds_the_reported_noise(
+        phantoms: Path, tmp_path: Path, where: str, noise: float) -> None:
+    """Client-side, noise 0: the aggregate of updates clipped to L2 norm c moves the model by
+    at most c. Server-side, noise 1: the model moves by the noise, std × sqrt(#weights)."""
+    from medfound.fed.params import shared_state
+    from medfound.models.detection import DetectorConfig, build_network
+    from medfound.train.package import read_model_json
+
+    clip = 1e-3
+    out = tmp_path / "FED"
+    res = federate(f"data.root={phantoms}", "fed.rounds=1", f"out_dir={out}",
+                   f"fed.privacy.dp={where}", f"fed.privacy.clipping_norm={clip}",
+                   f"fed.privacy.noise_multiplier={noise}")
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    assert f"differential privacy: {where}-side clipping" in res.stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    stdev = noise * clip / len(CENTERS)
+    assert metrics["privacy"] == {"dp": where, "clipping_norm": clip, "noise_multiplier": noise,
+                                  "noise_stdev": pytest.approx(stdev)}
+    record = metrics["rounds"][0]
+    assert record["aggregated"] and record["train"]["accepted"] == CENTERS
+    norms = record["train"]["update_norms"]
+    if where == "client":  # the coordinator measures what arrived: already clipped
+        assert max(norms.values()) <= clip * 1.01, norms
+    else:  # it measures before it clips: the centers' own updates are far larger
+        assert min(norms.values()) > 100 * clip, norms
+
+    meta = read_model_json(out / "model")
+    assert meta["provenance"]["privacy"]["dp"] == where
+    start = shared_state(build_network(DetectorConfig.from_dict(meta["model"]),
+                                       seed=0).state_dict())
+    final = torch.load(out / "server" / "state.pt", weights_only=True)["model"]
+    moved = float(torch.sqrt(sum(((final[k] - start[k]) ** 2).sum() for k in start)))
+    if noise == 0:
+        assert 0 < moved <= clip * 1.01
+    else:
+        n = sum(v.numel() for v in start.values())
+        assert moved == pytest.approx(stdev * n ** 0.5, rel=0.1)

@@ -107,10 +107,32 @@ def cmd_fed_superlink(args) -> int:
     from medfound.fed.deployment import run_process, superlink_command
 
     cmd = superlink_command(certs=args.certs, insecure=args.insecure, address=args.address,
-                            database=args.database)
-    print(f"SuperLink on {args.address} ({'insecure' if args.insecure else 'TLS'}); "
-          "Ctrl-C stops it", flush=True)
+                            database=args.database, auth=args.auth)
+    print(f"SuperLink on {args.address} ({'insecure' if args.insecure else 'TLS'}"
+          f"{', registered centers only' if args.auth else ''}); Ctrl-C stops it", flush=True)
     return run_process(cmd)
+
+
+def cmd_fed_register(args) -> int:
+    import tempfile
+
+    from medfound.fed.deployment import register_centers
+
+    with tempfile.TemporaryDirectory(prefix="medfound-flwr-") as home:
+        ids = register_centers(args.public_keys, superlink=args.superlink,
+                               root_certificates=args.root_certificates, flwr_home=home)
+    for key, node in zip(args.public_keys, ids, strict=True):
+        print(f"registered {key} as SuperNode {node}")
+    return 0
+
+
+def cmd_center_keys(args) -> int:
+    from medfound.fed.deployment import make_center_keys
+
+    private, public = make_center_keys(args.out, args.center, overwrite=args.overwrite)
+    print(f"private key (stays here; `medfound center join --auth-key {private}`): {private}\n"
+          f"public key (send to the coordinator for `medfound fed register`): {public}")
+    return 0
 
 
 def cmd_center_join(args) -> int:
@@ -121,7 +143,8 @@ def cmd_center_join(args) -> int:
     work = args.work or data.parent / f"{data.name}_work"
     cmd = join_command(superlink=args.superlink, center=center, data=str(data), work=str(work),
                        root_certificates=args.root_certificates, insecure=args.insecure,
-                       runtime_port=args.port, keep_payloads=args.keep_payloads)
+                       runtime_port=args.port, keep_payloads=args.keep_payloads,
+                       auth_key=args.auth_key)
     print(f"joining the federation at {args.superlink} as {center}; "
           f"audit log in {Path(work) / 'audit'}; Ctrl-C leaves", flush=True)
     return run_process(cmd)
@@ -361,7 +384,19 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default 9094; give each SuperNode on one machine its own)")
     s.add_argument("--keep-payloads", action="store_true",
                    help="also keep every outbound payload beside the audit log")
+    s.add_argument("--auth-key", metavar="CENTER.key",
+                   help="this center's private key (`medfound center keys`), for a SuperLink "
+                        "that admits registered centers only")
     s.set_defaults(func=cmd_center_join)
+    s = csub.add_parser(
+        "keys", help="make this center's node-authentication key pair",
+        description="Write OUT/CENTER.key (private, stays at the center; `medfound center join "
+        "--auth-key`) and OUT/CENTER.pub (public; the coordinator registers it with `medfound "
+        "fed register`, after which only this center can join as itself).")
+    s.add_argument("--out", required=True, type=Path, metavar="DIR", help="folder for the keys")
+    s.add_argument("--center", required=True, help="this center's name (names the files)")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing key pair")
+    s.set_defaults(func=cmd_center_keys)
 
     fsub = _command_group(sub, "fed", "the coordinator's side of a federation",
                           "Commands the coordinator (the federation's server) runs.")
@@ -378,7 +413,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--insecure", action="store_true", help="no TLS (a trial on one machine only)")
     s.add_argument("--database", metavar="PATH",
                    help="SuperLink state database (default: Flower's in-memory one)")
+    s.add_argument("--auth", action="store_true",
+                   help="node authentication: only centers whose public keys were registered "
+                        "(`medfound fed register`) may join; needs TLS")
     s.set_defaults(func=cmd_fed_superlink)
+    s = fsub.add_parser(
+        "register", help="admit centers to a SuperLink started with --auth",
+        description="Register center public keys (CENTER.pub from `medfound center keys`) with "
+        "the SuperLink, through Flower's `flwr supernode register`. A SuperNode whose key is "
+        "not registered is refused.")
+    s.add_argument("public_keys", nargs="+", metavar="CENTER.pub", help="public key file(s)")
+    s.add_argument("--superlink", default="127.0.0.1:9092", metavar="HOST:PORT",
+                   help="the SuperLink (default 127.0.0.1:9092)")
+    s.add_argument("--root-certificates", required=True, metavar="CA.crt",
+                   help="CA certificate the SuperLink's certificate is signed with")
+    s.set_defaults(func=cmd_fed_register)
     return p
 
 

@@ -95,7 +95,8 @@ def make_client_app(sites: Sequence[Site] | None = None) -> ClientApp:
             return Site.from_node_config(context.node_config)
         return sites[int(context.node_config["partition-id"])]
 
-    client = ClientApp(mods=[_audit_mod(site_of)])
+    # Mods wrap outside-in: the audit log sees the reply exactly as it leaves, after clipping.
+    client = ClientApp(mods=[_audit_mod(site_of), _dp_clipping_mod])
 
     @client.train()
     def train(msg: Message, context: Context) -> Message:
@@ -311,6 +312,18 @@ def _reply_privately(msg: Message, site: Site, job: Callable[[], Message]) -> Me
             reason = (f"{kind} failed at center {site.center}: {type(err).__name__} "
                       "(details stay in the center's log)")
         return Message(Error(code=_ERROR_CODE, reason=reason), reply_to=msg)
+
+
+def _dp_clipping_mod(msg: Message, context: Context, call_next: Callable) -> Message:
+    """Flower's `fixedclipping_mod` when the coordinator asks for client-side DP clipping
+    (its train config then carries the clipping norm); otherwise the reply passes unchanged."""
+    from flwr.clientapp.mod import fixedclipping_mod
+    from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
+
+    config = msg.content.config_records.get(CONFIG) if msg.has_content() else None
+    if msg.metadata.message_type == "train" and config is not None and KEY_CLIPPING_NORM in config:
+        return fixedclipping_mod(msg, context, call_next)
+    return call_next(msg, context)
 
 
 def _audit_mod(site_of: Callable[[Context], Site]) -> Callable:

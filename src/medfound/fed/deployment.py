@@ -14,8 +14,15 @@ Three roles, three commands, each a thin wrapper around Flower's own executables
 
 TLS is on unless `insecure` is asked for: the SuperLink serves with a certificate signed by a
 CA whose certificate every SuperNode and the researcher hold (scripts/make_certs.sh makes
-both for a local trial). Node authentication is not wired yet: in Flower 1.41 it needs the
-gRPC-rere Fleet transport and keys registered through `flwr supernode register`.
+both for a local trial).
+
+Node authentication (only registered centers may join), Flower's CLI-managed mode:
+1. each center makes a key pair (`medfound center keys`, ECDSA P-384 in OpenSSH format) and
+   gives the coordinator its public key — the private key never leaves the center;
+2. the coordinator runs the SuperLink with ``--auth`` (``--enable-supernode-auth``) and
+   registers each public key (`medfound fed register`, i.e. ``flwr supernode register``);
+3. the center joins with ``--auth-key`` (``--auth-supernode-private-key``). A SuperNode whose
+   key is not registered, or that has none, is refused and exits (Flower exit code 305).
 
 The ServerApp and ClientApp below are the same functions simulation mode runs; only where
 their settings come from differs (run config and node config instead of Python objects).
@@ -44,8 +51,8 @@ from medfound.fed.client_app import make_client_app
 from medfound.fed.server_app import run_coordinator
 from medfound.fed.settings import FedSettings, parse_host_port
 
-__all__ = ["client_app", "join_command", "run_deployment", "server_app", "superlink_command",
-           "write_app"]
+__all__ = ["client_app", "join_command", "make_center_keys", "register_centers", "run_deployment",
+           "server_app", "superlink_command", "write_app"]
 
 RUN_CONFIG_KEY = "medfound-config"  # the resolved recipe config, YAML text
 CONNECTION = "medfound"  # the SuperLink connection's name in FED/.flwr/config.toml
@@ -153,27 +160,90 @@ def run_deployment(cfg: Mapping[str, Any], config_yaml: str) -> None:
 
 
 def superlink_command(*, certs: str | None = None, insecure: bool = False,
-                      address: str = DEFAULT_SUPERLINK, database: str | None = None) -> list[str]:
+                      address: str = DEFAULT_SUPERLINK, database: str | None = None,
+                      auth: bool = False) -> list[str]:
     """The ``flower-superlink`` command line for `medfound fed superlink`.
 
     certs: a folder with ca.crt, server.pem and server.key (scripts/make_certs.sh's layout).
+    auth: only SuperNodes whose public keys were registered (`register_centers`) may join.
     """
     host, port = parse_host_port(address, "--address")
     cmd = [_executable("flower-superlink"), "--host", host, "--port", str(port)]
     if database:
         cmd += ["--database", str(database)]
     if insecure:
+        if auth:
+            raise MedfoundError("node authentication needs TLS: --auth cannot be used with --insecure",
+                                hint="drop --insecure and pass --certs DIR (scripts/make_certs.sh DIR)")
         cmd.append("--insecure")
     else:
         cmd += _tls_files(certs, ("ca.crt", "server.pem", "server.key"),
                           ("--ssl-ca-certfile", "--ssl-certfile", "--ssl-keyfile"))
+    if auth:
+        cmd.append("--enable-supernode-auth")
     return cmd
+
+
+def make_center_keys(out: str | Path, center: str, overwrite: bool = False) -> tuple[Path, Path]:
+    """A center's node-authentication key pair: OUT/CENTER.key (private, mode 600, stays at
+    the center) and OUT/CENTER.pub (OpenSSH public key, for the coordinator to register)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    folder = Path(out)
+    private, public = folder / f"{center}.key", folder / f"{center}.pub"
+    if private.exists() and not overwrite:
+        raise MedfoundError("a key for this center already exists", path=private,
+                            hint="keep it (its public key may be registered), or pass --overwrite")
+    folder.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP384R1())
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                            serialization.NoEncryption())
+    fd = os.open(private, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(pem)
+    pub = key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                        serialization.PublicFormat.OpenSSH)
+    public.write_bytes(pub + f" {center}\n".encode())
+    return private, public
+
+
+def register_centers(public_keys: Sequence[str | Path], *, superlink: str,
+                     root_certificates: str | None, flwr_home: str | Path) -> list[str]:
+    """Register center public keys with a SuperLink started with ``--auth``
+    (``flwr supernode register``); returns the node ids Flower assigned, in order."""
+    parse_host_port(superlink, "--superlink")
+    if not root_certificates or not Path(root_certificates).is_file():
+        raise MedfoundError("registering keys needs TLS: --root-certificates "
+                            f"{root_certificates or '(missing)'} is not a file",
+                            hint="the CA certificate the SuperLink's certificate is signed with")
+    home = Path(flwr_home)
+    write_connection(home, superlink, root_certificates, insecure=False)
+    env = {**os.environ, "FLWR_HOME": str(home)}
+    ids = []
+    for key in public_keys:
+        if not Path(key).is_file():
+            raise MedfoundError("no such public key file", path=key,
+                                hint="the CENTER.pub that `medfound center keys` wrote")
+        res = subprocess.run([_executable("flwr"), "supernode", "register", str(Path(key).resolve()),
+                              CONNECTION, "--format", "json"], env=env, capture_output=True,
+                             text=True, check=False)
+        try:
+            reply = json.loads(res.stdout[res.stdout.index("{"):])
+        except ValueError:
+            reply = {}
+        if res.returncode != 0 or not reply.get("success", False):
+            why = reply.get("error-message") or (res.stdout + res.stderr).strip()[-300:]
+            raise MedfoundError(f"the SuperLink at {superlink} did not register {key}: {why}",
+                                hint="is it running with --auth? Was this key registered before?")
+        ids.append(str(reply.get("node-id", "?")))
+    return ids
 
 
 def join_command(*, superlink: str, center: str, data: str, work: str,
                  root_certificates: str | None = None, insecure: bool = False,
                  runtime_port: int | None = None,
-                 keep_payloads: bool = False) -> list[str]:
+                 keep_payloads: bool = False, auth_key: str | None = None) -> list[str]:
     """The ``flower-supernode`` command line for `medfound center join`.
 
     The node config tells medfound's ClientApp which center this is and where its data and
@@ -198,6 +268,14 @@ def join_command(*, superlink: str, center: str, data: str, work: str,
                                 f"with: --root-certificates {root_certificates or '(missing)'}",
                                 hint="copy ca.crt from the coordinator, or use --insecure for a trial")
         cmd += ["--root-certificates", str(Path(root_certificates).resolve())]
+    if auth_key:
+        if insecure:
+            raise MedfoundError("node authentication needs TLS: --auth-key cannot be used with "
+                                "--insecure", hint="drop --insecure and pass --root-certificates")
+        if not Path(auth_key).is_file():
+            raise MedfoundError("no such private key file", path=auth_key,
+                                hint="make one with `medfound center keys --out DIR`")
+        cmd += ["--auth-supernode-private-key", str(Path(auth_key).resolve())]
     return cmd
 
 

@@ -50,7 +50,13 @@ from medfound.fed.protocol import (
 )
 from medfound.fed.screening import screen_updates
 from medfound.fed.settings import FedSettings
-from medfound.fed.strategies import build_strategy, restore_strategy_state, strategy_state
+from medfound.fed.strategies import (
+    build_strategy,
+    dp_noise_stdev,
+    restore_strategy_state,
+    strategy_state,
+    with_privacy,
+)
 
 __all__ = ["STATE_FILE", "make_server_app", "run_coordinator"]
 
@@ -78,7 +84,13 @@ def run_coordinator(grid: Grid, cfg: Mapping[str, Any], config_yaml: str = "") -
 
     settings = FedSettings.from_config(cfg)
     out = Path(cfg["out_dir"])
-    strategy = build_strategy(settings.strategy, settings.min_centers)
+    strategy = with_privacy(build_strategy(settings.strategy, settings.min_centers),
+                            settings.privacy, len(settings.centers))
+    if settings.privacy["dp"] is not None:
+        p = settings.privacy
+        print(f"differential privacy: {p['dp']}-side clipping of each update to L2 norm "
+              f"{p['clipping_norm']:g}, Gaussian noise of std "
+              f"{dp_noise_stdev(p, len(settings.centers)):.4g} on each aggregate", flush=True)
     network, _ = task.build(cfg["network"], seed=cfg["seed"])
     global_arrays = {k: v.numpy().astype(np.float32)
                      for k, v in shared_state(network.state_dict()).items()}
@@ -111,7 +123,7 @@ def run_coordinator(grid: Grid, cfg: Mapping[str, Any], config_yaml: str = "") -
             started = time.time()
             traffic = _Traffic()
             train, global_arrays = _train_round(grid, strategy, rnd, global_arrays, instruction,
-                                                settings, known, traffic)
+                                                settings, known, traffic, seed=int(cfg["seed"]))
             evaluate = _evaluate_round(grid, strategy, rnd, global_arrays, instruction, settings,
                                        known, traffic)
             record = {"round": rnd, "duration_s": round(time.time() - started, 3),
@@ -164,7 +176,7 @@ def _check_resumable(state: Mapping[str, Any], settings: FedSettings, path: Path
 
 def _train_round(grid: Grid, strategy: Any, rnd: int, global_arrays: dict[str, np.ndarray],
                  instruction: Any, settings: FedSettings, known: dict[int, str],
-                 traffic: _Traffic) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+                 traffic: _Traffic, seed: int = 0) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Send the global weights for training, screen the updates, aggregate the accepted ones.
 
     Returns the round's train record and the new global weights (the old ones when fewer
@@ -190,12 +202,24 @@ def _train_round(grid: Grid, strategy: Any, rnd: int, global_arrays: dict[str, n
               "rejected": screening.rejected, "failed": screening.failed,
               "update_norms": dict(sorted(screening.update_norms.items())), "aggregate": {}}
     if len(screening.accepted) >= settings.min_centers:
+        # Flower's DP noise draws from numpy's global RNG: seed it from (seed, round) so a
+        # resumed run adds the noise an uninterrupted one would have.
+        np.random.seed(np.random.SeedSequence([seed, rnd]).generate_state(1)[0])  # noqa: NPY002
         # Flower's robust strategies consume the replies' arrays: nothing reads them after this.
         new_arrays, metrics = strategy.aggregate_train(rnd, screening.accepted)
         if new_arrays is not None:
             global_arrays = {k: v.astype(np.float32) for k, v in decode_arrays(new_arrays).items()}
+            if settings.privacy["dp"] is not None:
+                _keep_variances_positive(global_arrays)
             record.update(aggregated=True, aggregate=dict(metrics or {}))
     return record, global_arrays
+
+
+def _keep_variances_positive(arrays: dict[str, np.ndarray], floor: float = 1e-5) -> None:
+    """BatchNorm running variances travel with the weights; DP noise can push one below 0."""
+    for name, value in arrays.items():
+        if name.endswith("running_var"):
+            np.maximum(value, floor, out=value)
 
 
 def _evaluate_round(grid: Grid, strategy: Any, rnd: int, global_arrays: dict[str, np.ndarray],
@@ -295,6 +319,8 @@ def write_metrics(path: Path, history: list[dict[str, Any]], settings: FedSettin
         "centers": list(settings.centers), "rounds_planned": settings.rounds,
         "rounds_completed": len(history), "transfer_dtype": settings.transfer_dtype,
         "model_bytes_fp32": model_bytes,
+        "privacy": {**settings.privacy,
+                    "noise_stdev": dp_noise_stdev(settings.privacy, len(settings.centers))},
         "global": [{"round": r["round"], **r["evaluate"]["global"]} for r in history],
         "bytes_per_center": totals,
         "round_durations_s": [r["duration_s"] for r in history],
@@ -363,4 +389,5 @@ def _package(out: Path, network: torch.nn.Module, cfg: Mapping[str, Any], config
                     "rounds": last["round"], "train_centers": list(settings.centers),
                     "val_centers": list(settings.centers), "val_split": "validation",
                     "train_cases": train_cases, "seed": cfg["seed"],
-                    "transfer_dtype": settings.transfer_dtype, "mlflow_run_id": run_id})
+                    "transfer_dtype": settings.transfer_dtype, "privacy": settings.privacy,
+                    "mlflow_run_id": run_id})

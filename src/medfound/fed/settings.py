@@ -18,6 +18,8 @@ MODES = ("simulation", "deployment")
 TRANSFER_DTYPES = ("float32", "float16")
 # fed/<name>.yaml → the Flower Message-API strategy behind it (see medfound.fed.strategies).
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "trimmed_mean", "krum")
+# fed.privacy.dp: where updates are clipped before the coordinator adds Gaussian noise.
+DP_MODES = ("client", "server")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +39,7 @@ class FedSettings:
     strategy: dict[str, Any]
     simulation: dict[str, Any]
     deployment: dict[str, Any] = dataclasses.field(default_factory=dict)
+    privacy: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def strategy_name(self) -> str:
@@ -103,6 +106,8 @@ class FedSettings:
                 raise MedfoundError(f"config key 'fed.deployment.insecure' = {insecure!r}: must "
                                     "be true or false")
 
+        privacy = _privacy(fed.get("privacy"))
+
         schedule = (cfg.get("trainer") or {}).get("schedule")
         if schedule == "cosine":
             raise MedfoundError(
@@ -116,7 +121,27 @@ class FedSettings:
                    reject_norm_factor=None if factor is None else float(factor),
                    eval_bootstraps=int(fed["eval_bootstraps"]),
                    audit_payloads=fed["audit_payloads"], strategy=strategy,
-                   simulation=simulation, deployment=deployment)
+                   simulation=simulation, deployment=deployment, privacy=privacy)
+
+
+def _privacy(value: Any) -> dict[str, Any]:
+    """`fed.privacy`: dp (null | client | server), clipping_norm, noise_multiplier."""
+    privacy = {"dp": None, "clipping_norm": 1.0, "noise_multiplier": 1.0, **dict(value or {})}
+    unknown = sorted(set(privacy) - {"dp", "clipping_norm", "noise_multiplier"})
+    if unknown:
+        raise MedfoundError(f"fed config: unknown key(s) fed.privacy.{unknown}",
+                            hint="valid keys are dp, clipping_norm, noise_multiplier")
+    if privacy["dp"] is not None and privacy["dp"] not in DP_MODES:
+        raise MedfoundError(f"config key 'fed.privacy.dp' = {privacy['dp']!r}: must be null "
+                            f"(no differential privacy) or one of {', '.join(DP_MODES)}")
+    clip, noise = privacy["clipping_norm"], privacy["noise_multiplier"]
+    if not (_num(clip) and clip > 0):
+        raise MedfoundError(f"config key 'fed.privacy.clipping_norm' = {clip!r}: must be a "
+                            "number > 0 (the L2 bound on each center's update)")
+    if not (_num(noise) and noise >= 0):
+        raise MedfoundError(f"config key 'fed.privacy.noise_multiplier' = {noise!r}: must be a "
+                            "number >= 0 (noise std = multiplier × clipping_norm / centers)")
+    return {"dp": privacy["dp"], "clipping_norm": float(clip), "noise_multiplier": float(noise)}
 
 
 def parse_host_port(address: Any, what: str = "address") -> tuple[str, int]:

@@ -9,6 +9,12 @@
     trimmed_mean  FedTrimmedAvg  coordinate-wise mean without the `beta` share at each tail
     krum          Krum           the one update closest to the others (`num_malicious_nodes`)
 
+Differential privacy (``fed.privacy.dp``) wraps any of them in Flower's fixed-clipping
+wrapper: ``client`` — each center clips its update (w_center − w_global) to L2 norm
+``clipping_norm`` before it leaves (`flwr.clientapp.mod.fixedclipping_mod`, see
+medfound.fed.client_app); ``server`` — the coordinator clips each update it receives. Both add
+Gaussian noise of std ``noise_multiplier × clipping_norm / centers`` to the aggregate.
+
 Every strategy samples all connected centers and needs at least ``fed.min_centers``. The
 server optimizers' moments are the strategy's state: `strategy_state` / `restore_strategy_state`
 put them in (and take them from) the coordinator's per-round checkpoint, so a resumed run
@@ -27,7 +33,8 @@ from flwr.serverapp import strategy as flwr_strategy
 from medfound.errors import MedfoundError
 from medfound.fed.protocol import NUM_EXAMPLES
 
-__all__ = ["build_strategy", "restore_strategy_state", "strategy_state"]
+__all__ = ["build_strategy", "dp_noise_stdev", "restore_strategy_state", "strategy_state",
+           "with_privacy"]
 
 # name → (Flower class, {config key: default}) — the keys a configs/fed/<name>.yaml may set.
 _STRATEGIES: dict[str, tuple[type, dict[str, Any]]] = {
@@ -68,8 +75,37 @@ def build_strategy(spec: Mapping[str, Any], min_centers: int) -> flwr_strategy.S
                weighted_by_key=NUM_EXAMPLES, **params)
 
 
+def with_privacy(strategy: flwr_strategy.Strategy, privacy: Mapping[str, Any],
+                 num_centers: int) -> flwr_strategy.Strategy:
+    """`strategy` wrapped in Flower's client- or server-side fixed-clipping DP (or as it is)."""
+    wrappers = {"client": flwr_strategy.DifferentialPrivacyClientSideFixedClipping,
+                "server": flwr_strategy.DifferentialPrivacyServerSideFixedClipping}
+    mode = privacy.get("dp")
+    if mode is None:
+        return strategy
+    return wrappers[mode](strategy, noise_multiplier=float(privacy["noise_multiplier"]),
+                          clipping_norm=float(privacy["clipping_norm"]),
+                          num_sampled_clients=num_centers)
+
+
+def dp_noise_stdev(privacy: Mapping[str, Any], num_centers: int) -> float | None:
+    """Std of the Gaussian noise added to each aggregate (None without DP)."""
+    if privacy.get("dp") is None:
+        return None
+    from flwr.supercore.differential_privacy import compute_stdv
+
+    return float(compute_stdv(float(privacy["noise_multiplier"]), float(privacy["clipping_norm"]),
+                              num_centers))
+
+
+def _inner(strategy: flwr_strategy.Strategy) -> flwr_strategy.Strategy:
+    """The aggregation strategy inside a DP wrapper (which holds no state of its own)."""
+    return getattr(strategy, "strategy", strategy)
+
+
 def strategy_state(strategy: flwr_strategy.Strategy) -> dict[str, dict[str, torch.Tensor]]:
     """The strategy's between-round state as tensors (empty for stateless strategies)."""
+    strategy = _inner(strategy)
     state = {}
     for attr in _STATE_ATTRS:
         value = getattr(strategy, attr, None)
@@ -81,6 +117,7 @@ def strategy_state(strategy: flwr_strategy.Strategy) -> dict[str, dict[str, torc
 def restore_strategy_state(strategy: flwr_strategy.Strategy,
                            state: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
     """Inverse of `strategy_state`."""
+    strategy = _inner(strategy)
     for attr, arrays in state.items():
         if attr not in _STATE_ATTRS or not hasattr(strategy, attr):
             raise MedfoundError(f"the coordinator checkpoint holds '{attr}' state, which the "
