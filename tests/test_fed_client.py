@@ -92,7 +92,8 @@ def test_a_center_trains_on_its_data_and_sends_only_weights_and_loss_numbers(
     datalist = json.loads((phantoms / "center_2" / "datalist.json").read_text())
     assert metrics["num-examples"] == len(datalist["training"])  # the weight FedAvg uses
     assert set(metrics) == {"num-examples", "train/loss", "train/classification",
-                            "train/box_regression"}
+                            "train/box_regression", "train/seconds"}
+    assert metrics["train/seconds"] > 0
 
     # The audit log holds exactly what left: size and hash of this payload.
     (entry,) = read_audit(site.audit_file)

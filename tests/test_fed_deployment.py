@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,43 +16,15 @@ from pathlib import Path
 import psutil
 import pytest
 
-from medfound.data.phantoms import make_phantoms
+from processes import free_port_block, medfound_env, three_centers
 
 REPO = Path(__file__).resolve().parents[1]
 CENTERS = ("center_0", "center_1", "center_2")
 
 
-def free_port_block(n: int = 5) -> int:
-    """A port p with p..p+n-1 free on 127.0.0.1 (the SuperLink and each SuperNode's API)."""
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        if base + n < 65535 and all(_free(base + i) for i in range(n)):
-            return base
-    raise RuntimeError("no block of free ports")
-
-
-def _free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
-
-
-def medfound_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
-    return env
-
-
 @pytest.fixture(scope="module")
 def phantoms(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("deploy") / "phantoms"
-    make_phantoms(root, centers=3, cases=3, seed=5, size="small", progress=False)
-    return root
+    return three_centers(tmp_path_factory.mktemp("deploy"))
 
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="scripts/make_certs.sh needs openssl")
@@ -90,9 +61,14 @@ def test_local_federation_over_tls_trains_two_rounds_and_stops_every_process(
     for center in CENTERS:
         lines = (out / "centers" / center / "audit" / f"{center}.jsonl").read_text().splitlines()
         records = [json.loads(line) for line in lines]
-        assert sorted(r["kind"] for r in records) == ["evaluate", "evaluate", "train", "train"]
+        assert sorted(r["kind"] for r in records) == ["cross-site", "evaluate", "evaluate",
+                                                      "train", "train"]
         sent = sum(r["bytes"] for r in records)
-        assert sent == sum(r["bytes"][center]["sent"] for r in metrics["rounds"])
+        assert sent == (sum(r["bytes"][center]["sent"] for r in metrics["rounds"])
+                        + metrics["cross_site"]["bytes"][center]["sent"])
+    # Cross-site validation ran over the real processes too: four models, three centers.
+    assert (out / "cross_site.csv").read_text().splitlines()[0] == "model," + ",".join(CENTERS)
+    assert sorted(metrics["cross_site"]["models"]) == ["global", *(f"local:{c}" for c in CENTERS)]
 
     # Nothing the script started is left running.
     leftovers = [p.info for p in psutil.process_iter(["pid", "cmdline"])
@@ -192,3 +168,4 @@ def test_deployment_run_needs_a_ca_or_insecure(phantoms: Path, tmp_path: Path) -
                          capture_output=True, text=True, env=medfound_env(), timeout=300)
     assert res.returncode != 0
     assert "root_certificates" in res.stderr and "Traceback" not in res.stderr
+

@@ -70,7 +70,8 @@ def test_simulation_leaves_a_model_package_metrics_audit_logs_and_an_mlflow_run(
     for center in CENTERS:
         audit = read_audit(federated / "audit" / f"{center}.jsonl")
         assert [(a["round"], a["kind"]) for a in audit] == [(1, "train"), (1, "evaluate"),
-                                                            (2, "train"), (2, "evaluate")]
+                                                            (2, "train"), (2, "evaluate"),
+                                                            (2, "cross-site")]
         assert metrics["bytes_per_center"][center]["sent"] == sum(a["bytes"] for a in audit)
         for a in audit:
             if a["kind"] == "train":
@@ -96,7 +97,52 @@ def test_simulation_leaves_a_model_package_metrics_audit_logs_and_an_mlflow_run(
     assert [m.step for m in client.get_metric_history(run_id, "round_duration_s")] == [1, 2]
     assert [m.step for m in client.get_metric_history(run_id, "center_0/train/loss")] == [1, 2]
     assert [m.step for m in client.get_metric_history(run_id, "center_2/bytes_sent")] == [1, 2]
-    assert {a.path for a in client.list_artifacts(run_id)} >= {"metrics.json", "model"}
+    assert {a.path for a in client.list_artifacts(run_id)} >= {"metrics.json", "model",
+                                                               "cross_site.csv", "cross_site.png"}
+
+    # Each center keeps its own MLflow run (in its work folder), reopened every round.
+    with_validation = 0
+    for center in CENTERS:
+        local = MlflowClient(tracking_uri=f"sqlite:///{federated / 'centers' / center / 'mlruns' / 'mlflow.db'}")
+        runs = local.search_runs([local.get_experiment_by_name("medfound-center").experiment_id])
+        assert len(runs) == 1 and runs[0].info.run_name.startswith(center)
+        assert runs[0].info.status == "FINISHED" and runs[0].data.params["center"] == center
+        local_id = runs[0].info.run_id
+        assert [m.step for m in local.get_metric_history(local_id, "train/loss")] == [1, 2]
+        assert [m.value for m in local.get_metric_history(local_id, "round")] == [1, 2]
+        cpm = local.get_metric_history(local_id, "val/cpm")
+        if cpm:
+            with_validation += 1
+            assert [m.step for m in cpm] == [1, 2]
+            assert [m.value for m in cpm] == [metrics["rounds"][r]["evaluate"]["centers"][center]["cpm"]
+                                              for r in (0, 1)]
+    assert with_validation >= 1
+
+
+def test_cross_site_matrix_scores_the_global_and_each_local_model_at_every_center(
+        federated: Path) -> None:
+    from medfound.fed.cross_site import read_cross_site
+
+    metrics = json.loads((federated / "metrics.json").read_text())
+    models, centers, matrix = read_cross_site(federated / "cross_site.csv")
+    assert models == ["global", *(f"local:{c}" for c in CENTERS)] and centers == CENTERS
+    last = metrics["rounds"][-1]["evaluate"]["centers"]
+    detail = metrics["cross_site"]["models"]
+    assert metrics["cross_site"]["failed"] == [] and metrics["cross_site"]["round"] == 2
+    for j, center in enumerate(CENTERS):
+        if "cpm" not in last[center]:  # no validation nodules there: no CPM for any model
+            assert np.isnan(matrix[:, j]).all()
+            continue
+        # The global row is evaluated again: it must repeat the last round's evaluation.
+        assert matrix[0, j] == pytest.approx(last[center]["cpm"], abs=1e-4)
+        assert detail["global"][center] == last[center]
+        for i, model in enumerate(models):
+            assert 0.0 <= matrix[i, j] <= 1.0
+            assert detail[model][center]["num-examples"] == last[center]["num-examples"]
+    assert not np.isnan(matrix).all()
+    assert (federated / "cross_site.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The local models are the centers' own round-2 updates, not the global model again.
+    assert metrics["rounds"][-1]["train"]["update_norms"]["center_0"] > 0
 
 
 def test_no_phi_and_no_image_data_in_any_outbound_payload(federated: Path,
@@ -112,7 +158,7 @@ def test_no_phi_and_no_image_data_in_any_outbound_payload(federated: Path,
             assert hashlib.sha256(data).hexdigest() == entry["sha256"]
             assert len(data) == entry["bytes"]
             payloads.append(data)
-    assert len(payloads) == 12
+    assert len(payloads) == 3 * (4 + 1)  # per center: 2 rounds × 2, 1 cross-site evaluation
 
     def leaked(needle: bytes) -> bool:
         return any(needle in p for p in payloads)
@@ -157,10 +203,12 @@ def test_no_phi_and_no_image_data_in_any_outbound_payload(federated: Path,
 def test_resume_after_a_completed_round_gives_the_uninterrupted_result(
         federated: Path, phantoms: Path, tmp_path: Path) -> None:
     out = tmp_path / "FED"
-    first = federate(f"data.root={phantoms}", "fed.rounds=1", f"out_dir={out}")
+    first = federate(f"data.root={phantoms}", "fed.rounds=1", f"out_dir={out}",
+                     "fed.cross_site=false")
     assert first.returncode == 0, first.stderr[-3000:]
     run_id = json.loads((out / "mlflow_run.json").read_text())["run_id"]
-    resumed = federate(f"data.root={phantoms}", "fed.rounds=2", "resume=true", f"out_dir={out}")
+    resumed = federate(f"data.root={phantoms}", "fed.rounds=2", "resume=true", f"out_dir={out}",
+                       "fed.cross_site=false")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming after round 1" in resumed.stdout
 
@@ -199,7 +247,7 @@ def test_differential_privacy_clips_each_update_and_adds_the_reported_noise(
 
     clip = 1e-3
     out = tmp_path / "FED"
-    res = federate(f"data.root={phantoms}", "fed.rounds=1", f"out_dir={out}",
+    res = federate(f"data.root={phantoms}", "fed.rounds=1", f"out_dir={out}", "fed.cross_site=false",
                    f"fed.privacy.dp={where}", f"fed.privacy.clipping_norm={clip}",
                    f"fed.privacy.noise_multiplier={noise}")
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]

@@ -3,7 +3,8 @@
     {"time": "2025-01-31T12:00:00.123456+00:00", "center": "center_0", "round": 3,
      "kind": "train", "bytes": 391204, "sha256": "9f2c…", "metrics": ["num-examples", ...]}
 
-``kind`` is the message type the center answered ("train", "evaluate"), or "error" when it
+``kind`` is the message type the center answered ("train", "evaluate"; "cross-site" for the
+evaluations of other centers' models after the last round), or "error" when it
 answered with an error (the reason it sent is what was hashed and counted). ``bytes`` and
 ``sha256`` are over the exact payload (`medfound.fed.params.payload_bytes`); with
 ``keep_payloads`` the payload itself is also kept as ``<log stem>/<sha256>.bin`` beside the
@@ -96,12 +97,12 @@ def audit_totals(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 def format_audit(records: Sequence[dict[str, Any]]) -> str:
     """A table of the records (one row per message) followed by the totals."""
-    header = f"{'time (UTC)':<19}  {'center':<12} {'round':>5}  {'kind':<8} {'bytes':>12}  " \
+    header = f"{'time (UTC)':<19}  {'center':<12} {'round':>5}  {'kind':<10} {'bytes':>12}  " \
              f"{'sha256':<12}  metrics"
     rows = [header, "-" * len(header)]
     for r in records:
         rows.append(f"{str(r['time'])[:19]:<19}  {str(r['center'])[:12]:<12} {r['round']:>5}  "
-                    f"{r['kind']:<8} {int(r['bytes']):>12,}  {r['sha256'][:12]:<12}  "
+                    f"{r['kind']:<10} {int(r['bytes']):>12,}  {r['sha256'][:12]:<12}  "
                     f"{', '.join(r['metrics'])}")
     t = audit_totals(records)
     kinds = "; ".join(f"{k} {v['messages']} ({v['bytes']:,} bytes)"

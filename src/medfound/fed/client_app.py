@@ -3,13 +3,19 @@
 For a "train" message a center loads the global weights into the detector and trains
 ``local_epochs`` epochs with the one training loop (`medfound.train.fit`) on its own training
 split, then replies with its weights and a few loss numbers (medfound.fed.protocol). For an
-"evaluate" message it scores the global weights on its own validation split (LUNA16 CPM).
+"evaluate" message it scores the global weights on its own validation split (LUNA16 CPM); after
+the last round it scores the other centers' models the same way (medfound.fed.cross_site).
 
 Between rounds a center keeps its local training state — optimizer moments, step counter,
 every RNG stream — in ``work_dir/rounds/<run_tag>/<round>/checkpoints/last.pt`` and hands it to
 `fit` as ``start_state`` with the new global weights swapped in. Round r starts from the state
 of the latest round before r, so a coordinator that resumes and re-sends a round gets the very
 same update back (CPU, same seed). Augmentation draws are seeded from (seed, center, round).
+
+Each center keeps its own MLflow run per federation (``work_dir/mlruns``, experiment
+"medfound-center", run name "<center> <run_tag>"): every local epoch's losses (step = the
+center's epoch count) and every round's validation metrics (step = round), reopened each
+round. It stays at the center; the coordinator's run gets only what the replies carry.
 
 Privacy at the boundary:
 - every outbound reply passes the audit mod, which appends a line to the center's audit log
@@ -30,6 +36,7 @@ import dataclasses
 import json
 import shutil
 import sys
+import time
 import traceback
 import zlib
 from collections.abc import Callable, Mapping, Sequence
@@ -48,6 +55,7 @@ from medfound.fed.protocol import (
     ARRAYS,
     CENTER,
     CONFIG,
+    CROSS_SITE,
     METRICS,
     NUM_EXAMPLES,
     ROUND,
@@ -150,26 +158,48 @@ def train_center(site: Site, msg: Message) -> Message:
     step = task_lib.train_step
     if task["proximal_mu"] > 0:
         step = _proximal(step, network, global_state, task["proximal_mu"])
-    result = fit(detector, loader, step, trainer, rounds_dir / f"{round_:04d}",
-                 start_state=start_state)
+    started = time.perf_counter()
+    with _center_run(site, task) as tracker:
+        result = fit(detector, loader, step, trainer, rounds_dir / f"{round_:04d}",
+                     start_state=start_state, tracker=tracker)
+        tracker.log_metrics({"round": float(round_), "train/cases": float(len(items))},
+                            step=epochs_done + int(task["local_epochs"]))
     _prune_rounds(site.work_dir / "rounds", run_tag, keep_from=round_ - 1)
 
     last = result.history[-1]
     metrics = MetricRecord({NUM_EXAMPLES: len(items),
-                            **{k: float(v) for k, v in last.items() if k.startswith("train/")}})
+                            **{k: float(v) for k, v in last.items() if k.startswith("train/")},
+                            "train/seconds": time.perf_counter() - started})
     return Message(RecordDict({ARRAYS: to_arrays(network.state_dict(), task["transfer_dtype"]),
                                METRICS: metrics, CENTER: ConfigRecord({"name": site.center})}),
                    reply_to=msg)
 
 
 def evaluate_center(site: Site, msg: Message) -> Message:
-    """LUNA16 metrics of the global weights in `msg` on the site's validation split."""
+    """LUNA16 metrics of the global weights in `msg` on the site's validation split; for a
+    cross-site evaluation, of each model the message carries."""
+    task = _received_task(msg)
+    models = msg.content[CONFIG].get(CROSS_SITE)
+    if models is None:
+        metrics = _evaluate_weights(site, task, msg.content[ARRAYS], "val")
+        content = {METRICS: MetricRecord(metrics)}
+    else:
+        content = {f"{METRICS}:{name}": MetricRecord(_evaluate_weights(
+            site, task, msg.content[f"{ARRAYS}:{name}"], f"cross_site/{name}"))
+            for name in json.loads(str(models))}
+    return Message(RecordDict({**content, CENTER: ConfigRecord({"name": site.center})}),
+                   reply_to=msg)
+
+
+def _evaluate_weights(site: Site, task: Mapping[str, Any], arrays: Any,
+                      prefix: str) -> dict[str, float]:
+    """The metrics of one set of weights on the site's validation split, also logged to the
+    center's own MLflow run under `prefix`/ at step = round."""
     from medfound.data.detection import eval_transforms
     from medfound.train import detection as task_lib
 
-    task = _received_task(msg)
     network, detector = task_lib.build(task["network"], seed=task["seed"])
-    _load_global(network, from_arrays(msg.content[ARRAYS]))
+    _load_global(network, from_arrays(arrays))
     detector.to(_device(task["trainer"]))
     items = _validation_items(site)
     n_nodules = sum(len(it["label"]) for it in items)
@@ -181,8 +211,25 @@ def evaluate_center(site: Site, msg: Message) -> Message:
                                     n_bootstraps=int(task["eval_bootstraps"]), seed=task["seed"])
         metrics["cpm"] = float(luna["cpm"])
         metrics.update({f"froc/{rate}": float(s) for rate, s in luna["froc"].items()})
-    return Message(RecordDict({METRICS: MetricRecord(metrics),
-                               CENTER: ConfigRecord({"name": site.center})}), reply_to=msg)
+        with _center_run(site, task) as tracker:
+            tracker.log_metrics({f"{prefix}/{k}": float(v) for k, v in metrics.items()}
+                                | {f"{prefix}/cpm_ci95_lo": float(luna["cpm_ci95"][0]),
+                                   f"{prefix}/cpm_ci95_hi": float(luna["cpm_ci95"][1])},
+                                step=int(task["round"]))
+    return metrics
+
+
+def _center_run(site: Site, task: Mapping[str, Any]) -> Any:
+    """The center's own MLflow run for this federation (created on first use, then reopened)."""
+    from medfound.train.tracking import Tracker
+
+    run_tag = str(task["run_tag"])
+    return Tracker({"uri": str(site.work_dir / "mlruns"), "experiment": "medfound-center",
+                    "run_name": f"{site.center} {run_tag}"},
+                   out_dir=site.work_dir / "mlflow" / run_tag, resume=True,
+                   config={"center": site.center, "run_tag": run_tag,
+                           **{k: task[k] for k in ("network", "trainer", "data", "seed",
+                                                   "local_epochs", "transfer_dtype")}})
 
 
 def center_seed(seed: int, center: str) -> int:
@@ -338,6 +385,8 @@ def _audit_mod(site_of: Callable[[Context], Site]) -> Callable:
             payload, kind, names = str(reply.error.reason).encode(), "error", []
         else:
             payload, kind = payload_bytes(reply.content), msg.metadata.message_type
+            if config is not None and CROSS_SITE in config:
+                kind = "cross-site"
             names = [n for rec in reply.content.metric_records.values() for n in rec]
         AuditLog(site.audit_file, site.center, site.keep_payloads).record(
             round=round_, kind=kind, payload=payload, metric_names=names)

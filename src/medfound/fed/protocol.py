@@ -7,14 +7,18 @@ Coordinator → center, for "train" and "evaluate" messages (a Flower RecordDict
                             network / trainer / data knobs, seed, local_epochs, transfer_dtype,
                             eval_bootstraps, run_tag), "versions" (JSON), and "proximal-mu"
                             under FedProx
+    cross-site evaluation after the last round (medfound.fed.cross_site): "arrays:<model>"
+    per model instead of "arrays", and "cross-site-models" (JSON list) in "config"
 
 Center → coordinator, everything that ever leaves a center:
 
     train     "arrays" (updated weights: same keys, shapes and dtype as received),
-              "metrics" MetricRecord ("num-examples" = training cases, "train/loss", ...),
+              "metrics" MetricRecord ("num-examples" = training cases, "train/loss", ...,
+              "train/seconds" = the local training's wall time),
               "center" ConfigRecord ({"name": the center's name in the federation})
     evaluate  "metrics" ("num-examples" = validation cases, "n_nodules", and "cpm",
-              "froc/<fp rate>" when the validation cases hold nodules), "center"
+              "froc/<fp rate>" when the validation cases hold nodules), "center";
+              in a cross-site evaluation one "metrics:<model>" per model instead of "metrics"
 
 No path, series UID, patient attribute or image array is ever put in a reply; the test
 suite checks the bytes of every outbound payload for them.
@@ -36,6 +40,7 @@ CENTER = "center"
 NUM_EXAMPLES = "num-examples"  # the key Flower's strategies weight by
 ROUND = "server-round"
 PROXIMAL_MU = "proximal-mu"  # set by Flower's FedProx
+CROSS_SITE = "cross-site-models"  # JSON list of the models a cross-site evaluation scores
 
 # data.* keys a center needs to prepare its studies like every other center; the rest
 # (root, cache_dir, which centers) is the coordinator's or the center's own business.

@@ -10,7 +10,7 @@ A reply is rejected, logged and left out of the round when
   other centers' distances.
 
 Error replies (a center that failed or refused) are reported apart as ``failed``. Accepted
-replies come back with their arrays decoded to float32 (aggregation is always float32) and
+replies come back with their arrays in float32 (aggregation is always float32) and
 sorted by center name, so the aggregate does not depend on the order replies arrived in.
 """
 
@@ -22,9 +22,8 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, Message
+from flwr.app import Array, ArrayRecord, Message
 
-from medfound.fed.params import decode_arrays, encode_arrays
 from medfound.fed.protocol import ARRAYS, METRICS, NUM_EXAMPLES, center_of
 
 __all__ = ["Screening", "screen_updates"]
@@ -43,24 +42,28 @@ class Screening:
 def screen_updates(replies: Iterable[Message], global_arrays: Mapping[str, np.ndarray], *,
                    transfer_dtype: str, norm_factor: float | None,
                    known_centers: Mapping[int, str] | None = None) -> Screening:
-    """Split `replies` into accepted / rejected / failed (see the module docstring)."""
+    """Split `replies` into accepted / rejected / failed (see the module docstring).
+
+    Memory: the checks go one array at a time, so beyond the replies themselves the
+    coordinator holds about one array's temporaries (and, for float16 transfers, each
+    accepted reply's float32 copy, which replaces its float16 payload)."""
     result = Screening([], [], [], {})
-    candidates: list[tuple[str, Message, dict[str, np.ndarray]]] = []
+    candidates: list[tuple[str, Message]] = []
     for msg in replies:
         center = center_of(msg, known_centers)
         if msg.has_error():
             result.failed.append({"center": center, "reason": str(msg.error.reason)})
             continue
-        reason, arrays = _check(msg, global_arrays, transfer_dtype)
+        reason, norm = _check(msg, global_arrays, transfer_dtype)
         if reason:
             result.rejected.append({"center": center, "reason": reason})
             continue
-        result.update_norms[center] = _distance(arrays, global_arrays)
-        candidates.append((center, msg, arrays))
+        result.update_norms[center] = norm
+        candidates.append((center, msg))
 
     keep = []
-    for center, msg, arrays in candidates:
-        others = [result.update_norms[c] for c, _, _ in candidates if c != center]
+    for center, msg in candidates:
+        others = [result.update_norms[c] for c, _ in candidates if c != center]
         norm = result.update_norms[center]
         if norm_factor is not None and others:
             reference = float(np.median(others))
@@ -70,50 +73,49 @@ def screen_updates(replies: Iterable[Message], global_arrays: Mapping[str, np.nd
                     "reason": f"update norm {norm:.4g} is more than {norm_factor:g}× the other "
                               f"centers' median {reference:.4g}"})
                 continue
-        msg.content[ARRAYS] = encode_arrays(arrays, "float32")
+        if transfer_dtype != "float32":  # aggregation is float32: re-encode, array by array
+            record: ArrayRecord = msg.content[ARRAYS]
+            msg.content[ARRAYS] = ArrayRecord({k: Array(np.asarray(a.numpy(), dtype=np.float32))
+                                               for k, a in record.items()})
         keep.append((center, msg))
     result.accepted = [msg for _, msg in sorted(keep, key=lambda cm: cm[0])]
     return result
 
 
 def _check(msg: Message, global_arrays: Mapping[str, np.ndarray], transfer_dtype: str
-           ) -> tuple[str | None, dict[str, np.ndarray]]:
+           ) -> tuple[str | None, float]:
+    """(why the reply is rejected or None, its distance ‖w_center − w_global‖₂)."""
     content = msg.content
     if ARRAYS not in content.array_records or METRICS not in content.metric_records:
-        return f"reply lacks '{ARRAYS}' or '{METRICS}'", {}
+        return f"reply lacks '{ARRAYS}' or '{METRICS}'", math.nan
     metrics = content[METRICS]
     n = metrics.get(NUM_EXAMPLES)
     if not isinstance(n, (int, float)) or isinstance(n, bool) or not n > 0 or not math.isfinite(n):
-        return f"'{NUM_EXAMPLES}' must be a count > 0, got {n!r}", {}
+        return f"'{NUM_EXAMPLES}' must be a count > 0, got {n!r}", math.nan
     for key, value in metrics.items():
         values = value if isinstance(value, list) else [value]
         if not all(math.isfinite(float(v)) for v in values):
-            return f"metric '{key}' is not finite ({value!r})", {}
+            return f"metric '{key}' is not finite ({value!r})", math.nan
     record: ArrayRecord = content[ARRAYS]
     missing = sorted(set(global_arrays) - set(record))
     extra = sorted(set(record) - set(global_arrays))
     if missing or extra:
         return (f"weights differ from the global model (missing {_few(missing)}; "
-                f"unexpected {_few(extra)})"), {}
+                f"unexpected {_few(extra)})"), math.nan
     for key, ref in global_arrays.items():
         array = record[key]
         if array.dtype != transfer_dtype:
-            return f"'{key}' has dtype {array.dtype}, expected {transfer_dtype}", {}
+            return f"'{key}' has dtype {array.dtype}, expected {transfer_dtype}", math.nan
         if tuple(array.shape) != tuple(ref.shape):
-            return f"'{key}' has shape {tuple(array.shape)}, expected {tuple(ref.shape)}", {}
-    arrays = decode_arrays(record)
-    for key, value in arrays.items():
-        if not np.isfinite(value).all():
-            return f"'{key}' holds NaN or Inf", {}
-    return None, arrays
-
-
-def _distance(arrays: Mapping[str, np.ndarray], global_arrays: Mapping[str, np.ndarray]) -> float:
+            return f"'{key}' has shape {tuple(array.shape)}, expected {tuple(ref.shape)}", math.nan
     total = 0.0
-    for key, ref in global_arrays.items():
-        d = arrays[key].astype(np.float64) - ref.astype(np.float64)
-        total += float(np.dot(d.ravel(), d.ravel()))
-    return math.sqrt(total)
+    for key, ref in global_arrays.items():  # one array at a time
+        value = record[key].numpy()
+        if not np.isfinite(value).all():
+            return f"'{key}' holds NaN or Inf", math.nan
+        d = value.astype(np.float64).ravel() - ref.astype(np.float64).ravel()
+        total += float(np.dot(d, d))
+    return None, math.sqrt(total)
 
 
 def _few(keys: list[Any]) -> str:

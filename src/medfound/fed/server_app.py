@@ -12,15 +12,20 @@ Each round, in order:
 3. checkpoint — ``FED/server/state.pt`` (global weights, strategy state, round, history) is
    written atomically, then ``FED/metrics.json``, then the round's numbers go to MLflow.
 
+After the last round (``fed.cross_site``), cross-site validation: the global model and each
+center's last local update are scored at every center (medfound.fed.cross_site →
+``FED/cross_site.csv``, ``FED/cross_site.png``, ``metrics.json["cross_site"]``).
+
 ``resume=true`` continues after the last round in ``FED/server/state.pt``: with the same seed
 on CPU the result equals an uninterrupted run's (the centers replay from their own per-round
 state, see medfound.fed.client_app). At the end the global weights become the model package
 ``FED/model/`` (medfound.train.package), which evaluate_detector and export accept.
 
-FED/metrics.json: ``rounds`` (one record per round: duration_s, train {centers, accepted,
+FED/metrics.json: ``rounds`` (one record per round: duration_s, train_s (the training phase:
+weights out, updates back, screening, aggregation), train {centers, accepted,
 rejected, failed, update_norms, aggregate}, evaluate {global, centers, failed}, bytes
 {center: {sent, received}} as the center sees it), ``global`` (per-round global metrics),
-``bytes_per_center`` (totals) and ``round_durations_s``.
+``bytes_per_center`` (totals, cross-site validation included) and ``round_durations_s``.
 """
 
 from __future__ import annotations
@@ -116,17 +121,23 @@ def run_coordinator(grid: Grid, cfg: Mapping[str, Any], config_yaml: str = "") -
         return ConfigRecord({"task": task_json, "versions": versions_json})
 
     known: dict[int, str] = {}  # node id → center name, learnt from replies
+    local_models: dict[str, dict[str, np.ndarray]] = {}  # the last round's accepted updates
+    cross_site: dict[str, Any] | None = None
 
     with Tracker(cfg["tracking"], out_dir=out, config=cfg, resume=bool(cfg.get("resume"))) as tracker:
         # --- the loop ---
         for rnd in range(first_round, settings.rounds + 1):
             started = time.time()
             traffic = _Traffic()
+            keep = local_models if settings.cross_site and rnd == settings.rounds else None
             train, global_arrays = _train_round(grid, strategy, rnd, global_arrays, instruction,
-                                                settings, known, traffic, seed=int(cfg["seed"]))
+                                                settings, known, traffic, seed=int(cfg["seed"]),
+                                                keep=keep)
+            train_s = time.time() - started
             evaluate = _evaluate_round(grid, strategy, rnd, global_arrays, instruction, settings,
                                        known, traffic)
             record = {"round": rnd, "duration_s": round(time.time() - started, 3),
+                      "train_s": round(train_s, 3),
                       "aggregated": train.pop("aggregated"), "train": train,
                       "evaluate": evaluate, "bytes": traffic.by_center(known)}
             history.append(record)
@@ -142,14 +153,19 @@ def run_coordinator(grid: Grid, cfg: Mapping[str, Any], config_yaml: str = "") -
             tracker.log_metrics(_flat_round(record), step=rnd)
             print(_round_summary(record, settings.rounds), flush=True)
 
-        # --- package the global model ---
-        for name, value in shared_state(network.state_dict()).items():
-            value.copy_(torch.from_numpy(global_arrays[name]))
         if not history:
             raise MedfoundError("the federation completed no round", path=out,
                                 hint="set fed.rounds >= 1")
+        # --- cross-site validation: the global and each center's last local model, everywhere ---
+        if settings.cross_site:
+            cross_site = _cross_site(grid, out, global_arrays, local_models, instruction,
+                                     settings, known, history[-1]["round"], tracker)
+
+        # --- package the global model ---
+        for name, value in shared_state(network.state_dict()).items():
+            value.copy_(torch.from_numpy(global_arrays[name]))
         package = _package(out, network, cfg, config_yaml, settings, history, tracker.run_id)
-        write_metrics(out / METRICS_FILE, history, settings, model_bytes)
+        write_metrics(out / METRICS_FILE, history, settings, model_bytes, cross_site)
         tracker.log_artifact(out / METRICS_FILE)
         tracker.log_artifacts(package, "model")
     final = history[-1]["evaluate"]["global"]
@@ -176,11 +192,14 @@ def _check_resumable(state: Mapping[str, Any], settings: FedSettings, path: Path
 
 def _train_round(grid: Grid, strategy: Any, rnd: int, global_arrays: dict[str, np.ndarray],
                  instruction: Any, settings: FedSettings, known: dict[int, str],
-                 traffic: _Traffic, seed: int = 0) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+                 traffic: _Traffic, seed: int = 0,
+                 keep: dict[str, dict[str, np.ndarray]] | None = None,
+                 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Send the global weights for training, screen the updates, aggregate the accepted ones.
 
     Returns the round's train record and the new global weights (the old ones when fewer
-    than ``fed.min_centers`` updates were accepted)."""
+    than ``fed.min_centers`` updates were accepted). `keep`, when given, receives a float32
+    copy of each accepted update by center (for cross-site validation)."""
     messages = strategy.configure_train(rnd, encode_arrays(global_arrays, "float32"),
                                         instruction(), grid)
     replies = _exchange(grid, messages, settings, known, traffic)
@@ -201,6 +220,9 @@ def _train_round(grid: Grid, strategy: Any, rnd: int, global_arrays: dict[str, n
               "accepted": sorted(center_of(m, known) for m in screening.accepted),
               "rejected": screening.rejected, "failed": screening.failed,
               "update_norms": dict(sorted(screening.update_norms.items())), "aggregate": {}}
+    if keep is not None:
+        keep.update({center_of(m, known): decode_arrays(m.content[ARRAYS])
+                     for m in screening.accepted})
     if len(screening.accepted) >= settings.min_centers:
         # Flower's DP noise draws from numpy's global RNG: seed it from (seed, round) so a
         # resumed run adds the noise an uninterrupted one would have.
@@ -213,6 +235,34 @@ def _train_round(grid: Grid, strategy: Any, rnd: int, global_arrays: dict[str, n
                 _keep_variances_positive(global_arrays)
             record.update(aggregated=True, aggregate=dict(metrics or {}))
     return record, global_arrays
+
+
+def _cross_site(grid: Grid, out: Path, global_arrays: dict[str, np.ndarray],
+                local_models: Mapping[str, dict[str, np.ndarray]], instruction: Any,
+                settings: FedSettings, known: dict[int, str], rnd: int, tracker: Any,
+                ) -> dict[str, Any]:
+    """Cross-site validation (medfound.fed.cross_site): FED/cross_site.csv and .png, to MLflow."""
+    from medfound.fed.cross_site import GLOBAL, cross_site_evaluate, local_name, write_cross_site
+
+    models = {GLOBAL: global_arrays,
+              **{local_name(c): local_models[c] for c in settings.centers if c in local_models}}
+    traffic = _Traffic()
+    result = cross_site_evaluate(
+        grid, models, instruction, rnd, known=known,
+        exchange=lambda messages: _exchange(grid, messages, settings, known, traffic))
+    result["bytes"] = traffic.by_center(known)
+    table, heatmap = write_cross_site(out, result, list(settings.centers))
+    for item in result["failed"]:
+        print(f"cross-site validation: no result from {item['center']}: {item['reason']}",
+              flush=True)
+    tracker.log_metrics({f"cross_site/{model}/{center}/cpm": m["cpm"]
+                         for model, row in result["models"].items()
+                         for center, m in row.items() if "cpm" in m}, step=rnd)
+    tracker.log_artifact(table)
+    tracker.log_artifact(heatmap)
+    print(f"cross-site validation of {len(models)} models at {len(settings.centers)} centers: "
+          f"{table}, {heatmap.name}", flush=True)
+    return result
 
 
 def _keep_variances_positive(arrays: dict[str, np.ndarray], floor: float = 1e-5) -> None:
@@ -263,13 +313,21 @@ def _exchange(grid: Grid, messages: Iterable[Message], settings: FedSettings,
     for msg in messages:
         content = msg.content
         if id(content) not in sizes:  # strategies share one content among their messages
-            content[ARRAYS] = encode_arrays(decode_arrays(content[ARRAYS]), settings.transfer_dtype)
+            for key in list(content.array_records):
+                content[key] = encode_arrays(decode_arrays(content[key]), settings.transfer_dtype)
             sizes[id(content)] = len(payload_bytes(content))
         node = msg.metadata.dst_node_id
         traffic.to_node[node] = traffic.to_node.get(node, 0) + sizes[id(content)]
     if not messages:
         return []
     replies = list(grid.send_and_receive(messages, timeout=settings.round_timeout_s))
+    # An error the SuperLink makes for a center that stopped answering (no heartbeat) comes
+    # from the SuperLink itself: re-address it as coming from the center's node.
+    sent = {m.metadata.message_id: m for m in messages}
+    nodes = {m.metadata.dst_node_id for m in messages}
+    replies = [Message(r.error, reply_to=sent[r.metadata.reply_to_message_id])
+               if r.has_error() and r.metadata.src_node_id not in nodes
+               and r.metadata.reply_to_message_id in sent else r for r in replies]
     for msg in replies:
         if msg.has_content():
             known[msg.metadata.src_node_id] = center_of(msg)
@@ -306,11 +364,13 @@ def weighted_mean(per_center: Iterable[Mapping[str, float]]) -> dict[str, float]
 
 
 def write_metrics(path: Path, history: list[dict[str, Any]], settings: FedSettings,
-                  model_bytes: int) -> None:
-    """FED/metrics.json from the round records (atomic: temporary file, then rename)."""
+                  model_bytes: int, cross_site: Mapping[str, Any] | None = None) -> None:
+    """FED/metrics.json from the round records and the cross-site validation (atomic:
+    temporary file, then rename)."""
     totals: dict[str, dict[str, int]] = {}
-    for record in history:
-        for center, b in record["bytes"].items():
+    exchanges = [r["bytes"] for r in history] + ([cross_site["bytes"]] if cross_site else [])
+    for by_center in exchanges:
+        for center, b in by_center.items():
             t = totals.setdefault(center, {"sent": 0, "received": 0})
             t["sent"] += b["sent"]
             t["received"] += b["received"]
@@ -326,6 +386,8 @@ def write_metrics(path: Path, history: list[dict[str, Any]], settings: FedSettin
         "round_durations_s": [r["duration_s"] for r in history],
         "rounds": history,
     }
+    if cross_site is not None:
+        doc["cross_site"] = cross_site
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(doc, indent=2) + "\n")

@@ -36,6 +36,7 @@ class FedSettings:
     reject_norm_factor: float | None
     eval_bootstraps: int
     audit_payloads: bool
+    cross_site: bool
     strategy: dict[str, Any]
     simulation: dict[str, Any]
     deployment: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -82,7 +83,8 @@ class FedSettings:
              "must be a number > 1, or null to switch the norm check off")
         need(_int(fed.get("eval_bootstraps")) and fed["eval_bootstraps"] >= 1, "eval_bootstraps",
              "must be an integer >= 1")
-        need(isinstance(fed.get("audit_payloads"), bool), "audit_payloads", "must be true or false")
+        for key in ("audit_payloads", "cross_site"):
+            need(isinstance(fed.get(key), bool), key, "must be true or false")
         strategy = dict(fed.get("strategy") or {})
         if strategy.get("name") not in STRATEGIES:
             raise MedfoundError(f"config key 'fed.strategy.name' = {strategy.get('name')!r} is not "
@@ -120,7 +122,8 @@ class FedSettings:
                    transfer_dtype=fed["transfer_dtype"],
                    reject_norm_factor=None if factor is None else float(factor),
                    eval_bootstraps=int(fed["eval_bootstraps"]),
-                   audit_payloads=fed["audit_payloads"], strategy=strategy,
+                   audit_payloads=fed["audit_payloads"], cross_site=fed["cross_site"],
+                   strategy=strategy,
                    simulation=simulation, deployment=deployment, privacy=privacy)
 
 

@@ -1,0 +1,142 @@
+"""Benchmark: the FLamby-style table — pooled vs each center alone vs federated, same budget.
+
+Three phantom centers with different vendors, slice thickness and noise (the third is small).
+Every model gets the same number of training epochs over its data and the same recipe
+settings (``--experiment``); each is then scored with `evaluate_detector` on the validation
+splits of all three centers together and of each center alone (LUNA16 CPM):
+
+- pooled: `train_detector` on the training splits of all centers;
+- local <center>: `train_detector` on that center's training split only;
+- FedAvg, FedProx, FedAdam: `federate` (simulation) over the three centers, ``--rounds``
+  rounds of ``epochs / rounds`` local epochs each.
+
+No checkpoint selection: every run validates only at its end, and the last model is scored.
+
+    python benchmarks/flamby.py [--cases 10] [--epochs 150] [--rounds 15]
+
+Phantoms and runs go to benchmarks/_data/ (not committed). Writes
+benchmarks/results/flamby.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+sys.path.insert(0, str(HERE))
+
+from read_series import machine  # noqa: E402
+
+CENTERS = ["center_0", "center_1", "center_2"]
+STRATEGIES = {"FedAvg": "fedavg", "FedProx": "fedprox", "FedAdam": "fedadam"}
+
+
+def medfound_run(*args: str) -> float:
+    """`medfound run ARGS` in a fresh process; its wall time. Exits on failure."""
+    started = time.time()
+    res = subprocess.run([sys.executable, "-m", "medfound", "run", *args, "trainer.progress=false"],
+                         capture_output=True, text=True, check=False)
+    if res.returncode != 0:
+        raise SystemExit(f"medfound run {' '.join(args)} failed:\n{res.stdout[-2000:]}\n"
+                         f"{res.stderr[-3000:]}")
+    return time.time() - started
+
+
+def evaluate(model: Path, root: Path, out: Path) -> dict:
+    """CPM on all centers' validation splits together, and on each center's alone."""
+    scores = {}
+    for name, centers in [("all", CENTERS), *((c, [c]) for c in CENTERS)]:
+        medfound_run("evaluate_detector", f"model={model}", f"data.root={root}",
+                     f"data.centers=[{','.join(centers)}]", "data.split=validation",
+                     f"out_dir={out / name}")
+        metrics = json.loads((out / name / "metrics.json").read_text())
+        scores[name] = {"cpm": metrics.get("cpm"), "cpm_ci95": metrics.get("cpm_ci95"),
+                        "n_scans": metrics["n_scans"], "n_nodules": metrics["n_nodules"]}
+    return scores
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--cases", type=int, default=10, help="phantom cases per large center")
+    ap.add_argument("--epochs", type=int, default=150, help="training epochs of every model")
+    ap.add_argument("--rounds", type=int, default=15, help="federated rounds (divides --epochs)")
+    ap.add_argument("--experiment", default="phantoms_small")
+    args = ap.parse_args()
+    if args.epochs % args.rounds:
+        raise SystemExit("--epochs must be a multiple of --rounds")
+
+    root = HERE / "_data" / f"flamby_{args.cases}"
+    if not (root / "phantoms.json").is_file():
+        from medfound.data.phantoms import make_phantoms
+        make_phantoms(root, centers=3, cases=args.cases, seed=0, size="small")
+    work = HERE / "_data" / "flamby_runs"
+    shutil.rmtree(work, ignore_errors=True)
+    common = [f"experiment={args.experiment}", f"data.root={root}"]
+    train = [*common, f"trainer.epochs={args.epochs}", f"trainer.val_every={args.epochs}",
+             "trainer.early_stopping_patience=0"]
+
+    rows = []
+    plans = [("pooled", CENTERS)] + [(f"local {c}", [c]) for c in CENTERS]
+    for name, centers in plans:
+        out = work / name.replace(" ", "_")
+        listed = f"[{','.join(centers)}]"
+        seconds = medfound_run("train_detector", *train, f"data.train_centers={listed}",
+                               f"data.val_centers={listed}", f"out_dir={out}")
+        rows.append({"method": name, "train_s": seconds,
+                     "scores": evaluate(out / "model", root, out / "eval")})
+        print(name, rows[-1]["scores"], f"{seconds:.0f} s", flush=True)
+    for name, strategy in STRATEGIES.items():
+        out = work / strategy
+        seconds = medfound_run("federate", *common, f"fed={strategy}", "fed.mode=simulation",
+                               f"fed.centers=[{','.join(CENTERS)}]", f"fed.rounds={args.rounds}",
+                               f"fed.local_epochs={args.epochs // args.rounds}",
+                               "fed.cross_site=false", f"out_dir={out}")
+        rows.append({"method": name, "train_s": seconds,
+                     "scores": evaluate(out / "model", root, out / "eval")})
+        print(name, rows[-1]["scores"], f"{seconds:.0f} s", flush=True)
+
+    result = {"benchmark": "flamby", "when": time.strftime("%Y-%m-%d %H:%M:%S"),
+              "machine": machine(),
+              "setup": {"cases_per_center": args.cases, "epochs": args.epochs,
+                        "rounds": args.rounds, "experiment": args.experiment,
+                        "centers": json.loads((root / "phantoms.json").read_text()).get("centers")},
+              "rows": rows}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "flamby.json").write_text(json.dumps(result, indent=2) + "\n")
+    m = result["machine"]
+    pooled = rows[0]["scores"]["all"]["cpm"]
+    lines = [f"# flamby — {result['when']}", "",
+             f"{m['cpu']}, {m['cores']} cores. `experiment={args.experiment}`, {args.epochs} "
+             f"epochs per model (federated: {args.rounds} rounds × {args.epochs // args.rounds} "
+             f"local epochs), phantoms `--size small --cases {args.cases}`. CPM on the "
+             "validation splits, last model (no checkpoint selection).", "",
+             "| method | CPM, all centers (95% CI) | " + " | ".join(CENTERS)
+             + " | Δ vs pooled | training time (s) |",
+             "|---|---|" + "---|" * len(CENTERS) + "---|---|"]
+    def f(x: float | None, fmt: str = ".3f") -> str:
+        return "n/a" if x is None else format(x, fmt)
+
+    for row in rows:
+        s = row["scores"]
+        ci = s["all"]["cpm_ci95"] or [None, None]
+        delta = None if None in (s["all"]["cpm"], pooled) else s["all"]["cpm"] - pooled
+        lines.append(f"| {row['method']} | {f(s['all']['cpm'])} ({f(ci[0], '.2f')}–"
+                     f"{f(ci[1], '.2f')}) | " + " | ".join(f(s[c]["cpm"]) for c in CENTERS)
+                     + f" | {f(delta, '+.3f')} | {row['train_s']:.0f} |")
+    n = rows[0]["scores"]
+    lines += ["", "Validation scans / nodules: all " + f"{n['all']['n_scans']}/{n['all']['n_nodules']}"
+              + "".join(f", {c} {n[c]['n_scans']}/{n[c]['n_nodules']}" for c in CENTERS) + "."]
+    (RESULTS / "flamby.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
