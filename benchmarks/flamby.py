@@ -41,7 +41,8 @@ STRATEGIES = {"FedAvg": "fedavg", "FedProx": "fedprox", "FedAdam": "fedadam"}
 def medfound_run(*args: str) -> float:
     """`medfound run ARGS` in a fresh process; its wall time. Exits on failure."""
     started = time.time()
-    res = subprocess.run([sys.executable, "-m", "medfound", "run", *args, "trainer.progress=false"],
+    quiet = [] if args[0] == "evaluate_detector" else ["trainer.progress=false"]
+    res = subprocess.run([sys.executable, "-m", "medfound", "run", *args, *quiet],
                          capture_output=True, text=True, check=False)
     if res.returncode != 0:
         raise SystemExit(f"medfound run {' '.join(args)} failed:\n{res.stdout[-2000:]}\n"
@@ -50,15 +51,23 @@ def medfound_run(*args: str) -> float:
 
 
 def evaluate(model: Path, root: Path, out: Path) -> dict:
-    """CPM on all centers' validation splits together, and on each center's alone."""
-    scores = {}
-    for name, centers in [("all", CENTERS), *((c, [c]) for c in CENTERS)]:
-        medfound_run("evaluate_detector", f"model={model}", f"data.root={root}",
-                     f"data.centers=[{','.join(centers)}]", "data.split=validation",
-                     f"out_dir={out / name}")
-        metrics = json.loads((out / name / "metrics.json").read_text())
-        scores[name] = {"cpm": metrics.get("cpm"), "cpm_ci95": metrics.get("cpm_ci95"),
-                        "n_scans": metrics["n_scans"], "n_nodules": metrics["n_nodules"]}
+    """CPM on all centers' validation splits together (one evaluate_detector run), and on
+    each center's alone (from the same predictions; None where a center has no nodules)."""
+    from medfound.data.detection import load_datalist
+    from medfound.metrics.froc import froc
+
+    medfound_run("evaluate_detector", f"model={model}", f"data.root={root}",
+                 f"data.centers=[{','.join(CENTERS)}]", "data.split=validation", f"out_dir={out}")
+    metrics = json.loads((out / "metrics.json").read_text())
+    scores = {"all": {"cpm": metrics["cpm"], "cpm_ci95": metrics.get("cpm_ci95"),
+                      "n_scans": metrics["n_scans"], "n_nodules": metrics["n_nodules"]}}
+    for center in CENTERS:
+        uids = [it["seriesuid"] for it in load_datalist(root, [center], "validation")]
+        annotations = root / center / "annotations.csv"
+        n_nodules = sum(len(it["label"]) for it in load_datalist(root, [center], "validation"))
+        cpm = (froc(out / "predictions.csv", annotations, uids).cpm if n_nodules else None)
+        scores[center] = {"cpm": cpm, "cpm_ci95": None, "n_scans": len(uids),
+                          "n_nodules": n_nodules}
     return scores
 
 
@@ -88,7 +97,8 @@ def main() -> int:
         out = work / name.replace(" ", "_")
         listed = f"[{','.join(centers)}]"
         seconds = medfound_run("train_detector", *train, f"data.train_centers={listed}",
-                               f"data.val_centers={listed}", f"out_dir={out}")
+                               f"data.val_centers=[{','.join(CENTERS)}]",
+                               "data.val_split=validation", f"out_dir={out}")
         rows.append({"method": name, "train_s": seconds,
                      "scores": evaluate(out / "model", root, out / "eval")})
         print(name, rows[-1]["scores"], f"{seconds:.0f} s", flush=True)
