@@ -59,3 +59,17 @@ def luna(tmp_path_factory) -> Path:
             w.writerows([[Path(name).name, *c, 8.0] for c in centres])
     (d / "candidates.csv").write_text("seriesuid,coordX,coordY,coordZ,class\n")
     return d
+
+
+# The longest test files first: `make test` runs two pytest workers, one file each at a time,
+# so a long file started last would leave one worker idle while it finishes.
+_LONG_FILES = ("test_fed_deployment.py", "test_fed_robustness.py", "test_notebooks.py",
+               "test_fed_simulation.py", "test_export.py", "test_recipes.py")
+
+
+def pytest_collection_modifyitems(items: list) -> None:
+    def rank(item) -> int:
+        name = item.path.name
+        return _LONG_FILES.index(name) if name in _LONG_FILES else len(_LONG_FILES)
+
+    items.sort(key=rank)  # stable: the order within a file and among the rest stays
