@@ -107,7 +107,6 @@ def reply_bytes(run: dict) -> dict:
 
 def coordinator_memory(centers: int = 3) -> dict:
     """Peak allocations of screening + FedAvg aggregation of `centers` reference-model updates."""
-    import torch
     from flwr.app import ConfigRecord, Message, MessageType, Metadata, MetricRecord, RecordDict
 
     from medfound.fed.params import encode_arrays, shared_state
@@ -148,7 +147,6 @@ def coordinator_memory(centers: int = 3) -> dict:
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     assert new_arrays is not None and len(screening.accepted) == centers
-    del torch
     return {"model": "reference (ResNet-50 FPN)", "model_bytes_fp32": model_bytes,
             "centers": centers, "received_bytes": received,
             "received_over_model": received / model_bytes,

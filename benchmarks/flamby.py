@@ -62,9 +62,10 @@ def evaluate(model: Path, root: Path, out: Path) -> dict:
     scores = {"all": {"cpm": metrics["cpm"], "cpm_ci95": metrics.get("cpm_ci95"),
                       "n_scans": metrics["n_scans"], "n_nodules": metrics["n_nodules"]}}
     for center in CENTERS:
-        uids = [it["seriesuid"] for it in load_datalist(root, [center], "validation")]
+        items = load_datalist(root, [center], "validation")
+        uids = [it["seriesuid"] for it in items]
         annotations = root / center / "annotations.csv"
-        n_nodules = sum(len(it["label"]) for it in load_datalist(root, [center], "validation"))
+        n_nodules = sum(len(it["label"]) for it in items)
         cpm = (froc(out / "predictions.csv", annotations, uids).cpm if n_nodules else None)
         scores[center] = {"cpm": cpm, "cpm_ci95": None, "n_scans": len(uids),
                           "n_nodules": n_nodules}

@@ -177,46 +177,51 @@ def train_center(site: Site, msg: Message) -> Message:
 
 def evaluate_center(site: Site, msg: Message) -> Message:
     """LUNA16 metrics of the global weights in `msg` on the site's validation split; for a
-    cross-site evaluation, of each model the message carries."""
+    cross-site evaluation, of each model the message carries. Every model's metrics are also
+    logged to the center's own MLflow run (``val/`` or ``cross_site/<model>/``, step = round)."""
     task = _received_task(msg)
     models = msg.content[CONFIG].get(CROSS_SITE)
     if models is None:
-        metrics = _evaluate_weights(site, task, msg.content[ARRAYS], "val")
-        content = {METRICS: MetricRecord(metrics)}
+        weights = {"val": (METRICS, msg.content[ARRAYS])}
     else:
-        content = {f"{METRICS}:{name}": MetricRecord(_evaluate_weights(
-            site, task, msg.content[f"{ARRAYS}:{name}"], f"cross_site/{name}"))
-            for name in json.loads(str(models))}
+        weights = {f"cross_site/{name}": (f"{METRICS}:{name}", msg.content[f"{ARRAYS}:{name}"])
+                   for name in json.loads(str(models))}
+    items = _validation_items(site)
+    content, logged = {}, {}
+    for prefix, (key, arrays) in weights.items():
+        metrics, ci = _evaluate_weights(task, arrays, items)
+        content[key] = MetricRecord(metrics)
+        if ci is not None:
+            logged.update({f"{prefix}/{k}": float(v) for k, v in metrics.items()}
+                          | {f"{prefix}/cpm_ci95_lo": ci[0], f"{prefix}/cpm_ci95_hi": ci[1]})
+    if logged:
+        with _center_run(site, task) as tracker:
+            tracker.log_metrics(logged, step=int(task["round"]))
     return Message(RecordDict({**content, CENTER: ConfigRecord({"name": site.center})}),
                    reply_to=msg)
 
 
-def _evaluate_weights(site: Site, task: Mapping[str, Any], arrays: Any,
-                      prefix: str) -> dict[str, float]:
-    """The metrics of one set of weights on the site's validation split, also logged to the
-    center's own MLflow run under `prefix`/ at step = round."""
+def _evaluate_weights(task: Mapping[str, Any], arrays: Any, items: list[dict[str, Any]]
+                      ) -> tuple[dict[str, float], tuple[float, float] | None]:
+    """The metrics of one set of weights on the validation `items`, and the CPM's 95% CI
+    (None when the items hold no nodule: CPM is a sensitivity, undefined without one)."""
     from medfound.data.detection import eval_transforms
     from medfound.train import detection as task_lib
 
+    n_nodules = sum(len(it["label"]) for it in items)
+    metrics: dict[str, float] = {NUM_EXAMPLES: len(items), "n_nodules": n_nodules}
+    if n_nodules == 0:
+        return metrics, None
     network, detector = task_lib.build(task["network"], seed=task["seed"])
     _load_global(network, from_arrays(arrays))
     detector.to(_device(task["trainer"]))
-    items = _validation_items(site)
-    n_nodules = sum(len(it["label"]) for it in items)
-    metrics: dict[str, float] = {NUM_EXAMPLES: len(items), "n_nodules": n_nodules}
-    if n_nodules > 0:  # CPM is a sensitivity: undefined without nodules
-        transform = _cached(eval_transforms({**task["network"], **task["data"]}),
-                            json.dumps({**task["network"], **task["data"]}, sort_keys=True))
-        luna, _ = task_lib.evaluate(detector, items, transform,
-                                    n_bootstraps=int(task["eval_bootstraps"]), seed=task["seed"])
-        metrics["cpm"] = float(luna["cpm"])
-        metrics.update({f"froc/{rate}": float(s) for rate, s in luna["froc"].items()})
-        with _center_run(site, task) as tracker:
-            tracker.log_metrics({f"{prefix}/{k}": float(v) for k, v in metrics.items()}
-                                | {f"{prefix}/cpm_ci95_lo": float(luna["cpm_ci95"][0]),
-                                   f"{prefix}/cpm_ci95_hi": float(luna["cpm_ci95"][1])},
-                                step=int(task["round"]))
-    return metrics
+    transform = _cached(eval_transforms({**task["network"], **task["data"]}),
+                        json.dumps({**task["network"], **task["data"]}, sort_keys=True))
+    luna, _ = task_lib.evaluate(detector, items, transform,
+                                n_bootstraps=int(task["eval_bootstraps"]), seed=task["seed"])
+    metrics["cpm"] = float(luna["cpm"])
+    metrics.update({f"froc/{rate}": float(s) for rate, s in luna["froc"].items()})
+    return metrics, (float(luna["cpm_ci95"][0]), float(luna["cpm_ci95"][1]))
 
 
 def _center_run(site: Site, task: Mapping[str, Any]) -> Any:
