@@ -1,12 +1,15 @@
-"""Recipe: train the lung-nodule detector federated across imaging centers.
+"""Recipe: train the lung-nodule detector (or pretrain the foundation encoder) federated.
 
     medfound run federate fed.mode=simulation data.root=DIR \
         fed.centers=[center_0,center_1,center_2] experiment=phantoms_smoke fed.rounds=2 out_dir=FED
+    medfound run federate task=pretrain fed.mode=simulation data.root=DIR fed.rounds=2 out_dir=FED
 
 Each center trains with the same loop as pooled training on its own folder only; the
 coordinator aggregates with the strategy chosen by fed=<name> (configs/fed/). Leaves
 FED/model/ (the model package), FED/metrics.json, FED/audit/<center>.jsonl (what each center
 sent), FED/server/state.pt (resume=true continues after its last round) and an MLflow run.
+With task=pretrain the centers pretrain the encoder on every volume of the modalities they
+hold, each modality's stem averaged only among the centers that have it; FED/encoder/ instead.
 The rounds themselves are medfound.fed.server_app; this file only composes and checks.
 """
 
@@ -21,9 +24,11 @@ from medfound.errors import exit_on_user_error
 from medfound.fed.server_app import STATE_FILE
 from medfound.fed.settings import FedSettings
 from medfound.fed.strategies import build_strategy
+from medfound.models.foundation import FoundationConfig
 from medfound.train import detection as task
 from medfound.train.checkpoint import load_checkpoint
 from medfound.train.loop import TrainerConfig
+from medfound.train.pretrain import loss_params
 
 
 @hydra.main(version_base=None, config_path="../configs", config_name="federate")
@@ -37,9 +42,14 @@ def main(cfg: DictConfig) -> None:
 
     # Check every knob here, before Ray and Flower start: a bad value is one line.
     settings = FedSettings.from_config(config)
-    build_strategy(settings.strategy, settings.min_centers)
+    build_strategy(settings.strategy, settings.min_centers,
+                   group_by_modality=settings.task == "pretrain")
     TrainerConfig.from_dict(config["trainer"])
-    task.detector_config(config["network"])
+    if settings.task == "pretrain":
+        FoundationConfig.from_dict(config["task"]["encoder"])
+        loss_params(config["task"]["loss"])
+    else:
+        task.detector_config(config["network"])
 
     if config["resume"]:  # one line now, not after Ray has started
         load_checkpoint(Path(config["out_dir"]) / STATE_FILE)

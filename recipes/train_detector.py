@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from medfound.data.detection import (
     detection_collate,
     eval_transforms,
+    label_subset,
     load_datalist,
     make_dataset,
     train_transforms,
@@ -35,7 +36,8 @@ def main(cfg: DictConfig) -> None:
     data, model_cfg = cfg.data, cfg.network
 
     # Data: each center's datalist; preprocessing cached after the first epoch.
-    train_items = load_datalist(data.root, data.train_centers, "training")
+    train_items = label_subset(load_datalist(data.root, data.train_centers, "training"),
+                               data.get("label_fraction", 1.0), seed=cfg.seed)
     val_items = task.evaluation_items(data.root, data.val_centers, data.train_centers,
                                       data.val_split)
     prep = {**OmegaConf.to_container(model_cfg), **OmegaConf.to_container(data)}
@@ -48,6 +50,13 @@ def main(cfg: DictConfig) -> None:
 
     # Model: the network alone (tensors in, tensors out) inside the detector logic.
     network, detector = task.build(model_cfg, seed=cfg.seed)
+    finetune = cfg.get("finetune") or {}
+    if finetune.get("init_encoder") and not cfg.resume:
+        n = task.init_from_encoder(network, finetune.init_encoder, freeze=bool(finetune.freeze_encoder))
+        print(f"backbone: {n} weights from the pretrained encoder {finetune.init_encoder}"
+              + (" (frozen)" if finetune.freeze_encoder else ""))
+    elif finetune.get("init_encoder") and finetune.get("freeze_encoder"):
+        task.freeze_backbone(network)  # resumed: the weights come from the checkpoint
 
     def validate(model):
         metrics, _ = task.evaluate(model, val_items, val_transform, n_bootstraps=200,
@@ -75,6 +84,8 @@ def main(cfg: DictConfig) -> None:
                         "val_centers": list(data.val_centers), "val_split": data.val_split,
                         "train_cases": len(train_items),
                         "val_cases": len(val_items), "seed": cfg.seed,
+                        "init_encoder": finetune.get("init_encoder"),
+                        "freeze_encoder": bool(finetune.get("freeze_encoder", False)),
                         "mlflow_run_id": tracker.run_id})
         tracker.log_metrics({"final_cpm": metrics["cpm"]})
         tracker.log_artifacts(package, "model")

@@ -64,7 +64,8 @@ def luna(tmp_path_factory) -> Path:
 # The longest test files first: `make test` runs two pytest workers, one file each at a time,
 # so a long file started last would leave one worker idle while it finishes.
 _LONG_FILES = ("test_fed_deployment.py", "test_fed_robustness.py", "test_notebooks.py",
-               "test_fed_simulation.py", "test_export.py", "test_recipes.py")
+               "test_fed_simulation.py", "test_fed_pretrain.py", "test_export.py", "test_recipes.py",
+               "test_foundation.py")
 
 
 def pytest_collection_modifyitems(items: list) -> None:

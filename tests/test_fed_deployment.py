@@ -28,12 +28,14 @@ def phantoms(tmp_path_factory) -> Path:
 
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="scripts/make_certs.sh needs openssl")
-def test_local_federation_over_tls_trains_two_rounds_and_stops_every_process(
+def test_local_federation_over_tls_trains_a_round_and_stops_every_process(
         phantoms: Path, tmp_path: Path) -> None:
     out = tmp_path / "FED"
     env = {**medfound_env(), "PORT": str(free_port_block())}
     res = subprocess.run([str(REPO / "scripts" / "local_federation.sh"), str(phantoms), str(out),
-                          "fed.rounds=2"], env=env, capture_output=True, text=True, timeout=900)
+                          "fed.rounds=1", "trainer.progress=false", "data.num_patches_per_image=1",
+                          "fed.eval_bootstraps=10", "network.sw_roi_size=[144,144,96]"],
+                         env=env, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
 
     # TLS: the SuperLink served HTTPS, with the certificate the script made.
@@ -46,9 +48,10 @@ def test_local_federation_over_tls_trains_two_rounds_and_stops_every_process(
         assert (out / "keys" / f"{center}.pub").read_text().startswith("ecdsa-sha2-nistp384 ")
         assert (out / "keys" / f"{center}.key").stat().st_mode & 0o077 == 0
 
-    # Same outputs as simulation mode: two rounds, all three centers in each, a model package.
+    # Same outputs as simulation mode: the round with all three centers, a model package.
+    # (More rounds over real processes: tests/test_fed_robustness.py.)
     metrics = json.loads((out / "metrics.json").read_text())
-    assert [r["round"] for r in metrics["rounds"]] == [1, 2]
+    assert [r["round"] for r in metrics["rounds"]] == [1]
     for record in metrics["rounds"]:
         assert sorted(record["train"]["accepted"]) == list(CENTERS)
         assert sorted(record["evaluate"]["centers"]) == list(CENTERS)
@@ -56,13 +59,13 @@ def test_local_federation_over_tls_trains_two_rounds_and_stops_every_process(
     assert model["task"] == "lung_nodule_detection"
     assert (out / "server" / "state.pt").is_file()
 
-    # Each center's own audit log, written by its SuperNode, lists what it sent: two train
-    # replies and two evaluate replies whose sizes add up to what the coordinator received.
+    # Each center's own audit log, written by its SuperNode, lists what it sent: a train
+    # reply, an evaluate reply and a cross-site one, whose sizes add up to what the
+    # coordinator received.
     for center in CENTERS:
         lines = (out / "centers" / center / "audit" / f"{center}.jsonl").read_text().splitlines()
         records = [json.loads(line) for line in lines]
-        assert sorted(r["kind"] for r in records) == ["cross-site", "evaluate", "evaluate",
-                                                      "train", "train"]
+        assert sorted(r["kind"] for r in records) == ["cross-site", "evaluate", "train"]
         sent = sum(r["bytes"] for r in records)
         assert sent == (sum(r["bytes"][center]["sent"] for r in metrics["rounds"])
                         + metrics["cross_site"]["bytes"][center]["sent"])

@@ -17,7 +17,7 @@ import pytest
 
 from processes import free_port_block, medfound_env, three_centers
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.long]
 
 CENTERS = ("center_0", "center_1", "center_2")
 

@@ -200,6 +200,7 @@ def test_no_phi_and_no_image_data_in_any_outbound_payload(federated: Path,
     assert not any(leaked(r) for r in runs)
 
 
+@pytest.mark.long
 def test_resume_after_a_completed_round_gives_the_uninterrupted_result(
         federated: Path, phantoms: Path, tmp_path: Path) -> None:
     out = tmp_path / "FED"
@@ -236,6 +237,7 @@ def test_bad_config_ends_in_one_line(phantoms: Path, tmp_path: Path, override: s
 
 
 
+@pytest.mark.long
 @pytest.mark.parametrize(("where", "noise"), [("client", 0.0), ("server", 1.0)])
 def test_differential_privacy_clips_each_update_and_adds_the_reported_noise(
         phantoms: Path, tmp_path: Path, where: str, noise: float) -> None:

@@ -74,9 +74,8 @@ def cmd_deid(args) -> int:
 def cmd_phantoms(args) -> int:
     from medfound.data.phantoms import make_phantoms
 
-    modalities = tuple(m.strip().lower() for m in args.modalities.split(",") if m.strip())
     out = make_phantoms(args.out, centers=args.centers, cases=args.cases, seed=args.seed,
-                        modalities=modalities, size=args.size, progress=not args.quiet)
+                        modalities=args.modalities, size=args.size, progress=not args.quiet)
     print(f"wrote {args.centers} phantom centers to {out}")
     return 0
 
@@ -274,7 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--centers", type=int, default=3, help="number of centers (default 3)")
     s.add_argument("--cases", type=int, default=6, help="cases in the largest center (default 6)")
     s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    s.add_argument("--modalities", default="ct", help="comma list of ct,mr,pet,us (default ct)")
+    s.add_argument("--modalities", default="ct", help="comma list of ct,mr,pet,us (default ct) for every "
+                   "center, or one list per center separated by ';' (ct,pet;ct,mr;us,ct: "
+                   "centers beyond the lists cycle through them)")
     s.add_argument("--size", choices=["small", "full"], default="small",
                    help="small ≈128×128×~100 CT for tests; full 512×512×200–400 (default small)")
     s.add_argument("--quiet", action="store_true", help="no progress bar")

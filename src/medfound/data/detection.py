@@ -53,6 +53,7 @@ __all__ = [
     "boxes_to_world",
     "detection_collate",
     "eval_transforms",
+    "label_subset",
     "load_datalist",
     "make_dataset",
     "predictions_to_rows",
@@ -124,6 +125,23 @@ def load_datalist(root: str | Path, centers: str | Sequence[str] | None = None,
         raise MedfoundError(f"no {split!r} items in the datalists of {', '.join(map(str, centers))}",
                             path=root, hint="choose another split or add cases to the datalists")
     return items
+
+
+def label_subset(items: Sequence[Mapping[str, Any]], fraction: float, seed: int = 0
+                 ) -> list[dict[str, Any]]:
+    """A `fraction` of each center's items (at least one per center), drawn with `seed`, in
+    their original order: label-efficiency experiments train on a share of the labeled cases."""
+    if not 0.0 < float(fraction) <= 1.0:
+        raise MedfoundError(f"config key 'data.label_fraction' = {fraction!r}: must be in (0, 1]")
+    if float(fraction) == 1.0:
+        return [dict(it) for it in items]
+    rng = np.random.default_rng(seed)
+    keep: set[int] = set()
+    for center in dict.fromkeys(it.get("center") for it in items):
+        idx = [n for n, it in enumerate(items) if it.get("center") == center]
+        n_keep = max(1, int(round(fraction * len(idx))))
+        keep.update(int(i) for i in rng.choice(idx, size=n_keep, replace=False))
+    return [dict(it) for n, it in enumerate(items) if n in keep]
 
 
 def _center_items(path: Path, center: str, split: str) -> list[dict[str, Any]]:

@@ -131,12 +131,16 @@ def make_phantoms(out, centers: int = 3, cases: int = 6, seed: int = 0,
     """Write `centers` synthetic imaging centers under `out` (layout in the module docstring).
 
     cases: cases in the largest center; center c gets cases × (1, 1, ⅓, ⅔, ½)[c mod 5] (at
-    least one), so the third center is the small one. modalities: any of "ct", "mr", "pet", "us".
+    least one), so the third center is the small one. modalities: any of "ct", "mr", "pet", "us",
+    the same for every center (``"ct,mr"`` or ``("ct", "mr")``), or one mix per center
+    (``"ct,pet;ct,mr;us,ct"`` or a list of lists; centers beyond the list cycle through it), as
+    networks whose centers own different scanners have.
     size: "small" (fast, for tests) or "full" (512×512 CT). An existing `out` must be empty
     or an earlier phantom folder, which is replaced. Returns `out` as a Path.
     """
     out = Path(out)
-    mods = _check_args(out, centers, cases, seed, modalities, size)
+    mixes = _check_args(out, centers, cases, seed, modalities, size)
+    mods = tuple(m for m in MODALITIES if any(m in mix for mix in mixes))
     if (out / _MANIFEST).exists():
         for old in out.glob("center_*"):
             shutil.rmtree(old)
@@ -144,11 +148,13 @@ def make_phantoms(out, centers: int = 3, cases: int = 6, seed: int = 0,
     sizes = center_sizes(centers, cases)
     manifest = dict(generator="medfound.data.phantoms", version=__version__, seed=seed,
                     centers=centers, cases=cases, modalities=list(mods), size=size,
-                    center_cases=sizes, complete=False)
+                    center_cases=sizes,
+                    center_modalities=[list(mixes[c % len(mixes)]) for c in range(centers)],
+                    complete=False)
     _write_json(out / _MANIFEST, manifest)
     with tqdm(total=sum(sizes), desc="phantom cases", unit="case", disable=not progress) as bar:
         for c, n_cases in enumerate(sizes):
-            _make_center(out / f"center_{c}", c, n_cases, seed, mods, size, bar)
+            _make_center(out / f"center_{c}", c, n_cases, seed, mixes[c % len(mixes)], size, bar)
     manifest["complete"] = True
     _write_json(out / _MANIFEST, manifest)
     return out
@@ -475,7 +481,7 @@ def _series_time(study: dict) -> dict:
 # --- arguments and files -----------------------------------------------------------------
 
 
-def _check_args(out: Path, centers, cases, seed, modalities, size) -> tuple[str, ...]:
+def _check_args(out: Path, centers, cases, seed, modalities, size) -> list[tuple[str, ...]]:
     if not isinstance(centers, int) or centers < 1:
         raise MedfoundError(f"centers must be a whole number ≥ 1, got {centers!r}",
                             hint="pass --centers 3 (for example)")
@@ -485,12 +491,18 @@ def _check_args(out: Path, centers, cases, seed, modalities, size) -> tuple[str,
     if not isinstance(seed, int) or seed < 0:
         raise MedfoundError(f"seed must be a whole number ≥ 0, got {seed!r}", hint="pass --seed 0")
     if isinstance(modalities, str):
-        modalities = modalities.split(",")
-    mods = [str(m).strip().lower() for m in modalities if str(m).strip()]
-    unknown = [m for m in mods if m not in MODALITIES]
-    if unknown or not mods:
-        raise MedfoundError(f"unknown modality {', '.join(unknown) or '(none given)'}",
-                            hint=f"use a comma list of {','.join(MODALITIES)}")
+        mixes = [part.split(",") for part in modalities.split(";")]
+    elif modalities and all(isinstance(m, str) for m in modalities):
+        mixes = [list(modalities)]
+    else:
+        mixes = [[m] if isinstance(m, str) else list(m) for m in (modalities or [])]
+    mixes = [[str(m).strip().lower() for m in mix if str(m).strip()] for mix in mixes] or [[]]
+    for mix in mixes:
+        unknown = [m for m in mix if m not in MODALITIES]
+        if unknown or not mix:
+            raise MedfoundError(f"unknown modality {', '.join(unknown) or '(none given)'}",
+                                hint=f"use a comma list of {','.join(MODALITIES)}, or one such "
+                                     "list per center separated by ';' (ct,pet;ct,mr;us,ct)")
     if size not in SIZES:
         raise MedfoundError(f"size must be small or full, got {size!r}", hint="pass --size small")
     if out.exists() and not out.is_dir():
@@ -499,7 +511,7 @@ def _check_args(out: Path, centers, cases, seed, modalities, size) -> tuple[str,
     if out.is_dir() and any(out.iterdir()) and not (out / _MANIFEST).exists():
         raise MedfoundError("folder is not empty and holds no phantoms", path=out,
                             hint="choose an empty or new --out folder (phantom folders are replaced)")
-    return tuple(m for m in MODALITIES if m in mods)
+    return [tuple(m for m in MODALITIES if m in mix) for mix in mixes]
 
 
 def _write_json(path: Path, obj) -> None:

@@ -5,6 +5,9 @@ For a "train" message a center loads the global weights into the detector and tr
 split, then replies with its weights and a few loss numbers (medfound.fed.protocol). For an
 "evaluate" message it scores the global weights on its own validation split (LUNA16 CPM); after
 the last round it scores the other centers' models the same way (medfound.fed.cross_site).
+With ``task=pretrain`` (federated self-supervised pretraining of the foundation encoder) the
+same two jobs train and score the encoder's pretrainer on every volume of the modalities the
+center holds (medfound.train.pretrain), and the train reply adds ``volumes/<m>`` counts.
 
 Between rounds a center keeps its local training state — optimizer moments, step counter,
 every RNG stream — in ``work_dir/rounds/<run_tag>/<round>/checkpoints/last.pt`` and hands it to
@@ -124,50 +127,42 @@ def make_client_app(sites: Sequence[Site] | None = None) -> ClientApp:
 
 def train_center(site: Site, msg: Message) -> Message:
     """Train on the site's training split from the global weights in `msg`; the reply."""
-    from medfound.data.detection import detection_collate, load_datalist
-    from medfound.train import detection as task_lib
     from medfound.train.checkpoint import load_checkpoint
-    from medfound.train.loop import TrainerConfig, distributed_loader, fit
+    from medfound.train.loop import TrainerConfig, fit
 
     task = _received_task(msg)
     round_, run_tag = task["round"], str(task["run_tag"])
-    network, detector = task_lib.build(task["network"], seed=task["seed"])
-    global_state = from_arrays(msg.content[ARRAYS])
-    items = load_datalist(site.data_dir.parent, [site.data_dir.name], "training")
     seed = center_seed(task["seed"], site.center)
-    dataset = _training_dataset(site, items, {**task["network"], **task["data"]},
-                                task["data"].get("cache", "memory"))
-    # fit seeds MONAI's random transforms from (center seed, epoch): a re-sent round repeats.
-    loader = distributed_loader(dataset, batch_size=int(task["data"]["batch_size"]), shuffle=True,
-                                seed=seed, num_workers=int(task["data"].get("num_workers", 0)),
-                                collate_fn=detection_collate)
+    job = (_pretrain_job if task_name(task) == "pretrain" else _detect_job)(site, task, seed)
+    network, model = job["network"], job["model"]
+    global_state = from_arrays(msg.content[ARRAYS])
 
     rounds_dir = site.work_dir / "rounds" / run_tag
     previous = _latest_round_state(rounds_dir, before=round_)
     start_state, epochs_done = None, 0
     if previous is not None:
         start_state = load_checkpoint(previous)
-        detector.load_state_dict(start_state["model"])
+        model.load_state_dict(start_state["model"])
         epochs_done = int(start_state["epoch"])
     _load_global(network, global_state)
     if start_state is not None:
-        start_state["model"] = detector.state_dict()
+        start_state["model"] = model.state_dict()
 
     trainer = TrainerConfig.from_dict({**task["trainer"], "seed": seed,
                                        "epochs": epochs_done + int(task["local_epochs"])})
-    step = task_lib.train_step
+    step = job["step"]
     if task["proximal_mu"] > 0:
         step = _proximal(step, network, global_state, task["proximal_mu"])
     started = time.perf_counter()
     with _center_run(site, task) as tracker:
-        result = fit(detector, loader, step, trainer, rounds_dir / f"{round_:04d}",
+        result = fit(model, job["loader"], step, trainer, rounds_dir / f"{round_:04d}",
                      start_state=start_state, tracker=tracker)
-        tracker.log_metrics({"round": float(round_), "train/cases": float(len(items))},
+        tracker.log_metrics({"round": float(round_), **job["logged"]},
                             step=epochs_done + int(task["local_epochs"]))
     _prune_rounds(site.work_dir / "rounds", run_tag, keep_from=round_ - 1)
 
     last = result.history[-1]
-    metrics = MetricRecord({NUM_EXAMPLES: len(items),
+    metrics = MetricRecord({NUM_EXAMPLES: job["num_examples"], **job["shared"],
                             **{k: float(v) for k, v in last.items() if k.startswith("train/")},
                             "train/seconds": time.perf_counter() - started})
     return Message(RecordDict({ARRAYS: to_arrays(network.state_dict(), task["transfer_dtype"]),
@@ -175,11 +170,73 @@ def train_center(site: Site, msg: Message) -> Message:
                    reply_to=msg)
 
 
+# A job: "network" (whose weights are exchanged), "model" (what `fit` trains: the network or
+# its detector), "loader", "step", "num_examples" (the aggregation weight), "shared" (extra
+# metrics the reply carries) and "logged" (extra metrics for the center's own MLflow run only).
+
+
+def _detect_job(site: Site, task: Mapping[str, Any], seed: int) -> dict[str, Any]:
+    """Nodule detection: the network inside its detector, the site's training cases."""
+    from medfound.data.detection import detection_collate, load_datalist
+    from medfound.train import detection as task_lib
+    from medfound.train.loop import distributed_loader
+
+    network, detector = task_lib.build(task["network"], seed=task["seed"])
+    items = load_datalist(site.data_dir.parent, [site.data_dir.name], "training")
+    dataset = _training_dataset(site, items, {**task["network"], **task["data"]},
+                                task["data"].get("cache", "memory"))
+    # fit seeds MONAI's random transforms from (center seed, epoch): a re-sent round repeats.
+    loader = distributed_loader(dataset, batch_size=int(task["data"]["batch_size"]), shuffle=True,
+                                seed=seed, num_workers=int(task["data"].get("num_workers", 0)),
+                                collate_fn=detection_collate)
+    return {"network": network, "model": detector, "loader": loader, "step": task_lib.train_step,
+            "num_examples": len(items), "shared": {}, "logged": {"train/cases": float(len(items))}}
+
+
+def _pretrain_job(site: Site, task: Mapping[str, Any], seed: int) -> dict[str, Any]:
+    """Self-supervised pretraining: every volume of the modalities this site holds. The
+    reply's ``volumes/<m>`` counts weight each modality's stem in the per-group aggregation."""
+    from functools import partial
+
+    from medfound.data.pretrain import (
+        load_volume_list,
+        modality_counts,
+        pretrain_collate,
+        pretrain_train_transforms,
+    )
+    from medfound.train import pretrain as task_lib
+    from medfound.train.loop import distributed_loader
+
+    t = task["task"]
+    model = task_lib.build(t["encoder"], seed=task["seed"])
+    items = load_volume_list(site.data_dir.parent, [site.data_dir.name], "training",
+                             t["encoder"]["modalities"])
+    if not items:
+        raise MedfoundError(f"no {'/'.join(t['encoder']['modalities'])} volumes in the training "
+                            "split", path=site.data_dir)
+    dataset = _training_dataset(site, items, t, task["data"].get("cache", "memory"),
+                                transforms=pretrain_train_transforms)
+    loader = distributed_loader(dataset, batch_size=int(t["batch_size"]), shuffle=True, seed=seed,
+                                num_workers=int(task["data"].get("num_workers", 0)),
+                                collate_fn=pretrain_collate)
+    counts = {f"volumes/{m}": float(n) for m, n in modality_counts(items).items()}
+    return {"network": model, "model": model, "loader": loader,
+            "step": partial(task_lib.train_step, params=task_lib.loss_params(t["loss"])),
+            "num_examples": len(items), "shared": counts, "logged": counts}
+
+
+def task_name(task: Mapping[str, Any]) -> str:
+    """"detect" or "pretrain" (messages of older coordinators carry no task group: detect)."""
+    return str((task.get("task") or {}).get("name", "detect"))
+
+
 def evaluate_center(site: Site, msg: Message) -> Message:
     """LUNA16 metrics of the global weights in `msg` on the site's validation split; for a
     cross-site evaluation, of each model the message carries. Every model's metrics are also
     logged to the center's own MLflow run (``val/`` or ``cross_site/<model>/``, step = round)."""
     task = _received_task(msg)
+    if task_name(task) == "pretrain":
+        return _evaluate_pretrain(site, task, msg)
     models = msg.content[CONFIG].get(CROSS_SITE)
     if models is None:
         weights = {"val": (METRICS, msg.content[ARRAYS])}
@@ -199,6 +256,32 @@ def evaluate_center(site: Site, msg: Message) -> Message:
             tracker.log_metrics(logged, step=int(task["round"]))
     return Message(RecordDict({**content, CENTER: ConfigRecord({"name": site.center})}),
                    reply_to=msg)
+
+
+def _evaluate_pretrain(site: Site, task: Mapping[str, Any], msg: Message) -> Message:
+    """Validation losses (masked reconstruction, InfoNCE) of the global encoder on the site's
+    validation volumes; a site without a validation split reports only its count (0)."""
+    from medfound.data.pretrain import load_volume_list, pretrain_collate, pretrain_eval_transforms
+    from medfound.train import pretrain as task_lib
+
+    t = task["task"]
+    items = load_volume_list(site.data_dir.parent, [site.data_dir.name], "validation",
+                             t["encoder"]["modalities"])
+    metrics: dict[str, float] = {NUM_EXAMPLES: len(items)}
+    if items:
+        model = task_lib.build(t["encoder"], seed=task["seed"])
+        _load_global(model, from_arrays(msg.content[ARRAYS]))
+        model.to(_device(task["trainer"]))
+        transform = _cached(pretrain_eval_transforms(t), json.dumps(t, sort_keys=True))
+        prepared, size = [transform(dict(it)) for it in items], int(t["batch_size"])
+        batches = [pretrain_collate(prepared[i:i + size]) for i in range(0, len(prepared), size)]
+        metrics.update(task_lib.evaluate(model, batches, task_lib.loss_params(t["loss"]),
+                                         seed=task["seed"]))
+        with _center_run(site, task) as tracker:
+            tracker.log_metrics({f"val/{k}": v for k, v in metrics.items()},
+                                step=int(task["round"]))
+    return Message(RecordDict({METRICS: MetricRecord(metrics),
+                               CENTER: ConfigRecord({"name": site.center})}), reply_to=msg)
 
 
 def _evaluate_weights(task: Mapping[str, Any], arrays: Any, items: list[dict[str, Any]]
@@ -233,8 +316,8 @@ def _center_run(site: Site, task: Mapping[str, Any]) -> Any:
                     "run_name": f"{site.center} {run_tag}"},
                    out_dir=site.work_dir / "mlflow" / run_tag, resume=True,
                    config={"center": site.center, "run_tag": run_tag,
-                           **{k: task[k] for k in ("network", "trainer", "data", "seed",
-                                                   "local_epochs", "transfer_dtype")}})
+                           **{k: task.get(k) for k in ("task", "network", "trainer", "data",
+                                                       "seed", "local_epochs", "transfer_dtype")}})
 
 
 def center_seed(seed: int, center: str) -> int:
@@ -284,13 +367,14 @@ _DATASETS: dict[str, Any] = {}
 
 
 def _training_dataset(site: Site, items: list[dict[str, Any]], prep: dict[str, Any],
-                      cache: str) -> Any:
+                      cache: str, transforms: Callable | None = None) -> Any:
     from medfound.data.detection import make_dataset, train_transforms
 
-    key = json.dumps([str(site.data_dir), [it["image"] for it in items], prep, cache],
-                     sort_keys=True, default=str)
+    transforms = transforms or train_transforms
+    key = json.dumps([str(site.data_dir), [it["image"] for it in items], prep, cache,
+                      transforms.__name__], sort_keys=True, default=str)
     if key not in _DATASETS:
-        _DATASETS[key] = make_dataset(items, train_transforms(prep), cache=cache,
+        _DATASETS[key] = make_dataset(items, transforms(prep), cache=cache,
                                       cache_dir=site.work_dir / "cache")
     return _DATASETS[key]
 

@@ -4,6 +4,8 @@ Coordinator → center, for "train" and "evaluate" messages (a Flower RecordDict
 
     "arrays"  ArrayRecord   global network weights (see medfound.fed.params), fed.transfer_dtype
     "config"  ConfigRecord  "server-round" (set by Flower's strategy), "task" (JSON: the
+                            task group (name "detect" | "pretrain" and, for pretrain,
+                            the encoder, loss and per-modality knobs), the
                             network / trainer / data knobs, seed, local_epochs, transfer_dtype,
                             eval_bootstraps, run_tag), "versions" (JSON), and "proximal-mu"
                             under FedProx
@@ -14,11 +16,14 @@ Center → coordinator, everything that ever leaves a center:
 
     train     "arrays" (updated weights: same keys, shapes and dtype as received),
               "metrics" MetricRecord ("num-examples" = training cases, "train/loss", ...,
-              "train/seconds" = the local training's wall time),
+              "train/seconds" = the local training's wall time; task=pretrain:
+              "num-examples" = training volumes and "volumes/<m>" per modality),
               "center" ConfigRecord ({"name": the center's name in the federation})
     evaluate  "metrics" ("num-examples" = validation cases, "n_nodules", and "cpm",
               "froc/<fp rate>" when the validation cases hold nodules), "center";
-              in a cross-site evaluation one "metrics:<model>" per model instead of "metrics"
+              in a cross-site evaluation one "metrics:<model>" per model instead of "metrics";
+              task=pretrain: "num-examples" = validation volumes, "reconstruction",
+              "contrastive", "contrastive_accuracy", "loss"
 
 No path, series UID, patient attribute or image array is ever put in a reply; the test
 suite checks the bytes of every outbound payload for them.
@@ -44,7 +49,8 @@ CROSS_SITE = "cross-site-models"  # JSON list of the models a cross-site evaluat
 
 # data.* keys a center needs to prepare its studies like every other center; the rest
 # (root, cache_dir, which centers) is the coordinator's or the center's own business.
-_DATA_KEYS_NOT_SENT = ("root", "cache_dir", "train_centers", "val_centers", "val_split")
+_DATA_KEYS_NOT_SENT = ("root", "cache_dir", "train_centers", "val_centers", "val_split",
+                       "label_fraction")
 
 
 class VersionMismatch(MedfoundError):
@@ -55,7 +61,8 @@ def task_spec(cfg: Mapping[str, Any], *, local_epochs: int, transfer_dtype: str,
               eval_bootstraps: int, run_tag: str) -> str:
     """The JSON "task" string of a train / evaluate message's config."""
     data = {k: v for k, v in dict(cfg["data"]).items() if k not in _DATA_KEYS_NOT_SENT}
-    return json.dumps({"network": dict(cfg["network"]), "trainer": dict(cfg["trainer"]),
+    return json.dumps({"task": dict(cfg.get("task") or {"name": "detect"}),
+                       "network": dict(cfg["network"]), "trainer": dict(cfg["trainer"]),
                        "data": data, "seed": int(cfg["seed"]), "local_epochs": local_epochs,
                        "transfer_dtype": transfer_dtype, "eval_bootstraps": eval_bootstraps,
                        "run_tag": run_tag}, sort_keys=True)

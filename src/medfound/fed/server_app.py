@@ -21,6 +21,11 @@ on CPU the result equals an uninterrupted run's (the centers replay from their o
 state, see medfound.fed.client_app). At the end the global weights become the model package
 ``FED/model/`` (medfound.train.package), which evaluate_detector and export accept.
 
+``task=pretrain`` (federated pretraining of the foundation encoder): the same rounds with the
+encoder's pretrainer, aggregated per parameter group (medfound.fed.strategies); evaluation is
+the validation reconstruction and contrastive losses; no cross-site matrix; the encoder package
+goes to ``FED/encoder/``.
+
 FED/metrics.json: ``rounds`` (one record per round: duration_s, train_s (the training phase:
 weights out, updates back, screening, aggregation), train {centers, accepted,
 rejected, failed, update_norms, aggregate}, evaluate {global, centers, failed}, bytes
@@ -89,14 +94,21 @@ def run_coordinator(grid: Grid, cfg: Mapping[str, Any], config_yaml: str = "") -
 
     settings = FedSettings.from_config(cfg)
     out = Path(cfg["out_dir"])
-    strategy = with_privacy(build_strategy(settings.strategy, settings.min_centers),
+    pretrain = settings.task == "pretrain"
+    strategy = with_privacy(build_strategy(settings.strategy, settings.min_centers,
+                                           group_by_modality=pretrain),
                             settings.privacy, len(settings.centers))
     if settings.privacy["dp"] is not None:
         p = settings.privacy
         print(f"differential privacy: {p['dp']}-side clipping of each update to L2 norm "
               f"{p['clipping_norm']:g}, Gaussian noise of std "
               f"{dp_noise_stdev(p, len(settings.centers)):.4g} on each aggregate", flush=True)
-    network, _ = task.build(cfg["network"], seed=cfg["seed"])
+    if pretrain:
+        from medfound.train import pretrain as pretrain_task
+
+        network = pretrain_task.build(cfg["task"]["encoder"], seed=cfg["seed"])
+    else:
+        network, _ = task.build(cfg["network"], seed=cfg["seed"])
     global_arrays = {k: v.numpy().astype(np.float32)
                      for k, v in shared_state(network.state_dict()).items()}
     model_bytes = int(sum(a.nbytes for a in global_arrays.values()))
@@ -129,7 +141,8 @@ def run_coordinator(grid: Grid, cfg: Mapping[str, Any], config_yaml: str = "") -
         for rnd in range(first_round, settings.rounds + 1):
             started = time.time()
             traffic = _Traffic()
-            keep = local_models if settings.cross_site and rnd == settings.rounds else None
+            cross_site_now = settings.cross_site and not pretrain and rnd == settings.rounds
+            keep = local_models if cross_site_now else None
             train, global_arrays = _train_round(grid, strategy, rnd, global_arrays, instruction,
                                                 settings, known, traffic, seed=int(cfg["seed"]),
                                                 keep=keep)
@@ -144,7 +157,7 @@ def run_coordinator(grid: Grid, cfg: Mapping[str, Any], config_yaml: str = "") -
 
             # checkpoint (atomic), then metrics.json, then MLflow
             save_checkpoint({"format": _FORMAT, "round": rnd, "run_tag": run_tag,
-                             "strategy_name": settings.strategy_name,
+                             "strategy_name": settings.strategy_name, "task": settings.task,
                              "transfer_dtype": settings.transfer_dtype,
                              "model": {k: torch.from_numpy(v) for k, v in global_arrays.items()},
                              "strategy": strategy_state(strategy), "history": history},
@@ -157,18 +170,25 @@ def run_coordinator(grid: Grid, cfg: Mapping[str, Any], config_yaml: str = "") -
             raise MedfoundError("the federation completed no round", path=out,
                                 hint="set fed.rounds >= 1")
         # --- cross-site validation: the global and each center's last local model, everywhere ---
-        if settings.cross_site:
+        if settings.cross_site and not pretrain:
             cross_site = _cross_site(grid, out, global_arrays, local_models, instruction,
                                      settings, known, history[-1]["round"], tracker)
 
         # --- package the global model ---
         for name, value in shared_state(network.state_dict()).items():
             value.copy_(torch.from_numpy(global_arrays[name]))
-        package = _package(out, network, cfg, config_yaml, settings, history, tracker.run_id)
+        package = (_package_encoder if pretrain else _package)(
+            out, network, cfg, config_yaml, settings, history, tracker.run_id)
         write_metrics(out / METRICS_FILE, history, settings, model_bytes, cross_site)
         tracker.log_artifact(out / METRICS_FILE)
-        tracker.log_artifacts(package, "model")
+        tracker.log_artifacts(package, package.name)
     final = history[-1]["evaluate"]["global"]
+    if pretrain:
+        rec = final.get("reconstruction")
+        print(f"encoder package: {package}  (federated validation reconstruction L1 "
+              f"{'n/a' if rec is None else f'{rec:.4f}'} after {len(history)} rounds, "
+              f"MLflow run {tracker.run_id})", flush=True)
+        return package
     cpm = final.get("cpm")
     print(f"model package: {package}  (federated validation CPM "
           f"{'n/a' if cpm is None else f'{cpm:.3f}'} after {len(history)} rounds, "
@@ -184,8 +204,8 @@ def _check_resumable(state: Mapping[str, Any], settings: FedSettings, path: Path
         raise MedfoundError("not a federated coordinator checkpoint", path=path,
                             hint="point out_dir at the FED folder of a federate run")
     for key, now in (("strategy_name", settings.strategy_name),
-                     ("transfer_dtype", settings.transfer_dtype)):
-        if state.get(key) != now:
+                     ("transfer_dtype", settings.transfer_dtype), ("task", settings.task)):
+        if state.get(key, "detect" if key == "task" else None) != now:
             raise MedfoundError(f"the run started with {key} {state.get(key)!r}, not {now!r}",
                                 path=path, hint="resume with the settings the run started with")
 
@@ -421,6 +441,8 @@ def _round_summary(record: Mapping[str, Any], rounds: int) -> str:
         parts.append(f"train/loss {train['aggregate']['train/loss']:.4g}")
     if "cpm" in glob:
         parts.append(f"global CPM {glob['cpm']:.3f}")
+    if "reconstruction" in glob:
+        parts.append(f"global reconstruction {glob['reconstruction']:.4f}")
     parts.append(f"{record['duration_s']:.1f} s")
     return "  ".join(parts)
 
@@ -453,3 +475,24 @@ def _package(out: Path, network: torch.nn.Module, cfg: Mapping[str, Any], config
                     "train_cases": train_cases, "seed": cfg["seed"],
                     "transfer_dtype": settings.transfer_dtype, "privacy": settings.privacy,
                     "mlflow_run_id": run_id})
+
+
+def _package_encoder(out: Path, network: torch.nn.Module, cfg: Mapping[str, Any], config_yaml: str,
+                     settings: FedSettings, history: list[dict[str, Any]], run_id: str | None) -> Path:
+    """FED/encoder/: the federated-pretrained encoder (stems + shared body), as `pretrain` leaves it."""
+    from medfound.train.package import save_model_package
+
+    last = history[-1]
+    t = cfg["task"]
+    volumes = {c: {k.split("/", 1)[1]: int(v) for k, v in m.items() if k.startswith("volumes/")}
+               for c, m in last["train"]["centers"].items()}
+    return save_model_package(
+        out / "encoder", network.encoder, task="foundation_encoder",
+        model_config=dict(t["encoder"]),
+        preprocessing={"modalities": t["modalities"], "patch_size": t["patch_size"],
+                       "orientation": "LPS"},
+        metrics={**last["evaluate"]["global"], "round": last["round"]}, config_yaml=config_yaml,
+        provenance={"federated": True, "strategy": settings.strategy, "rounds": last["round"],
+                    "train_centers": list(settings.centers), "volumes": volumes,
+                    "seed": cfg["seed"], "transfer_dtype": settings.transfer_dtype,
+                    "privacy": settings.privacy, "mlflow_run_id": run_id})

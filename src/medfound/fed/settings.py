@@ -18,6 +18,8 @@ MODES = ("simulation", "deployment")
 TRANSFER_DTYPES = ("float32", "float16")
 # fed/<name>.yaml → the Flower Message-API strategy behind it (see medfound.fed.strategies).
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "trimmed_mean", "krum")
+# task=<name> (configs/task/): what the federation trains.
+TASKS = ("detect", "pretrain")
 # fed.privacy.dp: where updates are clipped before the coordinator adds Gaussian noise.
 DP_MODES = ("client", "server")
 
@@ -41,6 +43,7 @@ class FedSettings:
     simulation: dict[str, Any]
     deployment: dict[str, Any] = dataclasses.field(default_factory=dict)
     privacy: dict[str, Any] = dataclasses.field(default_factory=dict)
+    task: str = "detect"  # task.name: "detect" (the nodule detector) | "pretrain" (the encoder)
 
     @property
     def strategy_name(self) -> str:
@@ -109,6 +112,10 @@ class FedSettings:
                                     "be true or false")
 
         privacy = _privacy(fed.get("privacy"))
+        task = str((cfg.get("task") or {}).get("name", "detect"))
+        if task not in TASKS:
+            raise MedfoundError(f"config key 'task.name' = {task!r} is not a federated task",
+                                hint=f"choose task=<one of {', '.join(TASKS)}>")
 
         schedule = (cfg.get("trainer") or {}).get("schedule")
         if schedule == "cosine":
@@ -124,7 +131,7 @@ class FedSettings:
                    eval_bootstraps=int(fed["eval_bootstraps"]),
                    audit_payloads=fed["audit_payloads"], cross_site=fed["cross_site"],
                    strategy=strategy,
-                   simulation=simulation, deployment=deployment, privacy=privacy)
+                   simulation=simulation, deployment=deployment, privacy=privacy, task=task)
 
 
 def _privacy(value: Any) -> dict[str, Any]:

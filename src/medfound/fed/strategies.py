@@ -15,6 +15,14 @@ wrapper: ``client`` — each center clips its update (w_center − w_global) to 
 medfound.fed.client_app); ``server`` — the coordinator clips each update it receives. Both add
 Gaussian noise of std ``noise_multiplier × clipping_norm / centers`` to the aggregate.
 
+Per parameter group (``group_by_modality``, used by federated pretraining of the multi-modal
+foundation encoder, medfound.models.foundation): FedAvg, FedProx, FedAdam and FedYogi average each
+modality's stem (the weights under ``stems.<m>.``) only among the centers that trained it,
+weighted by each one's volume count of that modality (the ``volumes/<m>`` metric of its
+reply), and the shared weights among all, weighted by ``num-examples``. A center without a
+modality never updates that stem, so its unchanged copy would only drag the average back.
+The coordinate-wise robust strategies have no per-group form and are refused.
+
 Every strategy samples all connected centers and needs at least ``fed.min_centers``. The
 server optimizers' moments are the strategy's state: `strategy_state` / `restore_strategy_state`
 put them in (and take them from) the coordinator's per-round checkpoint, so a resumed run
@@ -23,18 +31,21 @@ continues with the same moments.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
 import torch
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import strategy as flwr_strategy
 
 from medfound.errors import MedfoundError
 from medfound.fed.protocol import NUM_EXAMPLES
 
-__all__ = ["build_strategy", "dp_noise_stdev", "restore_strategy_state", "strategy_state",
-           "with_privacy"]
+__all__ = ["GROUP_WEIGHT_PREFIX", "aggregate_by_group", "build_strategy", "dp_noise_stdev", "group_of",
+           "restore_strategy_state", "strategy_state", "with_privacy"]
+
+GROUP_WEIGHT_PREFIX = "volumes/"  # a reply's metric "volumes/<group>": its weight for that group
 
 # name → (Flower class, {config key: default}) — the keys a configs/fed/<name>.yaml may set.
 _STRATEGIES: dict[str, tuple[type, dict[str, Any]]] = {
@@ -46,12 +57,69 @@ _STRATEGIES: dict[str, tuple[type, dict[str, Any]]] = {
     "trimmed_mean": (flwr_strategy.FedTrimmedAvg, {"beta": 0.2}),
     "krum": (flwr_strategy.Krum, {"num_malicious_nodes": 0}),
 }
+_GROUPABLE = ("fedavg", "fedprox", "fedadam", "fedyogi")
 # Attributes holding a strategy's state between rounds (FedOpt's first and second moments).
 _STATE_ATTRS = ("m_t", "v_t")
 
 
-def build_strategy(spec: Mapping[str, Any], min_centers: int) -> flwr_strategy.Strategy:
-    """The Flower strategy for a `fed.strategy` mapping ({"name": ..., its keys})."""
+def group_of(key: str) -> str:
+    """Parameter group of a state_dict key: the modality of a foundation-encoder stem weight
+    (``[encoder.]stems.<m>.…``, medfound.models.foundation), else "shared"."""
+    parts = key.split(".")
+    if "stems" in parts[:-1]:
+        return parts[parts.index("stems") + 1]
+    return "shared"
+
+
+def aggregate_by_group(records: list[RecordDict], weighted_by_key: str) -> ArrayRecord:
+    """Weighted mean of the replies' arrays, one parameter group at a time.
+
+    Weights: ``weighted_by_key`` for the "shared" group; ``volumes/<m>`` for modality m's stem,
+    among the replies where it is > 0 (if none is, all replies count equally: none of them
+    changed that stem). Sums in float64; each result keeps the dtype of the replies' arrays.
+    """
+    metrics = [next(iter(r.metric_records.values())) for r in records]
+    arrays = [next(iter(r.array_records.values())) for r in records]
+    out: dict[str, Array] = {}
+    for key in arrays[0].keys():
+        group = group_of(key)
+        name = weighted_by_key if group == "shared" else GROUP_WEIGHT_PREFIX + group
+        weights = np.array([float(m.get(name, 0.0) or 0.0) for m in metrics])
+        if weights.sum() <= 0:
+            weights = np.ones(len(records))
+        weights = weights / weights.sum()
+        values = [a[key].numpy() for a in arrays]
+        total = sum(w * v.astype(np.float64) for w, v in zip(weights, values, strict=True) if w > 0)
+        out[key] = Array(np.ascontiguousarray(total, dtype=values[0].dtype))
+    return ArrayRecord(out)
+
+
+class _GroupedFedAvg(flwr_strategy.FedAvg):
+    """FedAvg's aggregation, per parameter group (`aggregate_by_group`); metrics as FedAvg."""
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        valid, _ = self._check_and_log_replies(replies, is_train=True)
+        if not valid:
+            return None, None
+        contents = [msg.content for msg in valid]
+        return (aggregate_by_group(contents, self.weighted_by_key),
+                self.train_metrics_aggr_fn(contents, self.weighted_by_key))
+
+
+def _grouped(cls: type) -> type:
+    """`cls` with FedAvg's aggregation replaced by the per-group one (FedOpt's server
+    optimizers then step on the per-group average)."""
+    if cls is flwr_strategy.FedAvg:
+        return _GroupedFedAvg
+    return type(f"Grouped{cls.__name__}", (cls, _GroupedFedAvg), {})
+
+
+def build_strategy(spec: Mapping[str, Any], min_centers: int,
+                   group_by_modality: bool = False) -> flwr_strategy.Strategy:
+    """The Flower strategy for a `fed.strategy` mapping ({"name": ..., its keys}).
+
+    `group_by_modality`: aggregate per parameter group (module docstring)."""
     spec = dict(spec)
     name = spec.pop("name", None)
     if name not in _STRATEGIES:
@@ -70,6 +138,11 @@ def build_strategy(spec: Mapping[str, Any], min_centers: int) -> flwr_strategy.S
         raise MedfoundError(f"config key 'fed.strategy.beta' = {params['beta']!r}: must be < 0.5")
     if name == "krum":
         params["num_malicious_nodes"] = int(params["num_malicious_nodes"])
+    if group_by_modality:
+        if name not in _GROUPABLE:
+            raise MedfoundError(f"fed={name} cannot aggregate per modality group (task=pretrain)",
+                                hint=f"use fed=<one of {', '.join(_GROUPABLE)}>")
+        cls = _grouped(cls)
     return cls(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=min_centers,
                min_evaluate_nodes=min_centers, min_available_nodes=min_centers,
                weighted_by_key=NUM_EXAMPLES, **params)

@@ -52,6 +52,7 @@ from medfound.errors import MedfoundError
 
 __all__ = [
     "PRESETS",
+    "Adapter",
     "AtssRetinaNetDetector",
     "DetectorConfig",
     "ResNetFPN",
@@ -99,6 +100,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "sw_overlap": 0.25,
         "sw_batch_size": 1,
         "sw_mode": "constant",
+        "adapter_channels": 0,
     },
 }
 # Differences from "reference" only: everything else (matching, sampling, NMS) is shared.
@@ -150,6 +152,8 @@ class DetectorConfig:
     sw_overlap: float
     sw_batch_size: int
     sw_mode: str  # "constant" | "gaussian" blending
+    adapter_channels: int = 0  # >0: a residual bottleneck adapter of this width after each
+    #                            returned ResNet stage (fine-tuning a frozen pretrained backbone)
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> DetectorConfig:
@@ -165,6 +169,7 @@ class DetectorConfig:
         if unknown:
             raise MedfoundError(f"model config: unknown key(s) {unknown}",
                                 hint=f"valid keys are {names}")
+        values.setdefault("adapter_channels", 0)  # packages written before adapters existed
         missing = [n for n in names if n not in values]
         if missing:
             raise MedfoundError(f"model config: missing key(s) {missing}",
@@ -246,27 +251,52 @@ def size_divisible(cfg: DetectorConfig | Mapping[str, Any]) -> tuple[int, int, i
     return i, j, k
 
 
+class Adapter(nn.Module):
+    """Residual bottleneck adapter: x + up(relu(down(x))), 1×1×1 convolutions. `up` starts at
+    zero, so a freshly added adapter is the identity and fine-tuning starts from the
+    pretrained features."""
+
+    def __init__(self, channels: int, bottleneck: int):
+        super().__init__()
+        self.down = nn.Conv3d(channels, bottleneck, 1)
+        self.up = nn.Conv3d(bottleneck, channels, 1)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.up(torch.relu(self.down(x)))
+
+
 class ResNetFPN(nn.Module):
     """ResNet stages up to the deepest returned one, then a feature pyramid.
 
     Does what MONAI's `BackboneWithFPN` does (same sub-module names, so the same state_dict keys
     as `resnet_fpn_feature_extractor`) without torchvision's IntermediateLayerGetter.
+    With `adapter_channels` > 0 an `Adapter` (``body.adapter<k>``) follows each returned stage
+    and the pyramid takes its output.
     forward: (B, C, i, j, k) → dict of len(returned_layers)+1 maps of `out_channels`, finest first.
     """
 
     def __init__(self, backbone: ResNet, returned_layers: Sequence[int], in_channels_list: Sequence[int],
-                 out_channels: int):
+                 out_channels: int, adapter_channels: int = 0):
         super().__init__()
         last = f"layer{max(returned_layers)}"
         body = OrderedDict()
+        widths = dict(zip((f"layer{k}" for k in returned_layers), in_channels_list, strict=True))
+        self.return_layers = {}
         for name, module in backbone.named_children():
             if name == "maxpool" and backbone.no_max_pool:
                 continue
             body[name] = module
+            if name in widths:
+                tap = name
+                if adapter_channels > 0:
+                    tap = f"adapter{name[len('layer'):]}"
+                    body[tap] = Adapter(widths[name], adapter_channels)
+                self.return_layers[tap] = str(len(self.return_layers))
             if name == last:
                 break
         self.body = nn.ModuleDict(body)
-        self.return_layers = {f"layer{k}": str(n) for n, k in enumerate(returned_layers)}
         self.fpn = FeaturePyramidNetwork(
             spatial_dims=SPATIAL_DIMS,
             in_channels_list=list(in_channels_list),
@@ -299,7 +329,8 @@ def build_feature_extractor(cfg: DetectorConfig | Mapping[str, Any]) -> ResNetFP
         feed_forward=False,
     )
     in_channels = [cfg.block_inplanes[k - 1] * block.expansion for k in cfg.returned_layers]
-    return ResNetFPN(backbone, cfg.returned_layers, in_channels, cfg.fpn_channels)
+    return ResNetFPN(backbone, cfg.returned_layers, in_channels, cfg.fpn_channels,
+                     adapter_channels=cfg.adapter_channels)
 
 
 def build_network(cfg: DetectorConfig | Mapping[str, Any], seed: int | None = None) -> RetinaNet:

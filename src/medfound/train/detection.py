@@ -8,6 +8,7 @@ voxel "xyzxyz" boxes of the resampled image, and `medfound.data.detection` conve
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -15,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from medfound.data.detection import load_datalist, predictions_to_rows
+from medfound.errors import MedfoundError
 from medfound.metrics.froc import evaluate_luna16
 from medfound.models.detection import DetectorConfig, build_detector, build_network
 
@@ -43,6 +45,43 @@ def build(model_cfg: Any, seed: int | None = None):
     cfg = detector_config(model_cfg)
     network = build_network(cfg, seed=seed)
     return network, build_detector(cfg, network)
+
+
+def init_from_encoder(network: torch.nn.Module, package: str | Path, modality: str = "ct",
+                      freeze: bool = False) -> int:
+    """Start the detector's backbone from a pretrained foundation encoder package
+    (RUN/encoder of `medfound run pretrain`, or FED/encoder of a federated pretraining).
+
+    The encoder's `modality` stem and body stages replace the backbone's weights (see
+    medfound.models.foundation.detector_state_from_encoder); the FPN and heads keep their fresh
+    initialisation. `freeze`: the backbone is not trained (`freeze_backbone`), so only the FPN,
+    the heads and the adapters (``network.adapter_channels`` > 0) learn. Returns the weights
+    loaded.
+    """
+    from medfound.models.foundation import detector_state_from_encoder
+    from medfound.train.package import WEIGHTS, read_model_json
+
+    meta = read_model_json(package)
+    if meta.get("task") != "foundation_encoder":
+        raise MedfoundError(f"not a foundation encoder package (task {meta.get('task')!r})",
+                            path=package, hint="pass RUN/encoder of `medfound run pretrain`")
+    encoder = torch.load(Path(package) / WEIGHTS, map_location="cpu", weights_only=True)
+    state = network.state_dict()
+    new = detector_state_from_encoder(encoder, state, modality=modality)
+    network.load_state_dict({**state, **new})
+    if freeze:
+        freeze_backbone(network)
+    return len(new)
+
+
+def freeze_backbone(network: torch.nn.Module) -> None:
+    """Freeze the detector's ResNet body (no gradients, BatchNorm on its running statistics),
+    all but its adapters."""
+    from medfound.models.foundation import freeze_
+
+    for name, module in network.feature_extractor.body.items():
+        if not name.startswith("adapter"):
+            freeze_(module)
 
 
 def train_step(detector, batch: Sequence[dict[str, Any]], cls_weight: float = 1.0
