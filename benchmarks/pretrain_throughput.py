@@ -5,10 +5,11 @@ the content):
 
 1. Body candidates side by side, at one patch size (64×64×32, batch 4): a training step of the
    encoder alone (forward, loss = mean of the deepest features, backward, AdamW) for
-   - the 3D ResNet body medfound uses (MONAI ResNet stages, the tiny detector's widths), and
+   - the 3D ResNet body medfound uses (MONAI ResNet stages, the tiny detector's widths),
+   - the same ResNet twice as wide with a fourth stage (more weights than the Swin below), and
    - the Swin-ViT body of MONAI's SwinUNETR (SwinTransformer: patch 2, window 7, depths
      2-2-2-2, heads 3-6-12-24, feature size 12, the smallest SwinUNETR setting):
-   weights, seconds per step, volumes per second.
+   weights, seconds per step, volumes per second. One (CT) stem each.
 2. The full pretraining step of the recipe (configs/task/pretrain.yaml: two masked views per
    volume, reconstruction + InfoNCE, backward, AdamW) at its patch size and batch: volumes/s.
 
@@ -62,8 +63,11 @@ def timed(step, steps: int, device: torch.device) -> float:
 
 def body_step(name: str, patch: list[int], batch: int, steps: int, device: torch.device) -> dict:
     torch.manual_seed(0)
-    if name == "resnet":
-        enc = FoundationEncoder(FOUNDATION_PRESETS["tiny"]).to(device)
+    if name.startswith("resnet"):
+        cfg = {**FOUNDATION_PRESETS["tiny"], "modalities": ["ct"]}
+        if name == "resnet-wide":
+            cfg.update(block_inplanes=[16, 32, 64, 128], stages=4)
+        enc = FoundationEncoder(cfg).to(device)
 
         def forward(x):
             return enc(x, ["ct"] * x.shape[0])[-1]
@@ -117,14 +121,16 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=10)
     args = ap.parse_args()
     device = torch.device(args.device)
-    bodies = [body_step(name, [64, 64, 32], 4, args.steps, device) for name in ("resnet", "swin")]
+    bodies = [body_step(name, [64, 64, 32], 4, args.steps, device)
+              for name in ("resnet", "resnet-wide", "swin")]
     full = pretrain_step(args.steps, device)
-    res, swin = bodies
+    res, wide, swin = bodies
     doc = {"benchmark": "pretrain_throughput", "when": time.strftime("%Y-%m-%d %H:%M:%S"),
            "machine": machine(),
            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
            "torch_threads": torch.get_num_threads(), "bodies": bodies, "pretrain_step": full,
-           "resnet_over_swin_volumes_per_s": res["volumes_per_s"] / swin["volumes_per_s"]}
+           "resnet_over_swin_volumes_per_s": res["volumes_per_s"] / swin["volumes_per_s"],
+           "resnet_wide_over_swin_volumes_per_s": wide["volumes_per_s"] / swin["volumes_per_s"]}
     suffix = "" if device.type == "cpu" else "_" + device.type
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"pretrain_throughput{suffix}.json").write_text(json.dumps(doc, indent=2) + "\n")
@@ -137,7 +143,8 @@ def main() -> int:
         lines.append(f"| {b['body']} | {b['params'] / 1e3:.0f} k | {'×'.join(map(str, b['patch']))} | "
                      f"{b['batch']} | {b['median_s_per_step']:.3f} | {b['volumes_per_s']:.1f} |")
     lines += ["", f"ResNet body: {doc['resnet_over_swin_volumes_per_s']:.1f}× the Swin-ViT body's "
-              "volumes per second.", "",
+              f"volumes per second; the wide ResNet (more weights than the Swin): "
+              f"{doc['resnet_wide_over_swin_volumes_per_s']:.1f}×.", "",
               f"Full pretraining step (two masked views, reconstruction + InfoNCE), patch "
               f"{'×'.join(map(str, full['patch']))}, batch {full['batch']}: "
               f"{full['volumes_per_s']:.1f} volumes/s ({full['median_s_per_step']:.3f} s/step, "

@@ -224,6 +224,36 @@ def test_resume_after_a_completed_round_gives_the_uninterrupted_result(
     assert json.loads((out / "mlflow_run.json").read_text())["run_id"] == run_id
 
 
+def test_fine_tuning_a_frozen_encoder_exchanges_only_the_trainable_weights_after_round_1(
+        phantoms: Path, tmp_path: Path) -> None:
+    from medfound.models.foundation import FOUNDATION_PRESETS, FoundationEncoder
+    from medfound.train.package import save_model_package
+
+    encoder = FoundationEncoder(FOUNDATION_PRESETS["tiny"], seed=3)
+    package = save_model_package(tmp_path / "encoder", encoder, task="foundation_encoder",
+                                 model_config=FOUNDATION_PRESETS["tiny"], preprocessing={})
+    out = tmp_path / "FED"
+    res = federate(f"data.root={phantoms}", "fed.rounds=2", f"out_dir={out}", "fed.cross_site=false",
+                   f"finetune.init_encoder={package}", "finetune.freeze_encoder=true",
+                   "network.adapter_channels=4", "fed.exchange=trainable")
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    assert "(frozen at every center)" in res.stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    first, second = (r["bytes"] for r in metrics["rounds"])
+    for center in CENTERS:
+        # Round 1 brings the whole model, round 2 the FPN, heads and adapters only; a center's
+        # replies never carry its frozen backbone.
+        assert second[center]["received"] < 0.9 * first[center]["received"]
+        assert second[center]["sent"] < 0.9 * metrics["model_bytes_fp32"]
+    weights = torch.load(out / "model" / "weights.pt", weights_only=True)
+    state = encoder.state_dict()
+    body = "feature_extractor.body."
+    for key in ("layer1.0.conv1.weight", "layer2.0.bn1.running_mean"):  # frozen all along
+        assert torch.equal(weights[body + key], state["body." + key]), key
+    assert torch.equal(weights[body + "conv1.weight"], state["stems.ct.conv1.weight"])
+    assert float(weights[body + "adapter1.up.weight"].abs().sum()) > 0  # trained from zero
+
+
 @pytest.mark.parametrize(("override", "expected"), [
     ("fed.centers=[center_0,center_9]", "center_9"),
     ("fed.transfer_dtype=int8", "fed.transfer_dtype"),

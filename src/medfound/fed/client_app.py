@@ -53,7 +53,7 @@ from flwr.clientapp import ClientApp
 
 from medfound.errors import MedfoundError
 from medfound.fed.audit import AuditLog
-from medfound.fed.params import from_arrays, payload_bytes, to_arrays
+from medfound.fed.params import from_arrays, payload_bytes, shared_state, to_arrays
 from medfound.fed.protocol import (
     ARRAYS,
     CENTER,
@@ -139,6 +139,7 @@ def train_center(site: Site, msg: Message) -> Message:
 
     rounds_dir = site.work_dir / "rounds" / run_tag
     previous = _latest_round_state(rounds_dir, before=round_)
+    _check_complete(network, global_state, previous, site)
     start_state, epochs_done = None, 0
     if previous is not None:
         start_state = load_checkpoint(previous)
@@ -165,9 +166,23 @@ def train_center(site: Site, msg: Message) -> Message:
     metrics = MetricRecord({NUM_EXAMPLES: job["num_examples"], **job["shared"],
                             **{k: float(v) for k, v in last.items() if k.startswith("train/")},
                             "train/seconds": time.perf_counter() - started})
-    return Message(RecordDict({ARRAYS: to_arrays(network.state_dict(), task["transfer_dtype"]),
+    state = network.state_dict()
+    if task.get("exchange") == "trainable":  # only what this center trained leaves it
+        state = {k: state[k] for k, p in network.named_parameters() if p.requires_grad}
+    return Message(RecordDict({ARRAYS: to_arrays(state, task["transfer_dtype"]),
                                METRICS: metrics, CENTER: ConfigRecord({"name": site.center})}),
                    reply_to=msg)
+
+
+def _check_complete(network: torch.nn.Module, global_state: Mapping[str, torch.Tensor],
+                    base: Path | None, site: Site) -> None:
+    """A message that carries only part of the model (fed.exchange=trainable, after round 1)
+    needs the rest from this center's own earlier round."""
+    if base is None and set(shared_state(network.state_dict())) - set(global_state):
+        raise MedfoundError("the coordinator sent only the trainable weights and this center has "
+                            "no earlier round to take the frozen backbone from",
+                            path=site.work_dir,
+                            hint="a center joins a fed.exchange=trainable federation in round 1")
 
 
 # A job: "network" (whose weights are exchanged), "model" (what `fit` trains: the network or
@@ -182,6 +197,8 @@ def _detect_job(site: Site, task: Mapping[str, Any], seed: int) -> dict[str, Any
     from medfound.train.loop import distributed_loader
 
     network, detector = task_lib.build(task["network"], seed=task["seed"])
+    if task.get("freeze_encoder"):
+        task_lib.freeze_backbone(network)
     items = load_datalist(site.data_dir.parent, [site.data_dir.name], "training")
     dataset = _training_dataset(site, items, {**task["network"], **task["data"]},
                                 task["data"].get("cache", "memory"))
@@ -244,9 +261,11 @@ def evaluate_center(site: Site, msg: Message) -> Message:
         weights = {f"cross_site/{name}": (f"{METRICS}:{name}", msg.content[f"{ARRAYS}:{name}"])
                    for name in json.loads(str(models))}
     items = _validation_items(site)
+    base = _latest_round_state(site.work_dir / "rounds" / str(task["run_tag"]),
+                               before=int(task["round"]) + 1)
     content, logged = {}, {}
     for prefix, (key, arrays) in weights.items():
-        metrics, ci = _evaluate_weights(task, arrays, items)
+        metrics, ci = _evaluate_weights(task, arrays, items, site, base)
         content[key] = MetricRecord(metrics)
         if ci is not None:
             logged.update({f"{prefix}/{k}": float(v) for k, v in metrics.items()}
@@ -284,10 +303,12 @@ def _evaluate_pretrain(site: Site, task: Mapping[str, Any], msg: Message) -> Mes
                                CENTER: ConfigRecord({"name": site.center})}), reply_to=msg)
 
 
-def _evaluate_weights(task: Mapping[str, Any], arrays: Any, items: list[dict[str, Any]]
+def _evaluate_weights(task: Mapping[str, Any], arrays: Any, items: list[dict[str, Any]],
+                      site: Site, base: Path | None = None
                       ) -> tuple[dict[str, float], tuple[float, float] | None]:
     """The metrics of one set of weights on the validation `items`, and the CPM's 95% CI
-    (None when the items hold no nodule: CPM is a sensitivity, undefined without one)."""
+    (None when the items hold no nodule: CPM is a sensitivity, undefined without one).
+    Weights the message lacks (fed.exchange=trainable) come from the round state `base`."""
     from medfound.data.detection import eval_transforms
     from medfound.train import detection as task_lib
 
@@ -296,7 +317,13 @@ def _evaluate_weights(task: Mapping[str, Any], arrays: Any, items: list[dict[str
     if n_nodules == 0:
         return metrics, None
     network, detector = task_lib.build(task["network"], seed=task["seed"])
-    _load_global(network, from_arrays(arrays))
+    weights = from_arrays(arrays)
+    _check_complete(network, weights, base, site)
+    if base is not None and set(shared_state(network.state_dict())) - set(weights):
+        from medfound.train.checkpoint import load_checkpoint
+
+        detector.load_state_dict(load_checkpoint(base)["model"])
+    _load_global(network, weights)
     detector.to(_device(task["trainer"]))
     transform = _cached(eval_transforms({**task["network"], **task["data"]}),
                         json.dumps({**task["network"], **task["data"]}, sort_keys=True))

@@ -9,6 +9,9 @@ Coordinator → center, for "train" and "evaluate" messages (a Flower RecordDict
                             network / trainer / data knobs, seed, local_epochs, transfer_dtype,
                             eval_bootstraps, run_tag), "versions" (JSON), and "proximal-mu"
                             under FedProx
+    with fed.exchange=trainable, "arrays" holds the whole model in round 1 and only the
+    trainable weights (FPN, heads, adapters) after; a center keeps its frozen backbone between
+    rounds in its own round state
     cross-site evaluation after the last round (medfound.fed.cross_site): "arrays:<model>"
     per model instead of "arrays", and "cross-site-models" (JSON list) in "config"
 
@@ -58,14 +61,16 @@ class VersionMismatch(MedfoundError):
 
 
 def task_spec(cfg: Mapping[str, Any], *, local_epochs: int, transfer_dtype: str,
-              eval_bootstraps: int, run_tag: str) -> str:
+              eval_bootstraps: int, run_tag: str, exchange: str = "all") -> str:
     """The JSON "task" string of a train / evaluate message's config."""
     data = {k: v for k, v in dict(cfg["data"]).items() if k not in _DATA_KEYS_NOT_SENT}
     return json.dumps({"task": dict(cfg.get("task") or {"name": "detect"}),
                        "network": dict(cfg["network"]), "trainer": dict(cfg["trainer"]),
                        "data": data, "seed": int(cfg["seed"]), "local_epochs": local_epochs,
                        "transfer_dtype": transfer_dtype, "eval_bootstraps": eval_bootstraps,
-                       "run_tag": run_tag}, sort_keys=True)
+                       "run_tag": run_tag, "exchange": exchange,
+                       "freeze_encoder": bool((cfg.get("finetune") or {}).get("freeze_encoder"))},
+                      sort_keys=True)
 
 
 def read_task(config: Mapping[str, Any]) -> dict[str, Any]:

@@ -109,6 +109,16 @@ def run_coordinator(grid: Grid, cfg: Mapping[str, Any], config_yaml: str = "") -
         network = pretrain_task.build(cfg["task"]["encoder"], seed=cfg["seed"])
     else:
         network, _ = task.build(cfg["network"], seed=cfg["seed"])
+        finetune = cfg.get("finetune") or {}
+        if finetune.get("init_encoder"):
+            n = task.init_from_encoder(network, finetune["init_encoder"],
+                                       freeze=bool(finetune.get("freeze_encoder")))
+            print(f"backbone: {n} weights from the pretrained encoder {finetune['init_encoder']}"
+                  + (" (frozen at every center)" if finetune.get("freeze_encoder") else ""),
+                  flush=True)
+    # fed.exchange=trainable: after round 1 only these weights travel (both ways).
+    exchanged = ([name for name, p in network.named_parameters() if p.requires_grad]
+                 if settings.exchange == "trainable" else None)
     global_arrays = {k: v.numpy().astype(np.float32)
                      for k, v in shared_state(network.state_dict()).items()}
     model_bytes = int(sum(a.nbytes for a in global_arrays.values()))
@@ -126,7 +136,8 @@ def run_coordinator(grid: Grid, cfg: Mapping[str, Any], config_yaml: str = "") -
         print(f"resuming after round {state['round']} from {out / STATE_FILE}", flush=True)
     task_json = task_spec(cfg, local_epochs=settings.local_epochs,
                           transfer_dtype=settings.transfer_dtype,
-                          eval_bootstraps=settings.eval_bootstraps, run_tag=run_tag)
+                          eval_bootstraps=settings.eval_bootstraps, run_tag=run_tag,
+                          exchange=settings.exchange)
     versions_json = json.dumps(versions())
 
     def instruction() -> ConfigRecord:  # a fresh one each time: strategies write the round in
@@ -143,12 +154,13 @@ def run_coordinator(grid: Grid, cfg: Mapping[str, Any], config_yaml: str = "") -
             traffic = _Traffic()
             cross_site_now = settings.cross_site and not pretrain and rnd == settings.rounds
             keep = local_models if cross_site_now else None
-            train, global_arrays = _train_round(grid, strategy, rnd, global_arrays, instruction,
-                                                settings, known, traffic, seed=int(cfg["seed"]),
-                                                keep=keep)
+            sent = _exchanged(global_arrays, exchanged, rnd)
+            train, new = _train_round(grid, strategy, rnd, sent, instruction, settings, known,
+                                      traffic, seed=int(cfg["seed"]), keep=keep)
+            global_arrays = {**global_arrays, **new}
             train_s = time.time() - started
-            evaluate = _evaluate_round(grid, strategy, rnd, global_arrays, instruction, settings,
-                                       known, traffic)
+            evaluate = _evaluate_round(grid, strategy, rnd, _exchanged(global_arrays, exchanged, rnd),
+                                       instruction, settings, known, traffic)
             record = {"round": rnd, "duration_s": round(time.time() - started, 3),
                       "train_s": round(train_s, 3),
                       "aggregated": train.pop("aggregated"), "train": train,
@@ -171,7 +183,8 @@ def run_coordinator(grid: Grid, cfg: Mapping[str, Any], config_yaml: str = "") -
                                 hint="set fed.rounds >= 1")
         # --- cross-site validation: the global and each center's last local model, everywhere ---
         if settings.cross_site and not pretrain:
-            cross_site = _cross_site(grid, out, global_arrays, local_models, instruction,
+            cross_site = _cross_site(grid, out, _exchanged(global_arrays, exchanged, 2),
+                                     local_models, instruction,
                                      settings, known, history[-1]["round"], tracker)
 
         # --- package the global model ---
@@ -197,6 +210,15 @@ def run_coordinator(grid: Grid, cfg: Mapping[str, Any], config_yaml: str = "") -
 
 
 # --- helpers, in the order the loop uses them ---
+
+
+def _exchanged(arrays: dict[str, np.ndarray], names: list[str] | None, rnd: int
+               ) -> dict[str, np.ndarray]:
+    """What travels in round `rnd`: everything, or (fed.exchange=trainable, after round 1)
+    only the trainable weights `names`; the centers keep the rest from round 1."""
+    if names is None or rnd == 1:
+        return arrays
+    return {k: arrays[k] for k in names}
 
 
 def _check_resumable(state: Mapping[str, Any], settings: FedSettings, path: Path) -> None:

@@ -18,6 +18,8 @@ MODES = ("simulation", "deployment")
 TRANSFER_DTYPES = ("float32", "float16")
 # fed/<name>.yaml → the Flower Message-API strategy behind it (see medfound.fed.strategies).
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "trimmed_mean", "krum")
+# fed.exchange: which weights travel after the first round.
+EXCHANGES = ("all", "trainable")
 # task=<name> (configs/task/): what the federation trains.
 TASKS = ("detect", "pretrain")
 # fed.privacy.dp: where updates are clipped before the coordinator adds Gaussian noise.
@@ -43,6 +45,7 @@ class FedSettings:
     simulation: dict[str, Any]
     deployment: dict[str, Any] = dataclasses.field(default_factory=dict)
     privacy: dict[str, Any] = dataclasses.field(default_factory=dict)
+    exchange: str = "all"  # "all" | "trainable" (see configs/federate.yaml)
     task: str = "detect"  # task.name: "detect" (the nodule detector) | "pretrain" (the encoder)
 
     @property
@@ -112,10 +115,18 @@ class FedSettings:
                                     "be true or false")
 
         privacy = _privacy(fed.get("privacy"))
+        exchange = fed.get("exchange", "all")
+        need(exchange in EXCHANGES, "exchange", f"must be one of {', '.join(EXCHANGES)}")
+        if exchange == "trainable" and not (cfg.get("finetune") or {}).get("freeze_encoder"):
+            raise MedfoundError("config key 'fed.exchange' = 'trainable' needs a frozen backbone",
+                                hint="set finetune.init_encoder=ENCODER finetune.freeze_encoder=true "
+                                     "(and network.adapter_channels=8 for adapters)")
         task = str((cfg.get("task") or {}).get("name", "detect"))
         if task not in TASKS:
             raise MedfoundError(f"config key 'task.name' = {task!r} is not a federated task",
                                 hint=f"choose task=<one of {', '.join(TASKS)}>")
+        need(task == "detect" or exchange == "all", "exchange",
+             "must be 'all' with task=pretrain (the whole encoder trains)")
 
         schedule = (cfg.get("trainer") or {}).get("schedule")
         if schedule == "cosine":
@@ -131,7 +142,8 @@ class FedSettings:
                    eval_bootstraps=int(fed["eval_bootstraps"]),
                    audit_payloads=fed["audit_payloads"], cross_site=fed["cross_site"],
                    strategy=strategy,
-                   simulation=simulation, deployment=deployment, privacy=privacy, task=task)
+                   simulation=simulation, deployment=deployment, privacy=privacy,
+                   exchange=exchange, task=task)
 
 
 def _privacy(value: Any) -> dict[str, Any]:

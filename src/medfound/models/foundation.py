@@ -265,7 +265,8 @@ def detector_state_from_encoder(encoder_state: Mapping[str, Tensor], detector_st
                      "conv1 settings (configs/task/pretrain.yaml encoder vs configs/network)")
         out[target] = value.clone()
     out[prefix + "bn1.bias"] = out[prefix + "bn1.bias"] + enc[stem + "embedding"]
-    missing = [k for k in detector_state if k.startswith(prefix) and k not in out]
+    missing = [k for k in detector_state if k.startswith(prefix) and k not in out
+               and not k[len(prefix):].startswith("adapter")]  # adapters start fresh
     if missing:
         raise MedfoundError(f"the pretrained encoder lacks detector body weights, e.g. {missing[0]!r}",
                             hint="pretrain with at least as many stages as the detector returns")
