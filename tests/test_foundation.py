@@ -247,7 +247,8 @@ def test_pretrain_recipe_then_a_detector_fine_tuned_from_its_encoder(mixed: Path
         [sys.executable, "-m", "medfound", "run", "train_detector", f"data.root={mixed}",
          "data.train_centers=[center_0]", "data.val_centers=[center_2]",
          "experiment=phantoms_smoke", f"out_dir={ft}", "trainer.epochs=1", "trainer.progress=false",
-         f"finetune.init_encoder={run / 'encoder'}", "finetune.freeze_encoder=true"],
+         f"finetune.init_encoder={run / 'encoder'}", "finetune.freeze_encoder=true",
+         "network.adapter_channels=4"],
         capture_output=True, text=True, timeout=600, check=False)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     assert "weights from the pretrained encoder" in res.stdout
@@ -260,6 +261,14 @@ def test_pretrain_recipe_then_a_detector_fine_tuned_from_its_encoder(mixed: Path
     assert torch.equal(weights[body + "bn1.running_mean"], encoder["stems.ct.bn1.running_mean"])
     provenance = json.loads((ft / "model" / "model.json").read_text())["provenance"]
     assert provenance["init_encoder"] == str(run / "encoder") and provenance["freeze_encoder"]
+    assert float(weights[body + "adapter1.up.weight"].abs().sum()) > 0  # the adapters trained
+
+    # The fine-tuned detector (adapters included) goes through the exporter's parity gate.
+    exp = subprocess.run([sys.executable, "-m", "medfound", "export", str(ft / "model"),
+                          "--out", str(tmp_path / "EXP")], capture_output=True, text=True,
+                         timeout=600, check=False)
+    assert exp.returncode == 0, exp.stdout[-2000:] + exp.stderr[-3000:]
+    assert json.loads((tmp_path / "EXP" / "parity.json").read_text())["passed"] is True
 
     bad = subprocess.run(
         [sys.executable, "-m", "medfound", "run", "train_detector", f"data.root={mixed}",
