@@ -67,6 +67,9 @@ def main() -> int:
     ap.add_argument("--epochs", type=int, default=None, help="override trainer.epochs")
     ap.add_argument("--rounds", type=int, default=10, help="federated pretraining rounds")
     ap.add_argument("--local-epochs", type=int, default=5, help="pretraining epochs per round")
+    ap.add_argument("--reuse", action="store_true",
+                    help="keep finished runs of an earlier call (their packaged metrics) and train "
+                         "only what is missing")
     args = ap.parse_args()
 
     data = HERE / "_data" / f"label_eff_{args.cases}"
@@ -74,16 +77,19 @@ def main() -> int:
     if not (data / "phantoms.json").is_file():
         from medfound.data.phantoms import make_phantoms
         make_phantoms(data, centers=3, cases=args.cases, seed=0, modalities=MIXES, size="small")
-    shutil.rmtree(runs, ignore_errors=True)
+    if not args.reuse:
+        shutil.rmtree(runs, ignore_errors=True)
     common = ["trainer.progress=false"]
 
     encoder = runs / "pretrain" / "encoder"
-    pretrain_s = medfound("run", "federate", "task=pretrain", "fed.mode=simulation",
-                          f"data.root={data}", "fed.centers=[center_0,center_1]",
-                          f"fed.rounds={args.rounds}", f"fed.local_epochs={args.local_epochs}",
-                          f"out_dir={runs / 'pretrain'}", *common)
+    pretrain_s = None  # not measured again when an earlier call's encoder is reused
+    if not (encoder / "weights.pt").is_file():
+        pretrain_s = medfound("run", "federate", "task=pretrain", "fed.mode=simulation",
+                              f"data.root={data}", "fed.centers=[center_0,center_1]",
+                              f"fed.rounds={args.rounds}", f"fed.local_epochs={args.local_epochs}",
+                              f"out_dir={runs / 'pretrain'}", *common)
     pre_metrics = json.loads((runs / "pretrain" / "metrics.json").read_text())["global"]
-    print(f"federated pretraining: {pretrain_s:.0f} s, validation reconstruction "
+    print(f"federated pretraining: {pretrain_s or float('nan'):.0f} s, validation reconstruction "
           f"{pre_metrics[0].get('reconstruction', float('nan')):.4f} → "
           f"{pre_metrics[-1].get('reconstruction', float('nan')):.4f}", flush=True)
 
@@ -99,11 +105,14 @@ def main() -> int:
     for seed in args.seeds:
         for arm, extra in arms.items():
             out = runs / f"{arm}_{seed}"
-            seconds[arm].append(medfound("run", "train_detector", *detect, f"seed={seed}",
-                                         f"out_dir={out}", *extra))
+            if args.reuse and (out / "model" / "metrics.json").is_file():
+                seconds[arm].append(None)  # finished by an earlier call
+            else:
+                seconds[arm].append(medfound("run", "train_detector", *detect, f"seed={seed}",
+                                             f"out_dir={out}", *extra))
             results[arm].append(cpm(out))
-            print(f"seed {seed} {arm}: CPM {results[arm][-1]:.3f} ({seconds[arm][-1]:.0f} s)",
-                  flush=True)
+            took = "earlier run" if seconds[arm][-1] is None else f"{seconds[arm][-1]:.0f} s"
+            print(f"seed {seed} {arm}: CPM {results[arm][-1]:.3f} ({took})", flush=True)
 
     doc = {
         "benchmark": "label_efficiency", "when": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -137,8 +146,8 @@ def main() -> int:
         f"| {summary(results['scratch_cpm'])} |",
         f"| from scratch | 100% | {', '.join(f'{v:.3f}' for v in results['scratch_full_cpm'])} | "
         f"{summary(results['scratch_full_cpm'])} |",
-        "", f"Federated pretraining: {args.rounds} rounds × {args.local_epochs} local epochs, "
-        f"{pretrain_s / 60:.1f} min.",
+        "", f"Federated pretraining: {args.rounds} rounds × {args.local_epochs} local epochs"
+        + (f", {pretrain_s / 60:.1f} min." if pretrain_s else " (an earlier call's encoder)."),
     ]
     (RESULTS / "label_efficiency.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
