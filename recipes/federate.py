@@ -20,7 +20,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from medfound.errors import MedfoundError, exit_on_user_error
+from medfound.errors import exit_on_user_error
 from medfound.fed.server_app import STATE_FILE
 from medfound.fed.settings import FedSettings
 from medfound.fed.strategies import build_strategy
@@ -28,7 +28,6 @@ from medfound.models.foundation import FoundationConfig
 from medfound.train import detection as task
 from medfound.train.checkpoint import load_checkpoint
 from medfound.train.loop import TrainerConfig
-from medfound.train.package import read_model_json
 from medfound.train.pretrain import loss_params
 
 
@@ -53,10 +52,7 @@ def main(cfg: DictConfig) -> None:
         task.detector_config(config["network"])
         encoder = (config.get("finetune") or {}).get("init_encoder")
         if encoder:  # the coordinator starts the backbone from it: check it before Ray starts
-            meta = read_model_json(encoder)
-            if meta.get("task") != "foundation_encoder":
-                raise MedfoundError("not a foundation encoder package", path=encoder,
-                                    hint="pass RUN/encoder of `medfound run pretrain`")
+            task.check_encoder_package(encoder)
 
     if config["resume"]:  # one line now, not after Ray has started
         load_checkpoint(Path(config["out_dir"]) / STATE_FILE)

@@ -178,11 +178,16 @@ def _check_complete(network: torch.nn.Module, global_state: Mapping[str, torch.T
                     base: Path | None, site: Site) -> None:
     """A message that carries only part of the model (fed.exchange=trainable, after round 1)
     needs the rest from this center's own earlier round."""
-    if base is None and set(shared_state(network.state_dict())) - set(global_state):
+    if base is None and _lacks(network, global_state):
         raise MedfoundError("the coordinator sent only the trainable weights and this center has "
                             "no earlier round to take the frozen backbone from",
                             path=site.work_dir,
                             hint="a center joins a fed.exchange=trainable federation in round 1")
+
+
+def _lacks(network: torch.nn.Module, weights: Mapping[str, torch.Tensor]) -> bool:
+    """Whether `weights` leave some of the network's exchanged (floating-point) entries out."""
+    return bool(set(shared_state(network.state_dict())) - set(weights))
 
 
 # A job: "network" (whose weights are exchanged), "model" (what `fit` trains: the network or
@@ -319,7 +324,7 @@ def _evaluate_weights(task: Mapping[str, Any], arrays: Any, items: list[dict[str
     network, detector = task_lib.build(task["network"], seed=task["seed"])
     weights = from_arrays(arrays)
     _check_complete(network, weights, base, site)
-    if base is not None and set(shared_state(network.state_dict())) - set(weights):
+    if base is not None and _lacks(network, weights):
         from medfound.train.checkpoint import load_checkpoint
 
         detector.load_state_dict(load_checkpoint(base)["model"])

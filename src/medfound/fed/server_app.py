@@ -154,12 +154,13 @@ def run_coordinator(grid: Grid, cfg: Mapping[str, Any], config_yaml: str = "") -
             traffic = _Traffic()
             cross_site_now = settings.cross_site and not pretrain and rnd == settings.rounds
             keep = local_models if cross_site_now else None
-            sent = _exchanged(global_arrays, exchanged, rnd)
+            sent = _exchanged(global_arrays, exchanged, whole=rnd == 1)
             train, new = _train_round(grid, strategy, rnd, sent, instruction, settings, known,
                                       traffic, seed=int(cfg["seed"]), keep=keep)
             global_arrays = {**global_arrays, **new}
             train_s = time.time() - started
-            evaluate = _evaluate_round(grid, strategy, rnd, _exchanged(global_arrays, exchanged, rnd),
+            evaluate = _evaluate_round(grid, strategy, rnd,
+                                       _exchanged(global_arrays, exchanged, whole=rnd == 1),
                                        instruction, settings, known, traffic)
             record = {"round": rnd, "duration_s": round(time.time() - started, 3),
                       "train_s": round(train_s, 3),
@@ -183,7 +184,7 @@ def run_coordinator(grid: Grid, cfg: Mapping[str, Any], config_yaml: str = "") -
                                 hint="set fed.rounds >= 1")
         # --- cross-site validation: the global and each center's last local model, everywhere ---
         if settings.cross_site and not pretrain:
-            cross_site = _cross_site(grid, out, _exchanged(global_arrays, exchanged, 2),
+            cross_site = _cross_site(grid, out, _exchanged(global_arrays, exchanged, whole=False),
                                      local_models, instruction,
                                      settings, known, history[-1]["round"], tracker)
 
@@ -212,11 +213,11 @@ def run_coordinator(grid: Grid, cfg: Mapping[str, Any], config_yaml: str = "") -
 # --- helpers, in the order the loop uses them ---
 
 
-def _exchanged(arrays: dict[str, np.ndarray], names: list[str] | None, rnd: int
+def _exchanged(arrays: dict[str, np.ndarray], names: list[str] | None, whole: bool
                ) -> dict[str, np.ndarray]:
-    """What travels in round `rnd`: everything, or (fed.exchange=trainable, after round 1)
-    only the trainable weights `names`; the centers keep the rest from round 1."""
-    if names is None or rnd == 1:
+    """What travels: everything (`whole`: round 1, or fed.exchange=all when `names` is None),
+    else only the trainable weights `names`; the centers keep the rest from round 1."""
+    if names is None or whole:
         return arrays
     return {k: arrays[k] for k in names}
 

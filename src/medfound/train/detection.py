@@ -59,12 +59,9 @@ def init_from_encoder(network: torch.nn.Module, package: str | Path, modality: s
     loaded.
     """
     from medfound.models.foundation import detector_state_from_encoder
-    from medfound.train.package import WEIGHTS, read_model_json
+    from medfound.train.package import WEIGHTS
 
-    meta = read_model_json(package)
-    if meta.get("task") != "foundation_encoder":
-        raise MedfoundError(f"not a foundation encoder package (task {meta.get('task')!r})",
-                            path=package, hint="pass RUN/encoder of `medfound run pretrain`")
+    check_encoder_package(package)
     encoder = torch.load(Path(package) / WEIGHTS, map_location="cpu", weights_only=True)
     state = network.state_dict()
     new = detector_state_from_encoder(encoder, state, modality=modality)
@@ -72,6 +69,17 @@ def init_from_encoder(network: torch.nn.Module, package: str | Path, modality: s
     if freeze:
         freeze_backbone(network)
     return len(new)
+
+
+def check_encoder_package(package: str | Path) -> dict[str, Any]:
+    """The model.json of a foundation encoder package; a clear error for anything else."""
+    from medfound.train.package import read_model_json
+
+    meta = read_model_json(package)
+    if meta.get("task") != "foundation_encoder":
+        raise MedfoundError(f"not a foundation encoder package (task {meta.get('task')!r})",
+                            path=package, hint="pass RUN/encoder of `medfound run pretrain`")
+    return meta
 
 
 def freeze_backbone(network: torch.nn.Module) -> None:
