@@ -107,6 +107,10 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/inference.py
 	$(BIN)/python benchmarks/federation.py
 	$(BIN)/python benchmarks/flamby.py
+	$(BIN)/python benchmarks/pretrain_throughput.py
+	$(BIN)/python benchmarks/label_efficiency.py
+	$(BIN)/python benchmarks/segmentation.py
+	$(BIN)/python benchmarks/adapter_exchange.py
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache .ruff_cache

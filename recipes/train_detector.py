@@ -50,13 +50,10 @@ def main(cfg: DictConfig) -> None:
 
     # Model: the network alone (tensors in, tensors out) inside the detector logic.
     network, detector = task.build(model_cfg, seed=cfg.seed)
-    finetune = cfg.get("finetune") or {}
-    if finetune.get("init_encoder") and not cfg.resume:
-        n = task.init_from_encoder(network, finetune.init_encoder, freeze=bool(finetune.freeze_encoder))
-        print(f"backbone: {n} weights from the pretrained encoder {finetune.init_encoder}"
-              + (" (frozen)" if finetune.freeze_encoder else ""))
-    elif finetune.get("init_encoder") and finetune.get("freeze_encoder"):
-        task.freeze_backbone(network)  # resumed: the weights come from the checkpoint
+    finetune = OmegaConf.to_container(cfg.get("finetune") or {})
+    said = task.apply_finetune(network, finetune, load=not cfg.resume)  # resumed: from the checkpoint
+    if said:
+        print(said)
 
     def validate(model):
         metrics, _ = task.evaluate(model, val_items, val_transform, n_bootstraps=200,
@@ -86,6 +83,7 @@ def main(cfg: DictConfig) -> None:
                         "val_cases": len(val_items), "seed": cfg.seed,
                         "init_encoder": finetune.get("init_encoder"),
                         "freeze_encoder": bool(finetune.get("freeze_encoder", False)),
+                        "train_only": finetune.get("train_only"),
                         "mlflow_run_id": tracker.run_id})
         tracker.log_metrics({"final_cpm": metrics["cpm"]})
         tracker.log_artifacts(package, "model")

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# A whole deployment-mode federation on this machine: one SuperLink and three SuperNodes as
-# separate processes on 127.0.0.1, talking TLS with node authentication (each center makes a
+# A whole deployment-mode federation on this machine: one SuperLink and one SuperNode per
+# center as separate processes on 127.0.0.1, talking TLS with node authentication (each center makes a
 # key pair, the SuperLink admits only the registered public keys), training the smoke experiment.
 #
 #   scripts/local_federation.sh DATA_DIR OUT_DIR [key=value ...]
 #
-# DATA_DIR holds center_0..center_2 (`medfound phantoms --out DATA_DIR`); the key=value
+# DATA_DIR holds the centers, each a folder with a datalist.json (`medfound phantoms --out
+# DATA_DIR`); every one joins. The key=value
 # overrides go to `medfound run federate` (e.g. fed.rounds=3). OUT_DIR gets what simulation
 # mode leaves (model/, metrics.json, server/state.pt, MLflow) plus certs/, keys/, logs/ and each
 # center's work folder (centers/<center>/, with its audit log in audit/). Every process this
@@ -20,7 +21,13 @@ data=$(cd "$1" && pwd); out=$2; shift 2
 here=$(cd "$(dirname "$0")" && pwd)
 medfound=${MEDFOUND:-medfound}
 port=${PORT:-9092}
-centers=(center_0 center_1 center_2)
+# every center folder of DATA_DIR (one holding a datalist.json) joins, in name order
+centers=()
+for d in "$data"/*/; do [[ -f "$d/datalist.json" ]] && centers+=("$(basename "$d")"); done
+if [[ ${#centers[@]} -eq 0 ]]; then
+    echo "error: $data holds no center folder (none with a datalist.json) — generate some with medfound phantoms" >&2
+    exit 2
+fi
 mkdir -p "$out/logs"; out=$(cd "$out" && pwd)
 export FLWR_HOME="$out/.flwr-home"   # Flower's own state stays inside OUT_DIR
 
@@ -60,4 +67,4 @@ $medfound run federate fed.mode=deployment data.root="$data" \
     "fed.centers=[$(IFS=,; echo "${centers[*]}")]" fed.min_centers=${#centers[@]} \
     experiment=phantoms_smoke fed.deployment.superlink="127.0.0.1:$port" \
     fed.deployment.root_certificates="$out/certs/ca.crt" out_dir="$out" "$@"
-echo "local federation done: $out/model; audit logs: $out/centers/*/audit/"
+echo "local federation done: $out (model/, or encoder/ with task=pretrain); audit logs: $out/centers/*/audit/"

@@ -6,6 +6,7 @@ their audit logs), and resume after a completed round."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -119,3 +120,30 @@ def test_resume_of_a_federated_pretraining_gives_the_uninterrupted_result(
         torch.testing.assert_close(again[key], straight[key], rtol=0, atol=0)
     a = json.loads((pretrained / "metrics.json").read_text())["global"]
     assert json.loads((out / "metrics.json").read_text())["global"] == a
+
+
+@pytest.mark.long
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="scripts/make_certs.sh needs openssl")
+def test_federated_pretraining_in_deployment_mode_over_real_processes(phantoms: Path, tmp_path: Path) -> None:
+    """The same job over a SuperLink and one SuperNode per center (TLS, registered keys):
+    scripts/local_federation.sh with task=pretrain."""
+    from processes import free_port_block, medfound_env
+
+    out = tmp_path / "FED"
+    env = {**medfound_env(), "PORT": str(free_port_block())}
+    res = subprocess.run([str(Path(__file__).resolve().parents[1] / "scripts" / "local_federation.sh"),
+                          str(phantoms), str(out), "task=pretrain", "fed.rounds=1", "trainer.progress=false",
+                          "task.batch_size=2"], env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [r["round"] for r in metrics["rounds"]] == [1]
+    assert sorted(metrics["rounds"][0]["train"]["accepted"]) == CENTERS
+    meta = json.loads((out / "encoder" / "model.json").read_text())
+    assert meta["task"] == "foundation_encoder" and meta["provenance"]["federated"]
+    final = torch.load(out / "encoder" / "weights.pt", weights_only=True)
+    fresh = FoundationPretrainer(FOUNDATION_PRESETS["tiny"], seed=0).encoder.state_dict()
+    assert all(torch.equal(final[k], fresh[k]) for k in final if k.startswith("stems.mr."))  # nobody has MR
+    assert not torch.equal(final["stems.us.conv1.weight"], fresh["stems.us.conv1.weight"])
+    for center in CENTERS:  # each SuperNode's own audit log records its training reply
+        kinds = [r["kind"] for r in read_audit(out / "centers" / center / "audit" / f"{center}.jsonl")]
+        assert "train" in kinds

@@ -75,7 +75,8 @@ def cmd_phantoms(args) -> int:
     from medfound.data.phantoms import make_phantoms
 
     out = make_phantoms(args.out, centers=args.centers, cases=args.cases, seed=args.seed,
-                        modalities=args.modalities, size=args.size, progress=not args.quiet)
+                        modalities=args.modalities, size=args.size, progress=not args.quiet,
+                        masks=args.masks)
     print(f"wrote {args.centers} phantom centers to {out}")
     return 0
 
@@ -163,6 +164,11 @@ def cmd_export(args) -> int:
         q = parity["cpm"]
         print(f"CPM on {q['n_scans']} validation scans: torch {q['cpm_torch']:.4f}, "
               f"onnx {q['cpm_onnx']:.4f} (|diff| ≤ {q['tolerance']}, passed)")
+    if "dice" in parity:
+        q = parity["dice"]
+        print(f"Dice on {q['n_studies']} validation studies: torch {q['dice_torch']:.4f}, "
+              f"onnx {q['dice_onnx']:.4f} (|diff| ≤ {q['tolerance']}, passed); labels agree on "
+              f"{100 * q['label_agreement']:.3f}% of voxels")
     if "int8" in card:
         d = card["int8"]
         print(f"INT8 accepted: {Path(args.out) / d['file']}, CPM {d['cpm_int8']:.4f} "
@@ -278,6 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "centers beyond the lists cycle through them)")
     s.add_argument("--size", choices=["small", "full"], default="small",
                    help="small ≈128×128×~100 CT for tests; full 512×512×200–400 (default small)")
+    s.add_argument("--masks", action="store_true", help="also write each CT's nodule mask "
+                   "(case_NNN/nodules.nii.gz, the datalist's 'mask'): ground truth for "
+                   "`medfound run train_segmenter`")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_phantoms)
 
@@ -296,7 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Export the network of a model package (RUN/model/, FED/model/) with "
         "torch.onnx.export(dynamo=True) to OUT/model.onnx, write OUT/model_card.json and "
         "OUT/MODEL_CARD.md, and check onnxruntime against torch on random patches "
-        "(OUT/parity.json). Exits non-zero, leaving no model.onnx, when parity fails.")
+        "(OUT/parity.json). Detector (train_detector, federate) and segmenter (train_segmenter) "
+        "packages. Exits non-zero, leaving no model.onnx, when parity fails.")
     s.add_argument("model_dir", type=Path, metavar="MODEL_DIR", help="the model package folder")
     s.add_argument("--out", type=Path, required=True, metavar="EXP", help="output folder")
     s.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
@@ -305,7 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "dynamic batch and spatial axes")
     s.add_argument("--data", type=Path, metavar="ROOT",
                    help="folder holding the model's validation centers: adds the CPM parity gate "
-                        "(deployed ONNX path vs torch, |diff| ≤ 0.005)")
+                        "(deployed ONNX path vs torch, |diff| ≤ 0.005), or for a segmenter the "
+                        "Dice parity gate (|diff| ≤ 0.005)")
     s.add_argument("--int8", action="store_true",
                    help="also write model.int8.onnx (static QDQ, per-channel), kept only when its "
                         "CPM drop is ≤ 0.01; needs --data")

@@ -662,12 +662,14 @@ def _ribs(out, grid, k0, k1, p: Patient, V, w: float) -> None:
     _paint(out, sl, _soft(st + 2.0, w), V["marrow"])
 
 
-def _nodule(out, grid, k0, k1, n: Nodule, solid, ggo, w: float) -> None:
+def _nodule_outline(grid, k0, k1, n: Nodule, margin: float):
+    """(memory slices, distance from the centre, the lobulated outline's radius in that
+    direction) for the voxels within the nodule's extent + `margin` mm; None when it misses."""
     r = n.diameter_mm / 2
-    ext = r * (1 + n.lobe_amp.sum()) + w
+    ext = r * (1 + n.lobe_amp.sum()) + margin
     b = grid.block(k0, k1, n.center - ext, n.center + ext)
     if b is None:
-        return
+        return None
     sl, (X, Y, Z) = b
     dx, dy, dz = X - n.center[0], Y - n.center[1], Z - n.center[2]
     dist = np.sqrt(dx**2 + dy**2 + dz**2)
@@ -677,6 +679,27 @@ def _nodule(out, grid, k0, k1, n: Nodule, solid, ggo, w: float) -> None:
     for (lx, ly, lz), amp in zip(n.lobes, n.lobe_amp, strict=True):
         c = (dx * lx + dy * ly + dz * lz) * inv
         radius = radius + r * amp * (2 * c**2 - 1)
+    return sl, dist, radius
+
+
+def nodule_mask(p: Patient, grid: Grid) -> np.ndarray:
+    """The nodules' ground-truth mask on `grid`: uint8 (k, j, i), 1 where a voxel centre lies
+    inside a nodule's lobulated outline — the outline the images paint (where the painted
+    nodule is half lung, half nodule), so the mask is exact for every modality drawn on it."""
+    out = np.zeros(grid.shape[::-1], dtype=np.uint8)
+    for n in p.nodules:
+        b = _nodule_outline(grid, 0, grid.shape[2], n, 0.0)
+        if b is not None:
+            sl, dist, radius = b
+            out[sl] |= (dist <= radius).astype(np.uint8)
+    return out
+
+
+def _nodule(out, grid, k0, k1, n: Nodule, solid, ggo, w: float) -> None:
+    b = _nodule_outline(grid, k0, k1, n, w)
+    if b is None:
+        return
+    sl, dist, radius = b
     alpha = _soft(dist - radius, w)
     if n.kind == "solid":
         _paint(out, sl, alpha, solid)

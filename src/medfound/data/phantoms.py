@@ -13,6 +13,7 @@
           mr/...                  T1-weighted MR (with --modalities mr)
           pet/...                 FDG PET in Bq/ml (with pet)
           us/IM00001.dcm          one ultrasound multi-frame cine (with us)
+          nodules.nii.gz          the CT's nodule mask (with masks=True / --masks)
         case_001/ ...
       center_1/ ...
 
@@ -49,9 +50,10 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossl
 from tqdm.auto import tqdm
 
 from medfound import __version__
-from medfound.data.phantom_anatomy import Grid, Patient, sample_patient
+from medfound.data.phantom_anatomy import Grid, Patient, nodule_mask, sample_patient
 from medfound.data.phantom_images import ct_image, mr_image, pet_image, us_cine
 from medfound.errors import MedfoundError
+from medfound.io.nifti import RAS_TO_LPS
 from medfound.io.write import write_multiframe, write_series
 
 MODALITIES = ("ct", "mr", "pet", "us")
@@ -59,6 +61,7 @@ SIZES = ("small", "full")
 F18_HALF_LIFE_S = 6586.2
 LUNA16_COLUMNS = ["seriesuid", "coordX", "coordY", "coordZ", "diameter_mm"]
 _MANIFEST = "phantoms.json"
+MASK_FILE = "nodules.nii.gz"  # per case, with masks=True: the CT's nodule mask
 
 # One scanner fleet per center; centers beyond five reuse a profile with new settings.
 # thickness: (full, small) mm; fov: reconstruction diameter, mm; storage: (dtype, intercept).
@@ -127,7 +130,8 @@ _US_DEPTH_MM = 160.0
 
 
 def make_phantoms(out, centers: int = 3, cases: int = 6, seed: int = 0,
-                  modalities=("ct",), size: str = "small", progress: bool = True) -> Path:
+                  modalities=("ct",), size: str = "small", progress: bool = True,
+                  masks: bool = False) -> Path:
     """Write `centers` synthetic imaging centers under `out` (layout in the module docstring).
 
     cases: cases in the largest center; center c gets cases × (1, 1, ⅓, ⅔, ½)[c mod 5] (at
@@ -135,6 +139,8 @@ def make_phantoms(out, centers: int = 3, cases: int = 6, seed: int = 0,
     the same for every center (``"ct,mr"`` or ``("ct", "mr")``), or one mix per center
     (``"ct,pet;ct,mr;us,ct"`` or a list of lists; centers beyond the list cycle through it), as
     networks whose centers own different scanners have.
+    masks: also write each CT's nodule mask (`case_NNN/nodules.nii.gz`, uint8 on the CT's
+    grid; the datalist entry's "mask"), the ground truth of the segmentation task.
     size: "small" (fast, for tests) or "full" (512×512 CT). An existing `out` must be empty
     or an earlier phantom folder, which is replaced. Returns `out` as a Path.
     """
@@ -150,11 +156,13 @@ def make_phantoms(out, centers: int = 3, cases: int = 6, seed: int = 0,
                     centers=centers, cases=cases, modalities=list(mods), size=size,
                     center_cases=sizes,
                     center_modalities=[list(mixes[c % len(mixes)]) for c in range(centers)],
+                    masks=bool(masks),
                     complete=False)
     _write_json(out / _MANIFEST, manifest)
     with tqdm(total=sum(sizes), desc="phantom cases", unit="case", disable=not progress) as bar:
         for c, n_cases in enumerate(sizes):
-            _make_center(out / f"center_{c}", c, n_cases, seed, mixes[c % len(mixes)], size, bar)
+            _make_center(out / f"center_{c}", c, n_cases, seed, mixes[c % len(mixes)], size, bar,
+                         masks)
     manifest["complete"] = True
     _write_json(out / _MANIFEST, manifest)
     return out
@@ -184,13 +192,14 @@ def center_profile(seed: int, c: int) -> dict:
 # --- one center --------------------------------------------------------------------------
 
 
-def _make_center(cdir: Path, c: int, n_cases: int, seed: int, mods, size: str, bar) -> None:
+def _make_center(cdir: Path, c: int, n_cases: int, seed: int, mods, size: str, bar,
+                 masks: bool = False) -> None:
     prof = center_profile(seed, c)
     cdir.mkdir(parents=True, exist_ok=True)
     rows, entries = [], []
     for n in range(n_cases):
         name = f"case_{n:03d}"
-        entry, nodule_rows = _make_case(cdir / name, prof, [seed, c, n], mods, size)
+        entry, nodule_rows = _make_case(cdir / name, prof, [seed, c, n], mods, size, masks)
         rows += nodule_rows
         entries.append({**entry, "case": name})
         bar.update(1)
@@ -238,7 +247,7 @@ def _center_card(name: str, prof: dict, n_cases: int, mods, size: str) -> dict:
     return card
 
 
-def _make_case(cdir: Path, prof: dict, key: list[int], mods, size: str):
+def _make_case(cdir: Path, prof: dict, key: list[int], mods, size: str, masks: bool = False):
     """Write one case's series; return its datalist entry and its annotation rows."""
     pat = sample_patient(key, z_origin=prof["z_origin"], table_y=prof["table_y"],
                          min_vessel_radius=0.5 if size == "full" else 1.0, nodules=True)
@@ -248,8 +257,11 @@ def _make_case(cdir: Path, prof: dict, key: list[int], mods, size: str):
     for m in mods:
         folder = cdir / m
         if m == "ct":
-            uid = _write_ct(folder, pat, prof, phi, key, size)
+            mask = cdir / MASK_FILE if masks else None
+            uid = _write_ct(folder, pat, prof, phi, key, size, mask_path=mask)
             entry["image"] = f"{cdir.name}/ct"
+            if mask is not None:
+                entry["mask"] = f"{cdir.name}/{MASK_FILE}"
             entry["box"] = [[*map(float, nd.center), nd.diameter_mm, nd.diameter_mm, nd.diameter_mm]
                             for nd in pat.nodules]
             entry["label"] = [0] * len(pat.nodules)
@@ -268,6 +280,16 @@ def _make_case(cdir: Path, prof: dict, key: list[int], mods, size: str):
     return entry, rows
 
 
+def _write_mask(path: Path, mask_kji: np.ndarray, affine: np.ndarray) -> None:
+    """A (k, j, i) label array as NIfTI on the grid `affine` ((i, j, k) → LPS mm) describes."""
+    import nibabel as nib
+
+    img = nib.Nifti1Image(np.ascontiguousarray(mask_kji.T), RAS_TO_LPS @ affine)
+    img.header.set_xyzt_units("mm")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(img, str(path))
+
+
 def _uid(key: list[int], *parts: str) -> str:
     return generate_uid(entropy_srcs=["medfound-phantom", *map(str, key), *parts])
 
@@ -275,7 +297,8 @@ def _uid(key: list[int], *parts: str) -> str:
 # --- modalities --------------------------------------------------------------------------
 
 
-def _write_ct(folder: Path, pat: Patient, prof: dict, phi: dict, key, size: str) -> str:
+def _write_ct(folder: Path, pat: Patient, prof: dict, phi: dict, key, size: str,
+              mask_path: Path | None = None) -> str:
     n = _CT_GRID[size]
     t = prof["thickness"][0 if size == "full" else 1]
     ps = prof["fov"] / n
@@ -295,6 +318,8 @@ def _write_ct(folder: Path, pat: Patient, prof: dict, phi: dict, key, size: str)
                        [0, 0, dz, round(z0, 4)], [0, 0, 0, 1.0]])
     grid = Grid((n, n, nk), affine)
     hu = ct_image(pat, grid, prof, key)
+    if mask_path is not None:
+        _write_mask(mask_path, nodule_mask(pat, grid), affine)
     dtype, intercept = prof["storage"]
     study = phi["studies"]["ct"]
     series_uid = _uid(key, "ct", "series")

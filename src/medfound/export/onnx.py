@@ -69,6 +69,22 @@ class ListOutputNetwork(nn.Module):
         return tuple(out[self.network.cls_key]) + tuple(out[self.network.box_reg_key])
 
 
+class TupleOutputNetwork(nn.Module):
+    """A one-tensor network (the segmenter) with the tuple output the exporter and gate expect."""
+
+    def __init__(self, network: nn.Module):
+        super().__init__()
+        self.network = network
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return (self.network(image),)
+
+
+def as_tuple_output(network: nn.Module) -> nn.Module:
+    """The exportable form of `network`: RetinaNet → ListOutputNetwork, else TupleOutputNetwork."""
+    return ListOutputNetwork(network) if hasattr(network, "cls_key") else TupleOutputNetwork(network)
+
+
 def output_names(num_levels: int) -> list[str]:
     """ONNX output names for a network with `num_levels` pyramid levels, in graph order."""
     return [f"cls_{n}" for n in range(num_levels)] + [f"box_{n}" for n in range(num_levels)]
@@ -103,6 +119,15 @@ def export_model_package(model_dir: str | Path, out_dir: str | Path, opset: int 
     """
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     meta = read_model_json(model_dir)
+    if meta.get("task") == "nodule_segmentation":
+        from medfound.export.segmentation import export_segmenter_package
+
+        if int8:
+            raise MedfoundError("INT8 export is implemented for the detector only",
+                                hint="export the segmenter without --int8")
+        return export_segmenter_package(meta, model_dir, out_dir, opset=opset, dynamic=dynamic,
+                                        parity_patches=parity_patches, seed=seed, rtol=rtol,
+                                        data_root=data_root)
     try:
         cfg = DetectorConfig.from_dict(meta["model"])
     except KeyError:
@@ -118,7 +143,8 @@ def export_model_package(model_dir: str | Path, out_dir: str | Path, opset: int 
     staged = out_dir / ".model.onnx.staged"
     for stale in (onnx_path, staged, out_dir / "model.onnx.rejected"):
         stale.unlink(missing_ok=True)
-    _export_network(network, cfg, staged, names, opset=opset, dynamic=dynamic)
+    _export_network(network, cfg.n_input_channels, cfg.sw_roi_size, size_divisible(cfg), staged, names,
+                    opset=opset, dynamic=dynamic)
 
     shapes = _parity_shapes(cfg, dynamic)
     try:
@@ -137,7 +163,7 @@ def export_model_package(model_dir: str | Path, out_dir: str | Path, opset: int 
         stale.unlink(missing_ok=True)
 
     card = _model_card(meta, cfg, detector, onnx_path, names, dynamic, parity)
-    _write_card(out_dir, card)
+    write_card(out_dir, card)
     if data_root is None:
         return card
     from medfound.export.quality import CPM_TOL, INT8_MAX_CPM_DROP, validation_items
@@ -153,7 +179,7 @@ def export_model_package(model_dir: str | Path, out_dir: str | Path, opset: int 
         raise MedfoundError(f"CPM parity failed: onnx {quality['cpm_onnx']:.4f} vs torch "
                             f"{quality['cpm_torch']:.4f} (bound {CPM_TOL})", path=out_dir / "parity.json",
                             hint="do not deploy; compare preprocessing and the card's detector settings")
-    _write_card(out_dir, card)
+    write_card(out_dir, card)
     if int8:
         from medfound.export.quantize import calibration_items
 
@@ -168,7 +194,7 @@ def export_model_package(model_dir: str | Path, out_dir: str | Path, opset: int 
         parity["int8"] = decision
         card["int8"] = decision
         _write_json(out_dir / "parity.json", parity)
-        _write_card(out_dir, card)
+        write_card(out_dir, card)
         if not decision["accepted"]:
             raise MedfoundError(
                 f"INT8 rejected: CPM {decision['cpm_int8']:.4f} is {decision['cpm_drop']:.4f} below "
@@ -186,9 +212,10 @@ def _write_json(path: Path, data: Any) -> None:
     tmp.replace(path)
 
 
-def _write_card(out_dir: Path, card: dict[str, Any]) -> None:
+def write_card(out_dir: Path, card: dict[str, Any]) -> None:
+    """model_card.json and MODEL_CARD.md in `out_dir`."""
     _write_json(out_dir / "model_card.json", card)
-    (out_dir / "MODEL_CARD.md").write_text(_card_markdown(card))
+    (out_dir / "MODEL_CARD.md").write_text(card_markdown(card))
 
 
 def _cpm_parity(meta: dict[str, Any], cfg: DetectorConfig, detector: Any, out_dir: Path,
@@ -225,7 +252,8 @@ def _int8(network: nn.Module, cfg: DetectorConfig, out_dir: Path, card: dict[str
     fixed = out_dir / ".model.fixed.onnx"
     int8_path = out_dir / INT8_FILE
     try:
-        _export_network(network, cfg, fixed, card["onnx"]["output_names"], opset=opset, dynamic=False)
+        _export_network(network, cfg.n_input_channels, cfg.sw_roi_size, size_divisible(cfg), fixed,
+                        card["onnx"]["output_names"], opset=opset, dynamic=False)
         patches = calibration_patches(cal_items, card, n=n_patches, seed=seed)
         quantize_int8(fixed, int8_path, patches, input_name=INPUT_NAME)
     finally:
@@ -236,7 +264,7 @@ def _int8(network: nn.Module, cfg: DetectorConfig, out_dir: Path, card: dict[str
     card["int8"] = {"file": INT8_FILE, "sha256": sha256_of(int8_path),
                     "input_shape": [d.dim_param or d.dim_value
                                     for d in graph.graph.input[0].type.tensor_type.shape.dim]}
-    _write_card(out_dir, card)
+    write_card(out_dir, card)
     rows = onnx_predictions(OnnxDetector(out_dir, providers="cpu", precision="int8"), items)
     metrics = evaluate_luna16(rows, annotations_of(items), [it["seriesuid"] for it in items],
                               n_bootstraps=1)
@@ -262,7 +290,7 @@ def check_parity(network: nn.Module, onnx_path: str | Path, shapes: Sequence[Seq
     import onnxruntime as ort
 
     onnx_path = Path(onnx_path)
-    wrapper = ListOutputNetwork(network).eval()
+    wrapper = as_tuple_output(network).eval()
     try:
         session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     except Exception as err:  # onnxruntime raises its own exception types for a broken graph
@@ -333,15 +361,17 @@ def _quiet_exporter() -> Iterator[None]:
             lg.setLevel(level)
 
 
-def _export_network(network: nn.Module, cfg: DetectorConfig, path: Path, names: list[str], *,
-                    opset: int | None, dynamic: bool) -> None:
-    wrapper = ListOutputNetwork(network).eval()
-    example = torch.rand(1, cfg.n_input_channels, *cfg.sw_roi_size, generator=torch.Generator().manual_seed(0))
+def _export_network(network: nn.Module, channels: int, example_size: Sequence[int], div: Sequence[int],
+                    path: Path, names: list[str], *, opset: int | None, dynamic: bool) -> None:
+    """torch.onnx.export (dynamo) of `network` as a tuple-output graph; the example input is
+    (1, channels, *example_size); `dynamic`: batch and spatial axes symbolic, spatial sizes
+    multiples of `div`."""
+    wrapper = as_tuple_output(network).eval()
+    example = torch.rand(1, channels, *example_size, generator=torch.Generator().manual_seed(0))
     dynamic_shapes = None
     if dynamic:
         # Spatial sizes are symbolic multiples of size_divisible, which is what lets the exporter
-        # prove the strided convolutions and the FPN's upsampling line up for every size.
-        div = size_divisible(cfg)
+        # prove the strided convolutions and the upsampling line up for every size.
         axes = {0: torch.export.Dim("batch", min=1, max=1024)}
         for n, (axis, d) in enumerate(zip("ijk", div, strict=True)):
             axes[2 + n] = d * torch.export.Dim(f"blocks_{axis}", min=1, max=max(2, 8192 // d))
@@ -385,8 +415,10 @@ def _versions(meta: dict[str, Any]) -> dict[str, Any]:
             "trained_with": meta.get("versions", {})}
 
 
-def _model_card(meta: dict[str, Any], cfg: DetectorConfig, detector: Any, onnx_path: Path,
-                names: list[str], dynamic: bool, parity: dict[str, Any]) -> dict[str, Any]:
+def card_common(meta: dict[str, Any], cfg: Any, onnx_path: Path, names: list[str], dynamic: bool,
+                parity: dict[str, Any], divisible: Sequence[int], outputs: str) -> dict[str, Any]:
+    """The model card's sections every task shares: input, onnx, metrics, training, parity,
+    versions. `cfg`: the network config (n_input_channels, spacing_mm, hu_window, patch_size)."""
     import onnx
 
     graph = onnx.load(str(onnx_path), load_external_data=False)
@@ -395,8 +427,6 @@ def _model_card(meta: dict[str, Any], cfg: DetectorConfig, detector: Any, onnx_p
     def dims(value_info: Any) -> list[int | str]:
         return [d.dim_param or d.dim_value for d in value_info.type.tensor_type.shape.dim]
 
-    num_levels = len(cfg.returned_layers) + 1
-    selector, inferer, anchors = detector.box_selector, detector.inferer, detector.anchor_generator
     preprocessing = dict(meta.get("preprocessing", {}))
     provenance = meta.get("provenance", {})
     return {
@@ -419,43 +449,53 @@ def _model_card(meta: dict[str, Any], cfg: DetectorConfig, detector: Any, onnx_p
             "input_name": graph.graph.input[0].name,
             "input_shape": dims(graph.graph.input[0]),
             "dynamic": dynamic,
-            "size_divisible": list(size_divisible(cfg)),
+            "size_divisible": list(divisible),
             "output_names": names,
             "output_shapes": {o.name: dims(o) for o in graph.graph.output},
-            "outputs": "cls_l: (B, A*num_classes, i_l, j_l, k_l) logits, box_l: (B, A*6, i_l, j_l, "
-                       "k_l) box offsets; level 0 is the finest, level l is 2**l times coarser",
-        },
-        "detector": {
-            "num_classes": cfg.num_classes,
-            "num_levels": num_levels,
-            "num_anchors_per_location": len(cfg.base_anchor_shapes),
-            "base_anchor_shapes": [list(map(float, s)) for s in cfg.base_anchor_shapes],
-            "feature_map_scales": [2**level for level in range(num_levels)],
-            "cell_anchors": [c.tolist() for c in anchors.cell_anchors],
-            "anchor_indexing": anchors.indexing,
-            "box_mode": "xyzxyz (i0, j0, k0, i1, j1, k1), voxels of the network input",
-            "box_coder_weights": [float(w) for w in detector.box_coder.weights],
-            "box_xform_clip": float(detector.box_coder.boxes_xform_clip),
-            "apply_sigmoid": bool(selector.apply_sigmoid),
-            "score_thresh": float(selector.score_thresh),
-            "topk_candidates_per_level": int(selector.topk_candidates_per_level),
-            "nms_thresh": float(selector.nms_thresh),
-            "detections_per_img": int(selector.detections_per_img),
-            "size_divisible": list(size_divisible(cfg)),
-            "sw_roi_size": [int(s) for s in inferer.roi_size],
-            "sw_overlap": float(inferer.overlap),
-            "sw_mode": str(getattr(inferer.mode, "value", inferer.mode)),
-            "sw_sigma_scale": float(inferer.sigma_scale),
-            "sw_batch_size": int(inferer.sw_batch_size),
-            "sw_padding_value": float(inferer.cval),
+            "outputs": outputs,
         },
         "metrics": meta.get("metrics", {}),
         "training": {k: provenance[k] for k in ("federated", "strategy", "rounds", "train_centers",
                                                "val_centers", "val_split", "train_cases",
-                                               "val_cases", "seed") if k in provenance},
+                                               "val_cases", "seed", "init_encoder", "freeze_encoder")
+                     if k in provenance},
         "parity": {k: parity[k] for k in ("passed", "precision", "rtol", "max_abs", "max_rel")},
         "versions": _versions(meta),
     }
+
+
+def _model_card(meta: dict[str, Any], cfg: DetectorConfig, detector: Any, onnx_path: Path,
+                names: list[str], dynamic: bool, parity: dict[str, Any]) -> dict[str, Any]:
+    num_levels = len(cfg.returned_layers) + 1
+    selector, inferer, anchors = detector.box_selector, detector.inferer, detector.anchor_generator
+    card = card_common(meta, cfg, onnx_path, names, dynamic, parity, size_divisible(cfg),
+                       "cls_l: (B, A*num_classes, i_l, j_l, k_l) logits, box_l: (B, A*6, i_l, j_l, "
+                       "k_l) box offsets; level 0 is the finest, level l is 2**l times coarser")
+    card["detector"] = {
+        "num_classes": cfg.num_classes,
+        "num_levels": num_levels,
+        "num_anchors_per_location": len(cfg.base_anchor_shapes),
+        "base_anchor_shapes": [list(map(float, s)) for s in cfg.base_anchor_shapes],
+        "feature_map_scales": [2**level for level in range(num_levels)],
+        "cell_anchors": [c.tolist() for c in anchors.cell_anchors],
+        "anchor_indexing": anchors.indexing,
+        "box_mode": "xyzxyz (i0, j0, k0, i1, j1, k1), voxels of the network input",
+        "box_coder_weights": [float(w) for w in detector.box_coder.weights],
+        "box_xform_clip": float(detector.box_coder.boxes_xform_clip),
+        "apply_sigmoid": bool(selector.apply_sigmoid),
+        "score_thresh": float(selector.score_thresh),
+        "topk_candidates_per_level": int(selector.topk_candidates_per_level),
+        "nms_thresh": float(selector.nms_thresh),
+        "detections_per_img": int(selector.detections_per_img),
+        "size_divisible": list(size_divisible(cfg)),
+        "sw_roi_size": [int(s) for s in inferer.roi_size],
+        "sw_overlap": float(inferer.overlap),
+        "sw_mode": str(getattr(inferer.mode, "value", inferer.mode)),
+        "sw_sigma_scale": float(inferer.sigma_scale),
+        "sw_batch_size": int(inferer.sw_batch_size),
+        "sw_padding_value": float(inferer.cval),
+    }
+    return card
 
 
 def _quality_lines(card: dict[str, Any]) -> list[str]:
@@ -464,6 +504,11 @@ def _quality_lines(card: dict[str, Any]) -> list[str]:
     if q:
         lines.append(f"- CPM on {q['n_scans']} validation scans: torch {q['cpm_torch']:.4f}, deployed "
                      f"ONNX path {q['cpm_onnx']:.4f} (bound |diff| ≤ {q['tolerance']})")
+    q = card["parity"].get("dice")
+    if q:
+        lines.append(f"- Dice on {q['n_studies']} validation studies: torch {q['dice_torch']:.4f}, deployed "
+                     f"path {q['dice_onnx']:.4f} (bound |diff| ≤ {q['tolerance']}); labels agree on "
+                     f"{100 * q['label_agreement']:.4f}% of voxels")
     d = card.get("int8")
     if d and "accepted" in d:
         lines.append(f"- INT8 ({d['file']}): CPM {d['cpm_int8']:.4f}, drop {d['cpm_drop']:.4f} "
@@ -471,10 +516,31 @@ def _quality_lines(card: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _card_markdown(card: dict[str, Any]) -> str:
-    inp, onx, det = card["input"], card["onnx"], card["detector"]
+def _task_lines(card: dict[str, Any]) -> list[str]:
+    """The card's task-specific part: the detector's numpy logic, or the segmenter's labels."""
     metrics = card.get("metrics") or {}
+    if "segmentation" in card:
+        seg = card["segmentation"]
+        return ["## Segmentation (medfound.infer.segment, numpy)",
+                f"- argmax of the logits; labels {seg['labels']}", "",
+                "## Evaluation",
+                f"- Dice (nodule, mean over validation studies with nodules): {metrics.get('dice', 'not recorded')}"]
+    det = card["detector"]
     cpm = metrics.get("cpm")
+    return ["## Detector logic (medfound.infer, numpy)",
+            f"- anchors: base shapes {det['base_anchor_shapes']} × scales {det['feature_map_scales']}",
+            f"- box coder weights {det['box_coder_weights']}, clip {det['box_xform_clip']:.4f}",
+            f"- per level: score > {det['score_thresh']}, top {det['topk_candidates_per_level']}; "
+            f"NMS IoU {det['nms_thresh']}; at most {det['detections_per_img']} detections", "",
+            "## Evaluation",
+            f"- CPM: {cpm if cpm is not None else 'not recorded'}",
+            *[f"- FROC {k} FP/scan: {v}" for k, v in (metrics.get("froc") or {}).items()]]
+
+
+def card_markdown(card: dict[str, Any]) -> str:
+    """MODEL_CARD.md: the model card for people (any task)."""
+    inp, onx = card["input"], card["onnx"]
+    sw = card.get("detector") or card["segmentation"]  # both carry the sliding window
     lines = [
         f"# Model card — {card['task']}",
         "",
@@ -482,8 +548,8 @@ def _card_markdown(card: dict[str, Any]) -> str:
         f"- modality: {inp['modality']}",
         f"- spacing: {inp['spacing_mm']} mm (i, j, k), orientation {inp['orientation']}",
         f"- intensity: HU window {inp['hu_window']} — {inp['intensity']}",
-        f"- training patch: {inp['patch_size']} voxels; sliding window {det['sw_roi_size']} "
-        f"(overlap {det['sw_overlap']}, {det['sw_mode']} blending)",
+        f"- training patch: {inp['patch_size']} voxels; sliding window {sw['sw_roi_size']} "
+        f"(overlap {sw['sw_overlap']}, {sw['sw_mode']} blending)",
         "",
         "## Network (model.onnx)",
         f"- input `{onx['input_name']}` {onx['input_shape']} float32; spatial sizes multiples of "
@@ -491,15 +557,7 @@ def _card_markdown(card: dict[str, Any]) -> str:
         f"- outputs {', '.join(f'`{n}`' for n in onx['output_names'])}",
         f"- opset {onx['opset']}, sha256 `{onx['sha256']}`",
         "",
-        "## Detector logic (medfound.infer, numpy)",
-        f"- anchors: base shapes {det['base_anchor_shapes']} × scales {det['feature_map_scales']}",
-        f"- box coder weights {det['box_coder_weights']}, clip {det['box_xform_clip']:.4f}",
-        f"- per level: score > {det['score_thresh']}, top {det['topk_candidates_per_level']}; "
-        f"NMS IoU {det['nms_thresh']}; at most {det['detections_per_img']} detections",
-        "",
-        "## Evaluation",
-        f"- CPM: {cpm if cpm is not None else 'not recorded'}",
-        *[f"- FROC {k} FP/scan: {v}" for k, v in (metrics.get("froc") or {}).items()],
+        *_task_lines(card),
         "",
         "## Training data",
         *([f"- {k}: {v}" for k, v in card["training"].items()] or ["- not recorded"]),

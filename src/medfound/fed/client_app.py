@@ -202,8 +202,8 @@ def _detect_job(site: Site, task: Mapping[str, Any], seed: int) -> dict[str, Any
     from medfound.train.loop import distributed_loader
 
     network, detector = task_lib.build(task["network"], seed=task["seed"])
-    if task.get("freeze_encoder"):
-        task_lib.freeze_backbone(network)
+    task_lib.apply_finetune(network, {"freeze_encoder": task.get("freeze_encoder"),
+                                      "train_only": task.get("train_only")}, load=False)
     items = load_datalist(site.data_dir.parent, [site.data_dir.name], "training")
     dataset = _training_dataset(site, items, {**task["network"], **task["data"]},
                                 task["data"].get("cache", "memory"))

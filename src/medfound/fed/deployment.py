@@ -124,7 +124,8 @@ def run_deployment(cfg: Mapping[str, Any], config_yaml: str) -> None:
 
     The coordinator writes FED/ (out_dir) on its own machine; on 127.0.0.1 that is this one.
     """
-    dep = FedSettings.from_config(cfg).deployment  # superlink and insecure checked there
+    settings = FedSettings.from_config(cfg)
+    dep = settings.deployment  # superlink and insecure checked there
     out = Path(cfg["out_dir"]).resolve()
     superlink, insecure, ca = dep["superlink"], dep.get("insecure", False), dep.get("root_certificates")
     if not insecure and not ca:
@@ -150,10 +151,11 @@ def run_deployment(cfg: Mapping[str, Any], config_yaml: str) -> None:
         raise MedfoundError(f"`flwr run` exited with status {proc.returncode}",
                             hint=f"is a SuperLink listening on {superlink}? "
                                  "See the SuperLink's log for the ServerApp's error")
-    if not (out / "model" / "model.json").is_file():
-        raise MedfoundError("the federated run ended without a model package", path=out / "model",
+    package = out / ("encoder" if settings.task == "pretrain" else "model")  # what the ServerApp writes
+    if not (package / "model.json").is_file():
+        raise MedfoundError("the federated run ended without a model package", path=package,
                             hint="see the SuperLink's log: the ServerApp runs there")
-    print(f"deployment run finished in {time.time() - started:.0f} s: {out / 'model'}", flush=True)
+    print(f"deployment run finished in {time.time() - started:.0f} s: {package}", flush=True)
 
 
 # --- the coordinator's and the centers' commands ------------------------------------------------

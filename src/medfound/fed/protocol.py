@@ -69,7 +69,8 @@ def task_spec(cfg: Mapping[str, Any], *, local_epochs: int, transfer_dtype: str,
                        "data": data, "seed": int(cfg["seed"]), "local_epochs": local_epochs,
                        "transfer_dtype": transfer_dtype, "eval_bootstraps": eval_bootstraps,
                        "run_tag": run_tag, "exchange": exchange,
-                       "freeze_encoder": bool((cfg.get("finetune") or {}).get("freeze_encoder"))},
+                       "freeze_encoder": bool((cfg.get("finetune") or {}).get("freeze_encoder")),
+                       "train_only": list((cfg.get("finetune") or {}).get("train_only") or [])},
                       sort_keys=True)
 
 

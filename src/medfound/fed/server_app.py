@@ -109,13 +109,9 @@ def run_coordinator(grid: Grid, cfg: Mapping[str, Any], config_yaml: str = "") -
         network = pretrain_task.build(cfg["task"]["encoder"], seed=cfg["seed"])
     else:
         network, _ = task.build(cfg["network"], seed=cfg["seed"])
-        finetune = cfg.get("finetune") or {}
-        if finetune.get("init_encoder"):
-            n = task.init_from_encoder(network, finetune["init_encoder"],
-                                       freeze=bool(finetune.get("freeze_encoder")))
-            print(f"backbone: {n} weights from the pretrained encoder {finetune['init_encoder']}"
-                  + (" (frozen at every center)" if finetune.get("freeze_encoder") else ""),
-                  flush=True)
+        said = task.apply_finetune(network, cfg.get("finetune"))
+        if said:
+            print(said + " (at every center)", flush=True)
     # fed.exchange=trainable: after round 1 only these weights travel (both ways).
     exchanged = ([name for name, p in network.named_parameters() if p.requires_grad]
                  if settings.exchange == "trainable" else None)

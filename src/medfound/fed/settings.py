@@ -117,10 +117,12 @@ class FedSettings:
         privacy = _privacy(fed.get("privacy"))
         exchange = fed.get("exchange", "all")
         need(exchange in EXCHANGES, "exchange", f"must be one of {', '.join(EXCHANGES)}")
-        if exchange == "trainable" and not (cfg.get("finetune") or {}).get("freeze_encoder"):
+        finetune = cfg.get("finetune") or {}
+        if exchange == "trainable" and not (finetune.get("freeze_encoder") or finetune.get("train_only")):
             raise MedfoundError("config key 'fed.exchange' = 'trainable' needs a frozen backbone",
                                 hint="set finetune.init_encoder=ENCODER finetune.freeze_encoder=true "
-                                     "(and network.adapter_channels=8 for adapters)")
+                                     "(and network.adapter_channels=8 for adapters), or "
+                                     "finetune.train_only=[adapter,cls_logits,bbox_reg]")
         task = str((cfg.get("task") or {}).get("name", "detect"))
         if task not in TASKS:
             raise MedfoundError(f"config key 'task.name' = {task!r} is not a federated task",

@@ -71,6 +71,30 @@ def load_model_card(path: str | Path, precision: str = "fp32") -> tuple[Path, di
     return onnx_path, card
 
 
+def open_session(onnx_path: Path, sha256: str | None, providers: Sequence[str] | str | None = None,
+                 threads: int | None = None, trt_cache: str | Path | None = None, fp16: bool = False):
+    """(onnxruntime InferenceSession, providers used) for an exported model; with `sha256`, the
+    file must hash to it (the card's record), else a clear error."""
+    import onnxruntime as ort
+
+    if sha256 and sha256_of(onnx_path) != sha256:
+        raise MedfoundError(f"{Path(onnx_path).name} does not match the sha256 in model_card.json",
+                            path=onnx_path, hint="the file was changed after export; re-export the model")
+    options = ort.SessionOptions()
+    if threads is not None:
+        options.intra_op_num_threads = int(threads)
+        options.inter_op_num_threads = 1
+    chosen = choose_providers(providers)
+    provider_options = [_provider_options(p, trt_cache, fp16) for p in chosen]
+    try:
+        session = ort.InferenceSession(str(onnx_path), sess_options=options, providers=chosen,
+                                       provider_options=provider_options)
+    except Exception as err:  # onnxruntime raises its own exception types for a bad file
+        raise MedfoundError(f"onnxruntime cannot load the model ({err})", path=onnx_path,
+                            hint="re-export it with `medfound export`") from None
+    return session, chosen
+
+
 def choose_providers(requested: Sequence[str] | str | None = None) -> list[str]:
     """Execution providers to use: `requested` (all must be available) or, by default, the
     available ones among TensorRT, CUDA, CPU in that order."""
@@ -108,37 +132,21 @@ class OnnxDetector:
                  threads: int | None = None, verify_sha256: bool = True, precision: str = "fp32",
                  trt_cache: str | Path | None = None, fp16: bool = False,
                  io_binding: bool | None = None):
-        import onnxruntime as ort
-
         self.onnx_path, self.card = load_model_card(model, precision)
+        if "detector" not in self.card:
+            raise MedfoundError(f"this export is a {self.card.get('task')!r} model, not a detector",
+                                path=self.onnx_path.parent,
+                                hint="load a segmentation export with medfound.infer.segment.OnnxSegmenter")
         self.precision = precision
         self.sha256 = self.card["onnx" if precision == "fp32" else "int8"]["sha256"]
-        if verify_sha256:
-            expected = self.sha256
-            digest = sha256_of(self.onnx_path)
-            if expected and digest != expected:
-                raise MedfoundError("model.onnx does not match the sha256 in model_card.json",
-                                    path=self.onnx_path,
-                                    hint="the file was changed after export; re-export the model")
         det = self.card["detector"]
         self.detector = det
         self.output_names = list(self.card["onnx"]["output_names"])
         self.num_levels = int(det["num_levels"])
         self.num_anchors = int(det["num_anchors_per_location"])
         self.cells = cell_anchors(det["base_anchor_shapes"], det["feature_map_scales"])
-        options = ort.SessionOptions()
-        if threads is not None:
-            options.intra_op_num_threads = int(threads)
-            options.inter_op_num_threads = 1
-        self.providers = choose_providers(providers)
-        provider_options = [_provider_options(p, trt_cache, fp16) for p in self.providers]
-        try:
-            self.session = ort.InferenceSession(str(self.onnx_path), sess_options=options,
-                                                providers=self.providers,
-                                                provider_options=provider_options)
-        except Exception as err:  # onnxruntime raises its own exception types for a bad file
-            raise MedfoundError(f"onnxruntime cannot load the model ({err})", path=self.onnx_path,
-                                hint="re-export it with `medfound export`") from None
+        self.session, self.providers = open_session(self.onnx_path, self.sha256 if verify_sha256 else None,
+                                                    providers, threads, trt_cache, fp16)
         self.input_name = self.session.get_inputs()[0].name
         batch_dim = self.session.get_inputs()[0].shape[0]
         # A graph exported with a fixed batch of 1 cannot take sw_batch_size windows at once.

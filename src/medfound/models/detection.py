@@ -48,6 +48,7 @@ from monai.networks.blocks.feature_pyramid_network import FeaturePyramidNetwork,
 from monai.networks.nets.resnet import ResNet, ResNetBlock, ResNetBottleneck
 from torch import Tensor, nn
 
+from medfound.config import from_mapping
 from medfound.errors import MedfoundError
 
 __all__ = [
@@ -153,7 +154,7 @@ class DetectorConfig:
     sw_batch_size: int
     sw_mode: str  # "constant" | "gaussian" blending
     adapter_channels: int = 0  # >0: a residual bottleneck adapter of this width after each
-    #                            returned ResNet stage (fine-tuning a frozen pretrained backbone)
+    #                            returned ResNet stage and each head's conv tower (fine-tuning)
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> DetectorConfig:
@@ -161,22 +162,9 @@ class DetectorConfig:
 
         Raises `MedfoundError` naming the key for an unknown, missing or inconsistent value.
         """
-        values = _plain(values)
-        if not isinstance(values, dict):
-            raise MedfoundError(f"model config must be a mapping of keys to values, got {type(values).__name__}")
-        names = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(values) - set(names))
-        if unknown:
-            raise MedfoundError(f"model config: unknown key(s) {unknown}",
-                                hint=f"valid keys are {names}")
-        values.setdefault("adapter_channels", 0)  # packages written before adapters existed
-        missing = [n for n in names if n not in values]
-        if missing:
-            raise MedfoundError(f"model config: missing key(s) {missing}",
-                                hint="start from a preset: medfound.models.PRESETS")
-        cfg = cls(**values)
-        cfg._validate()
-        return cfg
+        # adapter_channels has a default: packages written before adapters existed lack it.
+        return from_mapping(cls, values, "model config", ignore=(),
+                            hint="start from a preset: medfound.models.PRESETS")
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> DetectorConfig:
@@ -343,13 +331,19 @@ def build_network(cfg: DetectorConfig | Mapping[str, Any], seed: int | None = No
     with torch.random.fork_rng(devices=[]):
         if seed is not None:
             torch.manual_seed(seed)
-        return RetinaNet(
+        net = RetinaNet(
             spatial_dims=SPATIAL_DIMS,
             num_classes=cfg.num_classes,
             num_anchors=len(cfg.base_anchor_shapes),
             feature_extractor=build_feature_extractor(cfg),
             size_divisible=size_divisible(cfg),
         )
+        if cfg.adapter_channels > 0:
+            # An adapter closes each head's conv tower too (``<head>.conv.adapter``, before the
+            # prediction conv), so a frozen tower can still adapt: adapter-only fine-tuning.
+            for head in (net.classification_head, net.regression_head):
+                head.conv.add_module("adapter", Adapter(cfg.fpn_channels, cfg.adapter_channels))
+        return net
 
 
 class AtssRetinaNetDetector(RetinaNetDetector):
@@ -413,15 +407,6 @@ def count_parameters(network: nn.Module, trainable_only: bool = False) -> int:
 
 def _config(cfg: DetectorConfig | Mapping[str, Any]) -> DetectorConfig:
     return cfg if isinstance(cfg, DetectorConfig) else DetectorConfig.from_dict(cfg)
-
-
-def _plain(value: Any) -> Any:
-    """Hydra DictConfig/ListConfig, tuples → plain dicts and lists."""
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, Sequence) and not isinstance(value, str):
-        return [_plain(v) for v in value]
-    return value
 
 
 def _is_seq(value: Any, n: int, integer: bool = False) -> bool:

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from monai.networks.nets.resnet import ResNet, ResNetBlock, ResNetBottleneck
 from torch import Tensor, nn
 
+from medfound.config import from_mapping
 from medfound.errors import MedfoundError
 
 __all__ = [
@@ -46,6 +47,7 @@ __all__ = [
     "FoundationPretrainer",
     "detector_state_from_encoder",
     "freeze_",
+    "train_only_",
 ]
 
 _BLOCKS = {"basic": ResNetBlock, "bottleneck": ResNetBottleneck}
@@ -83,19 +85,8 @@ class FoundationConfig:
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> FoundationConfig:
         """Validate a mapping (or Hydra DictConfig); errors name the key."""
-        values = {str(k): (list(v) if isinstance(v, Sequence) and not isinstance(v, str) else v)
-                  for k, v in dict(values).items() if k != "name"}
-        names = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(values) - set(names))
-        if unknown:
-            raise MedfoundError(f"encoder config: unknown key(s) {unknown}", hint=f"valid keys are {names}")
-        missing = [n for n in names if n not in values]
-        if missing:
-            raise MedfoundError(f"encoder config: missing key(s) {missing}",
-                                hint="start from medfound.models.foundation.FOUNDATION_PRESETS")
-        cfg = cls(**values)
-        cfg._validate()
-        return cfg
+        return from_mapping(cls, values, "encoder config",
+                            hint="start from medfound.models.foundation.FOUNDATION_PRESETS")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -291,3 +282,24 @@ def freeze_(module: nn.Module) -> nn.Module:
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.__class__ = _FrozenBatchNorm
     return module
+
+
+def train_only_(module: nn.Module, patterns: Sequence[str]) -> list[str]:
+    """Freeze every weight of `module` whose name contains none of `patterns` (e.g.
+    ``["adapter", "cls_logits", "bbox_reg"]``); a BatchNorm left without trainable weights keeps
+    its statistics too. Returns the names still trained; raises `MedfoundError` when a pattern
+    matches no weight (a typo would otherwise freeze everything it meant to train)."""
+    patterns = [str(p) for p in patterns]
+    names = [n for n, _ in module.named_parameters()]
+    unused = [p for p in patterns if not any(p in n for n in names)]
+    if unused:
+        raise MedfoundError(f"config key 'finetune.train_only': {unused} match(es) no weight of the network",
+                            hint="use parts of weight names, e.g. adapter, cls_logits, bbox_reg, fpn")
+    for name, p in module.named_parameters():
+        if not any(s in name for s in patterns):
+            p.requires_grad_(False)
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and not any(
+                p.requires_grad for p in m.parameters(recurse=False)):
+            m.__class__ = _FrozenBatchNorm
+    return [n for n, p in module.named_parameters() if p.requires_grad]

@@ -7,7 +7,7 @@ voxel "xyzxyz" boxes of the resampled image, and `medfound.data.detection` conve
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +69,34 @@ def init_from_encoder(network: torch.nn.Module, package: str | Path, modality: s
     if freeze:
         freeze_backbone(network)
     return len(new)
+
+
+def apply_finetune(network: torch.nn.Module, finetune: Mapping[str, Any] | None, load: bool = True, *,
+                   init: Callable[..., int] | None = None, freeze: Callable[[Any], None] | None = None,
+                   part: str = "backbone") -> str | None:
+    """The `finetune` config on a fresh detector network, the same at every place one is built
+    (the recipe, the coordinator, each center): `init_encoder` (loaded only when `load`: a
+    resumed run or a center takes the weights from its checkpoint or message),
+    `freeze_encoder` (freeze the backbone but its adapters) and `train_only` (name parts of the
+    only weights that train, e.g. [adapter, cls_logits, bbox_reg]: adapter-only fine-tuning).
+    `init`/`freeze`/`part`: another network's loading and freezing of its encoder (the
+    segmenter's). Returns a console line about what was loaded and frozen, or None."""
+    from medfound.models.foundation import train_only_
+
+    finetune = finetune or {}
+    said = []
+    if finetune.get("init_encoder") and load:
+        n = (init or init_from_encoder)(network, finetune["init_encoder"])
+        said.append(f"{part}: {n} weights from the pretrained encoder {finetune['init_encoder']}")
+    if finetune.get("freeze_encoder"):
+        (freeze or freeze_backbone)(network)
+        said.append(f"{part} frozen")
+    if finetune.get("train_only"):
+        trained = train_only_(network, list(finetune["train_only"]))
+        n = sum(p.numel() for name, p in network.named_parameters() if name in trained)
+        total = sum(p.numel() for p in network.parameters())
+        said.append(f"training only {list(finetune['train_only'])}: {n} of {total} weights")
+    return "; ".join(said) or None
 
 
 def check_encoder_package(package: str | Path) -> dict[str, Any]:

@@ -38,6 +38,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
+from medfound.config import from_mapping, plain
 from medfound.errors import MedfoundError
 from medfound.train.checkpoint import (
     capture_rng_state,
@@ -91,17 +92,10 @@ class TrainerConfig:
     @classmethod
     def from_dict(cls, values: Mapping[str, Any] | None = None, **overrides: Any) -> TrainerConfig:
         """Validate a mapping (or a Hydra DictConfig); missing keys take the defaults above."""
-        values = _plain(values or {})
+        values = plain(values or {})
         if not isinstance(values, dict):
             raise MedfoundError(f"trainer config must be a mapping, got {type(values).__name__}")
-        values = {**values, **overrides}
-        names = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(values) - set(names))
-        if unknown:
-            raise MedfoundError(f"trainer config: unknown key(s) {unknown}", hint=f"valid keys are {names}")
-        cfg = cls(**values)
-        cfg._validate()
-        return cfg
+        return from_mapping(cls, {**values, **overrides}, "trainer config", ignore=())
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -481,13 +475,3 @@ def _summary(record: Mapping[str, float], cfg: TrainerConfig) -> str:
 def _num(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
-
-def _plain(values: Any) -> Any:
-    try:  # a Hydra DictConfig (omegaconf is only there when hydra is)
-        from omegaconf import DictConfig, OmegaConf
-
-        if isinstance(values, DictConfig):
-            return OmegaConf.to_container(values, resolve=True)
-    except ImportError:
-        pass
-    return dict(values) if isinstance(values, Mapping) else values
