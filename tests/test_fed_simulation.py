@@ -298,9 +298,21 @@ def test_differential_privacy_clips_each_update_and_adds_the_reported_noise(
     assert f"differential privacy: {where}-side clipping" in res.stdout
     metrics = json.loads((out / "metrics.json").read_text())
     stdev = noise * clip / len(CENTERS)
-    assert metrics["privacy"] == {"dp": where, "clipping_norm": clip, "noise_multiplier": noise,
-                                  "noise_stdev": pytest.approx(stdev)}
+    privacy = metrics["privacy"]
+    assert {k: privacy[k] for k in ("dp", "clipping_norm", "noise_multiplier", "delta")} == {
+        "dp": where, "clipping_norm": clip, "noise_multiplier": noise, "delta": 1e-5}
+    assert privacy["noise_stdev"] == pytest.approx(stdev)
     record = metrics["rounds"][0]
+    eps = privacy["epsilon"]  # per center, from its share of the round's cases
+    assert sorted(eps) == CENTERS
+    if noise == 0:
+        assert all(e == float("inf") for e in eps.values())
+    else:
+        counts = {c: m["num-examples"] for c, m in record["train"]["centers"].items()}
+        assert all(0 < e < float("inf") for e in eps.values())
+        assert eps[max(counts, key=counts.get)] == max(eps.values())  # the biggest share leaks most
+        assert eps[min(counts, key=counts.get)] < max(eps.values())
+        assert "ε = " in res.stdout
     assert record["aggregated"] and record["train"]["accepted"] == CENTERS
     norms = record["train"]["update_norms"]
     if where == "client":  # the coordinator measures what arrived: already clipped

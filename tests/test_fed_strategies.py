@@ -29,7 +29,13 @@ from medfound.fed.params import decode_arrays, encode_arrays
 from medfound.fed.screening import screen_updates
 from medfound.fed.server_app import weighted_mean
 from medfound.fed.settings import FedSettings
-from medfound.fed.strategies import build_strategy, restore_strategy_state, strategy_state
+from medfound.fed.strategies import (
+    build_strategy,
+    dp_epsilons,
+    gaussian_epsilon,
+    restore_strategy_state,
+    strategy_state,
+)
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SHAPES = {"conv.weight": (2, 3), "conv.bias": (2,)}
@@ -227,3 +233,29 @@ def test_fed_settings_name_the_key_a_user_got_wrong() -> None:
     for cfg, expected in cases:
         with pytest.raises(MedfoundError, match=re.escape(expected)):
             FedSettings.from_config(cfg)
+
+
+def test_dp_epsilon_is_the_tight_gaussian_bound_and_composes_over_rounds() -> None:
+    import math
+
+    def phi(x: float) -> float:
+        return 0.5 * math.erfc(-x / math.sqrt(2))
+
+    delta = 1e-5
+    for mu in (0.3, 1.0, 3.0):
+        eps = gaussian_epsilon(mu, delta)
+        # δ(ε) of μ-GDP at the returned ε is the asked δ ...
+        got = phi(-eps / mu + mu / 2) - math.exp(eps) * phi(-eps / mu - mu / 2)
+        assert got == pytest.approx(delta, rel=1e-6)
+        # ... and ε is below the looser RDP bound min_α α μ²/2 + log(1/δ)/(α − 1).
+        rdp = min(a * mu * mu / 2 + math.log(1 / delta) / (a - 1) for a in np.linspace(1.01, 200, 20000))
+        assert eps < rdp
+    assert gaussian_epsilon(1.0, 1e-5) == pytest.approx(4.377, abs=2e-3)
+    # Two centers, σ = 2, three centers in the federation: center_a holds 3/4 of the cases in
+    # two rounds (μ per round 0.75·3/2), center_b 1/4 and then sits a round out.
+    privacy = {"dp": "server", "noise_multiplier": 2.0}
+    eps = dp_epsilons(privacy, 3, [{"a": 0.75, "b": 0.25}, {"a": 1.0}], delta)
+    assert eps["a"] == pytest.approx(gaussian_epsilon(math.hypot(0.75 * 1.5, 1.5), delta))
+    assert eps["b"] == pytest.approx(gaussian_epsilon(0.25 * 1.5, delta)) and eps["b"] < eps["a"]
+    assert dp_epsilons({"dp": None}, 3, [{"a": 1.0}], delta) is None
+    assert dp_epsilons({"dp": "client", "noise_multiplier": 0.0}, 3, [{"a": 1.0}], delta) == {"a": math.inf}

@@ -62,6 +62,7 @@ from medfound.fed.screening import screen_updates
 from medfound.fed.settings import FedSettings
 from medfound.fed.strategies import (
     build_strategy,
+    dp_epsilons,
     dp_noise_stdev,
     restore_strategy_state,
     strategy_state,
@@ -192,6 +193,10 @@ def run_coordinator(grid: Grid, cfg: Mapping[str, Any], config_yaml: str = "") -
         write_metrics(out / METRICS_FILE, history, settings, model_bytes, cross_site)
         tracker.log_artifact(out / METRICS_FILE)
         tracker.log_artifacts(package, package.name)
+    eps = privacy_report(history, settings).get("epsilon")
+    if eps:
+        print(f"differential privacy after {len(history)} rounds, δ = {settings.privacy['delta']:g}: "
+              + ", ".join(f"{c} ε = {e:.3g}" for c, e in eps.items()), flush=True)
     final = history[-1]["evaluate"]["global"]
     if pretrain:
         rec = final.get("reconstruction")
@@ -402,6 +407,27 @@ def weighted_mean(per_center: Iterable[Mapping[str, float]]) -> dict[str, float]
     return out
 
 
+def privacy_report(history: list[dict[str, Any]], settings: FedSettings) -> dict[str, Any]:
+    """The run's privacy settings, the noise std and, with DP, each center's (ε, δ) after the
+    completed rounds (medfound.fed.strategies.dp_epsilons): with task=detect from each round's
+    aggregation weights (shares of the accepted centers' cases), with task=pretrain from weight
+    1 (a stem a single center holds is that center's alone)."""
+    rounds = []
+    for r in history:
+        counts = {c: float(m.get(NUM_EXAMPLES, 0)) for c, m in r["train"]["centers"].items()
+                  if c in r["train"]["accepted"]}
+        total = sum(counts.values())
+        rounds.append({c: (1.0 if settings.task == "pretrain" or total <= 0 else n / total)
+                       for c, n in counts.items()})
+    eps = dp_epsilons(settings.privacy, len(settings.centers), rounds, settings.privacy["delta"])
+    report = {**settings.privacy, "noise_stdev": dp_noise_stdev(settings.privacy, len(settings.centers))}
+    if eps is not None:
+        report["epsilon"] = eps
+        report["accounting"] = ("center-level: one center's clipped update vs none, aggregation weights "
+                                "fixed; rounds composed as Gaussian DP (tight conversion to (ε, δ))")
+    return report
+
+
 def write_metrics(path: Path, history: list[dict[str, Any]], settings: FedSettings,
                   model_bytes: int, cross_site: Mapping[str, Any] | None = None) -> None:
     """FED/metrics.json from the round records and the cross-site validation (atomic:
@@ -418,8 +444,7 @@ def write_metrics(path: Path, history: list[dict[str, Any]], settings: FedSettin
         "centers": list(settings.centers), "rounds_planned": settings.rounds,
         "rounds_completed": len(history), "transfer_dtype": settings.transfer_dtype,
         "model_bytes_fp32": model_bytes,
-        "privacy": {**settings.privacy,
-                    "noise_stdev": dp_noise_stdev(settings.privacy, len(settings.centers))},
+        "privacy": privacy_report(history, settings),
         "global": [{"round": r["round"], **r["evaluate"]["global"]} for r in history],
         "bytes_per_center": totals,
         "round_durations_s": [r["duration_s"] for r in history],

@@ -149,12 +149,15 @@ class FedSettings:
 
 
 def _privacy(value: Any) -> dict[str, Any]:
-    """`fed.privacy`: dp (null | client | server), clipping_norm, noise_multiplier."""
-    privacy = {"dp": None, "clipping_norm": 1.0, "noise_multiplier": 1.0, **dict(value or {})}
-    unknown = sorted(set(privacy) - {"dp", "clipping_norm", "noise_multiplier"})
+    """`fed.privacy`: dp (null | client | server), clipping_norm, noise_multiplier, delta."""
+    privacy = {"dp": None, "clipping_norm": 1.0, "noise_multiplier": 1.0, "delta": 1e-5, **dict(value or {})}
+    unknown = sorted(set(privacy) - {"dp", "clipping_norm", "noise_multiplier", "delta"})
     if unknown:
         raise MedfoundError(f"fed config: unknown key(s) fed.privacy.{unknown}",
-                            hint="valid keys are dp, clipping_norm, noise_multiplier")
+                            hint="valid keys are dp, clipping_norm, noise_multiplier, delta")
+    if not (_num(privacy["delta"]) and 0 < privacy["delta"] < 1):
+        raise MedfoundError(f"config key 'fed.privacy.delta' = {privacy['delta']!r}: must be in (0, 1) "
+                            "(the δ of the reported (ε, δ); well below 1 / number of centers)")
     if privacy["dp"] is not None and privacy["dp"] not in DP_MODES:
         raise MedfoundError(f"config key 'fed.privacy.dp' = {privacy['dp']!r}: must be null "
                             f"(no differential privacy) or one of {', '.join(DP_MODES)}")
@@ -165,7 +168,8 @@ def _privacy(value: Any) -> dict[str, Any]:
     if not (_num(noise) and noise >= 0):
         raise MedfoundError(f"config key 'fed.privacy.noise_multiplier' = {noise!r}: must be a "
                             "number >= 0 (noise std = multiplier × clipping_norm / centers)")
-    return {"dp": privacy["dp"], "clipping_norm": float(clip), "noise_multiplier": float(noise)}
+    return {"dp": privacy["dp"], "clipping_norm": float(clip), "noise_multiplier": float(noise),
+            "delta": float(privacy["delta"])}
 
 
 def parse_host_port(address: Any, what: str = "address") -> tuple[str, int]:

@@ -31,7 +31,8 @@ continues with the same moments.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import math
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -169,6 +170,51 @@ def dp_noise_stdev(privacy: Mapping[str, Any], num_centers: int) -> float | None
 
     return float(compute_stdv(float(privacy["noise_multiplier"]), float(privacy["clipping_norm"]),
                               num_centers))
+
+
+def gaussian_epsilon(mu: float, delta: float) -> float:
+    """The tight ε of a mechanism that is μ-GDP (a composition of Gaussian mechanisms: μ is the
+    root sum of squares of each one's sensitivity / noise std) at `delta`, by bisection on
+    δ(ε) = Φ(−ε/μ + μ/2) − e^ε Φ(−ε/μ − μ/2) (Dong, Roth & Su 2019, Cor. 2.13; Balle & Wang 2018).
+    0 for μ = 0; inf when no finite ε reaches `delta`."""
+    if mu <= 0:
+        return 0.0
+
+    def phi(x: float) -> float:
+        return 0.5 * math.erfc(-x / math.sqrt(2.0))
+
+    def delta_of(eps: float) -> float:
+        return phi(-eps / mu + mu / 2) - math.exp(eps) * phi(-eps / mu - mu / 2)
+
+    if delta_of(0.0) <= delta:
+        return 0.0
+    lo, hi = 0.0, 1.0
+    while delta_of(hi) > delta:
+        lo, hi = hi, 2 * hi
+        if hi > 500:
+            return math.inf
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if delta_of(mid) > delta else (lo, mid)
+    return hi
+
+
+def dp_epsilons(privacy: Mapping[str, Any], num_centers: int, rounds: Sequence[Mapping[str, float]],
+                delta: float) -> dict[str, float] | None:
+    """Center-level (ε, δ) of a run with fed.privacy.dp, per center: `rounds` holds, per
+    completed round, each accepted center's aggregation weight (its share of the round's
+    examples; 1.0 for a bound that holds whatever the weights). A center's clipped update
+    (norm ≤ C) moves the weighted aggregate by at most w·C and the aggregate gets Gaussian noise
+    of std σ·C/num_centers, so each round is a Gaussian mechanism with μ = w·num_centers/σ;
+    rounds compose as μ-GDP. None without DP; inf with zero noise."""
+    if privacy.get("dp") is None:
+        return None
+    sigma = float(privacy["noise_multiplier"])
+    centers = sorted({c for r in rounds for c in r})
+    if sigma == 0:
+        return {c: math.inf for c in centers}
+    return {c: gaussian_epsilon(math.sqrt(sum((r.get(c, 0.0) * num_centers / sigma) ** 2 for r in rounds)), delta)
+            for c in centers}
 
 
 def _inner(strategy: flwr_strategy.Strategy) -> flwr_strategy.Strategy:
