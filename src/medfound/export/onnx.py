@@ -138,22 +138,9 @@ def export_model_package(model_dir: str | Path, out_dir: str | Path, opset: int 
     num_levels = len(cfg.returned_layers) + 1
     names = output_names(num_levels)
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     onnx_path = out_dir / "model.onnx"
-    staged = out_dir / ".model.onnx.staged"
-    for stale in (onnx_path, staged, out_dir / "model.onnx.rejected"):
-        stale.unlink(missing_ok=True)
-    _export_network(network, cfg.n_input_channels, cfg.sw_roi_size, size_divisible(cfg), staged, names,
-                    opset=opset, dynamic=dynamic)
-
-    shapes = _parity_shapes(cfg, dynamic)
-    try:
-        parity = check_parity(network, staged, shapes, out_dir / "parity.json",
-                              patches=parity_patches, seed=seed, rtol=rtol)
-    except MedfoundError:
-        # Keep the rejected file for inspection, under a name nothing will load by mistake.
-        staged.replace(out_dir / "model.onnx.rejected")
-        raise
+    staged, parity = export_and_gate(network, cfg, size_divisible(cfg), out_dir, names, opset=opset,
+                                     dynamic=dynamic, parity_patches=parity_patches, seed=seed, rtol=rtol)
     if int8 and data_root is None:
         staged.unlink(missing_ok=True)
         raise MedfoundError("INT8 is accepted only on a measured CPM drop", hint=
@@ -174,8 +161,7 @@ def export_model_package(model_dir: str | Path, out_dir: str | Path, opset: int 
     card["parity"]["cpm"] = quality
     _write_json(out_dir / "parity.json", parity)
     if not quality["passed"]:
-        onnx_path.replace(out_dir / "model.onnx.rejected")
-        (out_dir / "model_card.json").unlink(missing_ok=True)
+        reject(out_dir)
         raise MedfoundError(f"CPM parity failed: onnx {quality['cpm_onnx']:.4f} vs torch "
                             f"{quality['cpm_torch']:.4f} (bound {CPM_TOL})", path=out_dir / "parity.json",
                             hint="do not deploy; compare preprocessing and the card's detector settings")
@@ -210,6 +196,35 @@ def _write_json(path: Path, data: Any) -> None:
     tmp = path.with_name(path.name + ".partial")
     tmp.write_text(json.dumps(data, indent=2, allow_nan=True) + "\n")
     tmp.replace(path)
+
+
+def export_and_gate(network: nn.Module, cfg: Any, divisible: Sequence[int], out_dir: Path, names: list[str], *,
+                    opset: int | None, dynamic: bool, parity_patches: int, seed: int, rtol: float
+                    ) -> tuple[Path, dict[str, Any]]:
+    """Export `network` (config `cfg`: n_input_channels, sw_roi_size, patch_size) to a staged
+    file in `out_dir` — after removing an older model.onnx, staged or rejected file — and run
+    the random-patch parity gate (parity.json). Returns (staged file, parity report); the caller
+    renames the staged file to model.onnx. A failed gate leaves it as model.onnx.rejected."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    staged = out_dir / ".model.onnx.staged"
+    for stale in (out_dir / "model.onnx", staged, out_dir / "model.onnx.rejected"):
+        stale.unlink(missing_ok=True)
+    _export_network(network, cfg.n_input_channels, cfg.sw_roi_size, divisible, staged, names,
+                    opset=opset, dynamic=dynamic)
+    try:
+        parity = check_parity(network, staged, _parity_shapes(cfg, dynamic), out_dir / "parity.json",
+                              patches=parity_patches, seed=seed, rtol=rtol)
+    except MedfoundError:
+        # Keep the rejected file for inspection, under a name nothing will load by mistake.
+        staged.replace(out_dir / "model.onnx.rejected")
+        raise
+    return staged, parity
+
+
+def reject(out_dir: Path) -> None:
+    """A model.onnx that failed a quality gate becomes model.onnx.rejected, without its card."""
+    (out_dir / "model.onnx").replace(out_dir / "model.onnx.rejected")
+    (out_dir / "model_card.json").unlink(missing_ok=True)
 
 
 def write_card(out_dir: Path, card: dict[str, Any]) -> None:

@@ -20,14 +20,7 @@ import numpy as np
 import torch
 
 from medfound.errors import MedfoundError
-from medfound.export.onnx import (
-    _export_network,
-    _parity_shapes,
-    _write_json,
-    card_common,
-    check_parity,
-    write_card,
-)
+from medfound.export.onnx import _write_json, card_common, export_and_gate, reject, write_card
 from medfound.models.segmentation import (
     LABELS,
     SegmenterConfig,
@@ -51,18 +44,9 @@ def export_segmenter_package(meta: dict[str, Any], model_dir: Path, out_dir: Pat
                             hint="re-train: the package was not written by medfound") from None
     network = load_weights(model_dir, build_segmenter(cfg)).eval()
     names = ["logits"]
-    out_dir.mkdir(parents=True, exist_ok=True)
-    onnx_path, staged = out_dir / "model.onnx", out_dir / ".model.onnx.staged"
-    for stale in (onnx_path, staged, out_dir / "model.onnx.rejected"):
-        stale.unlink(missing_ok=True)
-    _export_network(network, cfg.n_input_channels, cfg.sw_roi_size, segmenter_size_divisible(cfg), staged,
-                    names, opset=opset, dynamic=dynamic)
-    try:
-        parity = check_parity(network, staged, _parity_shapes(cfg, dynamic), out_dir / "parity.json",
-                              patches=parity_patches, seed=seed, rtol=rtol)
-    except MedfoundError:
-        staged.replace(out_dir / "model.onnx.rejected")
-        raise
+    onnx_path = out_dir / "model.onnx"
+    staged, parity = export_and_gate(network, cfg, segmenter_size_divisible(cfg), out_dir, names, opset=opset,
+                                     dynamic=dynamic, parity_patches=parity_patches, seed=seed, rtol=rtol)
     staged.replace(onnx_path)
     card = card_common(meta, cfg, onnx_path, names, dynamic, parity, segmenter_size_divisible(cfg),
                        "logits: (B, num_classes, i, j, k) on the input grid; argmax → label map")
@@ -82,8 +66,7 @@ def export_segmenter_package(meta: dict[str, Any], model_dir: Path, out_dir: Pat
     parity["dice"] = card["parity"]["dice"] = quality
     _write_json(out_dir / "parity.json", parity)
     if not quality["passed"]:
-        onnx_path.replace(out_dir / "model.onnx.rejected")
-        (out_dir / "model_card.json").unlink(missing_ok=True)
+        reject(out_dir)
         raise MedfoundError(f"Dice parity failed: onnx {quality['dice_onnx']:.4f} vs torch "
                             f"{quality['dice_torch']:.4f} (bound {DICE_TOL})", path=out_dir / "parity.json",
                             hint="do not deploy; compare the card's sliding-window settings")

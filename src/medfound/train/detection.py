@@ -47,28 +47,34 @@ def build(model_cfg: Any, seed: int | None = None):
     return network, build_detector(cfg, network)
 
 
-def init_from_encoder(network: torch.nn.Module, package: str | Path, modality: str = "ct",
-                      freeze: bool = False) -> int:
-    """Start the detector's backbone from a pretrained foundation encoder package
-    (RUN/encoder of `medfound run pretrain`, or FED/encoder of a federated pretraining).
-
-    The encoder's `modality` stem and body stages replace the backbone's weights (see
-    medfound.models.foundation.detector_state_from_encoder); the FPN and heads keep their fresh
-    initialisation. `freeze`: the backbone is not trained (`freeze_backbone`), so only the FPN,
-    the heads and the adapters (``network.adapter_channels`` > 0) learn. Returns the weights
-    loaded.
-    """
+def load_encoder(network: torch.nn.Module, package: str | Path, modality: str = "ct",
+                 prefix: str = "feature_extractor.body.") -> int:
+    """Load a pretrained foundation encoder package (RUN/encoder of `medfound run pretrain`, or
+    FED/encoder of a federated pretraining) into the ResNet of `network` whose weights are named
+    ``<prefix>conv1…`` (the detector's backbone; the segmenter's ``encoder.``): the encoder's
+    `modality` stem and body stages (medfound.models.foundation.detector_state_from_encoder).
+    Everything else keeps its fresh initialisation. Returns the weights loaded."""
     from medfound.models.foundation import detector_state_from_encoder
     from medfound.train.package import WEIGHTS
 
     check_encoder_package(package)
     encoder = torch.load(Path(package) / WEIGHTS, map_location="cpu", weights_only=True)
     state = network.state_dict()
-    new = detector_state_from_encoder(encoder, state, modality=modality)
+    new = detector_state_from_encoder(encoder, state, modality=modality, prefix=prefix)
     network.load_state_dict({**state, **new})
+    return len(new)
+
+
+def init_from_encoder(network: torch.nn.Module, package: str | Path, modality: str = "ct",
+                      freeze: bool = False) -> int:
+    """Start the detector's backbone from a pretrained foundation encoder package
+    (`load_encoder`); the FPN and heads keep their fresh initialisation. `freeze`: the backbone
+    is not trained (`freeze_backbone`), so only the FPN, the heads and the adapters
+    (``network.adapter_channels`` > 0) learn. Returns the weights loaded."""
+    n = load_encoder(network, package, modality)
     if freeze:
         freeze_backbone(network)
-    return len(new)
+    return n
 
 
 def apply_finetune(network: torch.nn.Module, finetune: Mapping[str, Any] | None, load: bool = True, *,

@@ -45,20 +45,14 @@ def build(model_cfg: Any, seed: int | None = None) -> SegmentationNet:
 def init_from_encoder(network: SegmentationNet, package: str | Path, modality: str = "ct",
                       freeze: bool = False) -> int:
     """Start the encoder from a pretrained foundation encoder package (its `modality` stem and
-    body stages; see medfound.train.detection.init_from_encoder). `freeze`: only the decoder,
-    the head and the adapters learn. Returns the weights loaded."""
-    from medfound.models.foundation import detector_state_from_encoder
-    from medfound.train.detection import check_encoder_package
-    from medfound.train.package import WEIGHTS
+    body stages; medfound.train.detection.load_encoder). `freeze`: only the decoder, the head
+    and the adapters learn. Returns the weights loaded."""
+    from medfound.train.detection import load_encoder
 
-    check_encoder_package(package)
-    encoder = torch.load(Path(package) / WEIGHTS, map_location="cpu", weights_only=True)
-    state = network.state_dict()
-    new = detector_state_from_encoder(encoder, state, modality=modality, prefix="encoder.")
-    network.load_state_dict({**state, **new})
+    n = load_encoder(network, package, modality, prefix="encoder.")
     if freeze:
         freeze_encoder(network)
-    return len(new)
+    return n
 
 
 def apply_finetune(network: SegmentationNet, finetune: Mapping[str, Any] | None, load: bool = True
