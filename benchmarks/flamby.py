@@ -89,8 +89,10 @@ def main() -> int:
     work = HERE / "_data" / "flamby_runs"
     shutil.rmtree(work, ignore_errors=True)
     common = [f"experiment={args.experiment}", f"data.root={root}"]
+    # data.train_split=training: the centers' training splits only, the data a federated center
+    # trains on (the experiment may train on all cases of centers it does not validate on).
     train = [*common, f"trainer.epochs={args.epochs}", f"trainer.val_every={args.epochs}",
-             "trainer.early_stopping_patience=0"]
+             "trainer.early_stopping_patience=0", "data.train_split=training"]
 
     rows = []
     plans = [("pooled", CENTERS)] + [(f"local {c}", [c]) for c in CENTERS]

@@ -36,7 +36,8 @@ def main(cfg: DictConfig) -> None:
     data, model_cfg = cfg.data, cfg.network
 
     # Data: each center's datalist; preprocessing cached after the first epoch.
-    train_items = label_subset(load_datalist(data.root, data.train_centers, "training"),
+    train_split = task.training_split(data)
+    train_items = label_subset(load_datalist(data.root, data.train_centers, train_split),
                                data.get("label_fraction", 1.0), seed=cfg.seed)
     val_items = task.evaluation_items(data.root, data.val_centers, data.train_centers,
                                       data.val_split)
@@ -79,6 +80,7 @@ def main(cfg: DictConfig) -> None:
             metrics=metrics, config_yaml=OmegaConf.to_yaml(cfg, resolve=True),
             provenance={"train_centers": list(data.train_centers),
                         "val_centers": list(data.val_centers), "val_split": data.val_split,
+                        "train_split": train_split,
                         "train_cases": len(train_items),
                         "val_cases": len(val_items), "seed": cfg.seed,
                         "init_encoder": finetune.get("init_encoder"),

@@ -48,3 +48,15 @@ def test_run_names_the_known_recipes_for_an_unknown_one() -> None:
     assert res.returncode == 2
     assert "no_such_recipe" in res.stderr and "train_detector" in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
+
+
+def test_train_split_all_is_refused_when_a_training_center_is_also_validated() -> None:
+    from medfound.errors import MedfoundError
+    from medfound.train.detection import training_split
+    data = {"train_centers": ["center_0", "center_1"], "val_centers": ["center_2"]}
+    assert training_split(data) == "training"
+    assert training_split({**data, "train_split": "all"}) == "all"
+    with pytest.raises(MedfoundError, match="center_1.*validates on"):
+        training_split({**data, "train_split": "all", "val_centers": ["center_1", "center_2"]})
+    with pytest.raises(MedfoundError, match="data.train_split"):
+        training_split({**data, "train_split": "validation"})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from medfound.models import (
     count_parameters,
     size_divisible,
 )
+from medfound.models.detection import PositiveNormalizedFocalLoss
 
 
 @pytest.fixture(scope="module")
@@ -149,6 +151,41 @@ def test_training_step_gives_finite_losses_and_updates_weights(tiny):
     assert all(h in changed for h in heads)
 
 
+def test_ignore_inside_gt_turns_atss_negatives_inside_a_nodule_into_ignored_anchors(tiny):
+    image, box = sphere_patch(tiny, [30.0, 25.0, 17.0], diameter_mm=12.0)
+    target = [{"box": box, "label": torch.tensor([0])}]
+    matched = {}
+    for flag in (False, True):
+        det = build_detector(dataclasses.replace(tiny, ignore_inside_gt=flag), build_network(tiny, seed=0))
+        head = det.network(image)
+        det.generate_anchors(image, head)
+        levels = [x.shape[2:].numel() for x in head["classification"]]
+        matched[flag] = det.compute_anchor_matched_idxs(det.anchors, target, levels)[0]
+    plain, ignoring = matched[False], matched[True]
+    anchors = det.anchors[0]
+    centres = (anchors[:, :3] + anchors[:, 3:]) / 2
+    inside = ((centres >= box[0, :3]) & (centres <= box[0, 3:])).all(dim=1)
+    # ATSS alone: a few positives, every other anchor background (none ignored).
+    assert 0 < int((plain >= 0).sum()) < int(inside.sum())
+    assert not (plain == -2).any()
+    # With the flag: the positives stay; exactly the background anchors centred inside become -2.
+    assert torch.equal(ignoring >= 0, plain >= 0)
+    assert torch.equal(ignoring == -2, inside & (plain == -1))
+    assert torch.equal(ignoring[~inside], plain[~inside])
+
+
+def test_focal_loss_is_retinanets_sum_over_anchors_per_positive_anchor():
+    logits = torch.tensor([[2.0], [-3.0], [0.5], [1.0], [-0.2]])
+    target = torch.tensor([[1.0], [0.0], [0.0], [1.0], [0.0]])
+    p = torch.sigmoid(logits)
+    p_t = torch.where(target > 0, p, 1 - p)
+    alpha_t = torch.where(target > 0, 0.25, 0.75)
+    expected = (-alpha_t * (1 - p_t) ** 2 * torch.log(p_t)).sum() / 2  # two positive anchors
+    assert torch.allclose(PositiveNormalizedFocalLoss()(logits, target), expected, rtol=1e-6)
+    # No positive anchor (a background patch): normalised by 1, not 0.
+    assert torch.isfinite(PositiveNormalizedFocalLoss()(logits, torch.zeros_like(target)))
+
+
 def test_sliding_window_inference_on_a_volume_larger_than_the_window(tiny):
     cfg = DetectorConfig.preset("tiny", score_thresh=0.0, detections_per_img=10)
     det = build_detector(cfg, build_network(cfg, seed=0)).eval()
@@ -204,9 +241,12 @@ def test_network_alone_exports_with_torch_export(tiny):
             torch.testing.assert_close(p, e)
 
 
-def test_tiny_detector_overfits_one_patch_and_finds_the_sphere(tiny):
+@pytest.mark.parametrize("cls_loss", ["hard_negative_bce", "focal"])
+def test_tiny_detector_overfits_one_patch_and_finds_the_sphere(tiny, cls_loss):
+    tiny = dataclasses.replace(tiny, cls_loss=cls_loss)
     net = build_network(tiny, seed=0)
     det = build_detector(tiny, net)
+    assert (det.fg_bg_sampler is None) == (cls_loss == "focal")
     centre = [30.0, 25.0, 17.0]
     image, box = sphere_patch(tiny, centre, diameter_mm=10.0)
     targets = [{"box": box, "label": torch.tensor([0])}]

@@ -135,3 +135,12 @@ def test_config_is_flattened_with_dotted_keys():
                            "seed": 0, "model": {}})
     assert flat == {"trainer.lr": "0.001", "trainer.amp": "auto", "data.centers": "['a', 'b']",
                     "seed": "0", "model": "{}"}
+
+
+def test_a_file_uri_is_that_folder_not_a_folder_named_file(tmp_path):
+    from medfound.train.tracking import _resolve_store
+    folder = tmp_path / "store"
+    for uri in (f"file:{folder}", f"file://{folder}", str(folder)):
+        resolved, artifacts = _resolve_store(uri, tmp_path / "run")
+        assert resolved == f"sqlite:///{folder.resolve() / 'mlflow.db'}"
+        assert artifacts == folder.resolve() / "artifacts"

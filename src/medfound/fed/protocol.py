@@ -53,7 +53,7 @@ CROSS_SITE = "cross-site-models"  # JSON list of the models a cross-site evaluat
 # data.* keys a center needs to prepare its studies like every other center; the rest
 # (root, cache_dir, which centers) is the coordinator's or the center's own business.
 _DATA_KEYS_NOT_SENT = ("root", "cache_dir", "train_centers", "val_centers", "val_split",
-                       "label_fraction")
+                       "train_split", "label_fraction")
 
 
 class VersionMismatch(MedfoundError):

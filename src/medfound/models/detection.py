@@ -44,6 +44,7 @@ from monai.apps.detection.networks.retinanet_network import RetinaNet
 from monai.apps.detection.utils.anchor_utils import AnchorGeneratorWithAnchorShape
 from monai.apps.detection.utils.ATSS_matcher import ATSSMatcher
 from monai.data.box_utils import get_boxmode
+from monai.losses import FocalLoss
 from monai.networks.blocks.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
 from monai.networks.nets.resnet import ResNet, ResNetBlock, ResNetBottleneck
 from torch import Tensor, nn
@@ -52,10 +53,12 @@ from medfound.config import from_mapping
 from medfound.errors import MedfoundError
 
 __all__ = [
+    "CLS_LOSSES",
     "PRESETS",
     "Adapter",
     "AtssRetinaNetDetector",
     "DetectorConfig",
+    "PositiveNormalizedFocalLoss",
     "ResNetFPN",
     "build_detector",
     "build_feature_extractor",
@@ -65,6 +68,7 @@ __all__ = [
 ]
 
 SPATIAL_DIMS = 3
+CLS_LOSSES = ("hard_negative_bce", "focal")
 _BLOCKS = {"basic": ResNetBlock, "bottleneck": ResNetBottleneck}
 _SCALARS: dict[str, Any] = {"int": int, "float": (int, float), "bool": bool, "str": str}
 
@@ -102,6 +106,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "sw_batch_size": 1,
         "sw_mode": "constant",
         "adapter_channels": 0,
+        "ignore_inside_gt": False,
+        "cls_loss": "hard_negative_bce",
     },
 }
 # Differences from "reference" only: everything else (matching, sampling, NMS) is shared.
@@ -155,6 +161,11 @@ class DetectorConfig:
     sw_mode: str  # "constant" | "gaussian" blending
     adapter_channels: int = 0  # >0: a residual bottleneck adapter of this width after each
     #                            returned ResNet stage and each head's conv tower (fine-tuning)
+    ignore_inside_gt: bool = False  # training: an anchor ATSS leaves negative but whose centre
+    #                                 lies inside a nodule's box is ignored, not a hard negative
+    cls_loss: str = "hard_negative_bce"  # "hard_negative_bce": MONAI's LUNA16 setting (BCE on the
+    #   positives and hns_* sampled hard negatives); "focal": RetinaNet's sigmoid focal loss on
+    #   every anchor, normalised by the number of positive anchors (the hns_* keys are unused)
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> DetectorConfig:
@@ -222,6 +233,8 @@ class DetectorConfig:
             raise bad("gt_box_mode", "must be a MONAI box mode such as 'cccwhd' or 'xyzxyz'") from None
         if self.sw_mode not in ("constant", "gaussian"):
             raise bad("sw_mode", "must be 'constant' or 'gaussian'")
+        if self.cls_loss not in CLS_LOSSES:
+            raise bad("cls_loss", f"must be one of {', '.join(CLS_LOSSES)}")
         div = size_divisible(self)
         for key in ("patch_size", "sw_roi_size"):
             if any(s % d for s, d in zip(getattr(self, key), div, strict=True)):
@@ -347,7 +360,18 @@ def build_network(cfg: DetectorConfig | Mapping[str, Any], seed: int | None = No
 
 
 class AtssRetinaNetDetector(RetinaNetDetector):
-    """MONAI's `RetinaNetDetector`, restricted to the ATSS matcher so that it runs without torchvision."""
+    """MONAI's `RetinaNetDetector`, restricted to the ATSS matcher so that it runs without torchvision.
+
+    `ignore_inside_gt`: ATSS keeps a handful of anchors per nodule as positives and calls every
+    other anchor background — including the ones next to them whose centres lie inside the same
+    nodule. When a nodule spans only one or two feature cells (coarse spacing), those neighbours
+    see the same voxels as the positives, and the hard-negative sampler picks exactly them (they
+    score highest): the classifier is told "nodule" and "not nodule" for one input and stays at the
+    prior. With the flag, such anchors are ignored (MONAI's BETWEEN_THRESHOLDS), as RetinaNet's
+    IoU band between background and foreground is.
+    """
+
+    ignore_inside_gt: bool = False
 
     def compute_anchor_matched_idxs(self, anchors: list[Tensor], targets: list[dict[str, Tensor]],
                                     num_anchor_locs_per_level: Sequence[int]) -> list[Tensor]:
@@ -356,11 +380,42 @@ class AtssRetinaNetDetector(RetinaNetDetector):
         # ATSSMatcher returns all -1 (background) for an image without boxes, and builds that
         # tensor on the CPU: move every result to the anchors' device, or the hard-negative
         # sampler mixes CPU and CUDA indices on a GPU.
-        return [
-            self.proposal_matcher(t[self.target_box_key].to(a.device), a, num_anchor_locs_per_level,
-                                  self.num_anchors_per_loc)[1].to(a.device)
-            for a, t in zip(anchors, targets, strict=True)
-        ]
+        matched = []
+        for a, t in zip(anchors, targets, strict=True):
+            boxes = t[self.target_box_key].to(a.device)
+            idx = self.proposal_matcher(boxes, a, num_anchor_locs_per_level,
+                                        self.num_anchors_per_loc)[1].to(a.device)
+            if self.ignore_inside_gt and len(boxes):
+                idx = ignore_inside_boxes(idx, a, boxes, ATSSMatcher.BELOW_LOW_THRESHOLD,
+                                          ATSSMatcher.BETWEEN_THRESHOLDS)
+            matched.append(idx)
+        return matched
+
+
+def ignore_inside_boxes(matched: Tensor, anchors: Tensor, boxes: Tensor, background: int,
+                        ignore: int) -> Tensor:
+    """`matched` with every `background` anchor whose centre lies inside one of `boxes` (all
+    xyzxyz) set to `ignore`."""
+    dims = boxes.shape[1] // 2
+    centres = (anchors[:, :dims] + anchors[:, dims:]) / 2
+    inside = ((centres[:, None] >= boxes[None, :, :dims]) & (centres[:, None] <= boxes[None, :, dims:])
+              ).all(dim=2).any(dim=1)
+    return torch.where(inside & (matched == background), torch.full_like(matched, ignore), matched)
+
+
+class PositiveNormalizedFocalLoss(nn.Module):
+    """RetinaNet's classification loss: MONAI's sigmoid focal loss (γ 2, α 0.25) summed over every
+    anchor and divided by the number of positive anchors (at least 1), so that the thousands of
+    easy background anchors neither drown the few positives nor need sampling."""
+
+    def __init__(self, gamma: float = 2.0, alpha: float = 0.25):
+        super().__init__()
+        self.focal = FocalLoss(gamma=gamma, alpha=alpha, reduction="none", use_softmax=False)
+
+    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        # (anchors, classes) → (1, classes, anchors): MONAI's losses take channels second.
+        loss = self.focal(logits.t()[None], target.t()[None]).sum()
+        return loss / target.sum().clamp(min=1.0)
 
 
 def build_detector(cfg: DetectorConfig | Mapping[str, Any], network: RetinaNet) -> AtssRetinaNetDetector:
@@ -377,13 +432,17 @@ def build_detector(cfg: DetectorConfig | Mapping[str, Any], network: RetinaNet) 
         base_anchor_shapes=[list(map(float, s)) for s in cfg.base_anchor_shapes],
     )
     detector = AtssRetinaNetDetector(network=network, anchor_generator=anchors)
+    detector.ignore_inside_gt = cfg.ignore_inside_gt
     detector.set_atss_matcher(num_candidates=cfg.atss_num_candidates, center_in_gt=cfg.atss_center_in_gt)
-    detector.set_hard_negative_sampler(
-        batch_size_per_image=cfg.hns_batch_size_per_image,
-        positive_fraction=cfg.hns_positive_fraction,
-        pool_size=cfg.hns_pool_size,
-        min_neg=cfg.hns_min_neg,
-    )
+    if cfg.cls_loss == "focal":
+        detector.set_cls_loss(PositiveNormalizedFocalLoss())  # every anchor, no sampler
+    else:
+        detector.set_hard_negative_sampler(
+            batch_size_per_image=cfg.hns_batch_size_per_image,
+            positive_fraction=cfg.hns_positive_fraction,
+            pool_size=cfg.hns_pool_size,
+            min_neg=cfg.hns_min_neg,
+        )
     detector.set_target_keys(box_key="box", label_key="label")
     detector.set_box_selector_parameters(
         score_thresh=cfg.score_thresh,

@@ -34,6 +34,20 @@ def evaluation_items(root: str, centers: Sequence[str], trained_on: Sequence[str
     return items
 
 
+def training_split(data: Mapping[str, Any]) -> str:
+    """The split of the training centers' datalists to train on: `data.train_split`, "training"
+    (default) or "all" (their validation cases too, when validation is on other centers only)."""
+    split = str(data.get("train_split", "training"))
+    if split not in ("training", "all"):
+        raise MedfoundError(f"config key 'data.train_split' = {split!r}: must be training or all")
+    both = sorted(set(data.get("train_centers") or []) & set(data.get("val_centers") or []))
+    if split == "all" and both:
+        raise MedfoundError(f"data.train_split=all would train on the validation cases of "
+                            f"{', '.join(both)}, which data.val_centers also validates on",
+                            hint="validate on other centers, or keep data.train_split=training")
+    return split
+
+
 def detector_config(model_cfg: Any) -> DetectorConfig:
     """DetectorConfig from a Hydra `model` group (its `name` key is the group's, not the net's)."""
     values = {k: v for k, v in dict(model_cfg).items() if k != "name"}

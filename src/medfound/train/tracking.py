@@ -4,7 +4,8 @@ Where runs go (the ``uri`` key of configs/tracking/*.yaml, or `Tracker.start`'s 
 
 - None: an embedded store in ``out_dir/mlruns`` — ``mlflow.db`` (SQLite) plus ``artifacts/``.
   Browse it with ``mlflow ui --backend-store-uri sqlite:///OUT_DIR/mlruns/mlflow.db``.
-- a folder path: the same layout in that folder, so several runs can share one store.
+- a folder path (or ``file:/folder``): the same layout in that folder, so several runs can
+  share one store.
 - ``sqlite:///file.db``: that database, artifacts in ``artifacts/`` beside it.
 - ``http(s)://host:port``: a tracking server, which also decides where artifacts go. It is
   probed first: an unreachable server is one `MedfoundError` line, not minutes of retries.
@@ -19,6 +20,7 @@ import json
 import os
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
@@ -172,6 +174,10 @@ def _resolve_store(tracking_uri: str | None, out_dir: Path) -> tuple[str, Path |
         db = Path(str(tracking_uri)[len("sqlite:///"):])
         db.parent.mkdir(parents=True, exist_ok=True)
         return str(tracking_uri), db.parent / "artifacts"
+    elif str(tracking_uri).startswith("file:"):
+        # MLflow's spelling of a local folder (file:/path, file:///path): that folder, in this
+        # layout — not a folder named "file:..." under the working directory.
+        root = Path(urllib.parse.urlparse(str(tracking_uri)).path)
     elif "://" in str(tracking_uri):
         raise MedfoundError(f"tracking.uri = {tracking_uri!r} is not supported",
                             hint="use null (a store in out_dir), a folder, sqlite:///FILE.db or http(s)://HOST:PORT")

@@ -1,0 +1,91 @@
+"""Benchmark: the phantom detector's quality, pooled vs each local center (issue 4's bar: CPM ≥ 0.80).
+
+On `--size small` phantoms (3 centers × `--cases` cases, the data of benchmarks/segmentation.py
+and label_efficiency.py), `train_detector experiment=phantoms_small` (default) is trained on
+
+- pooled: center_0 + center_1;
+- local center_0 and local center_1: one center alone;
+
+and each packaged model (the best validated one, as the recipe keeps it) is scored on the held-out
+center_2 with the LUNA16 protocol (CPM, FROC, bootstrap CI), as `train_detector` reports it.
+
+    python benchmarks/detection_quality.py [--cases 10] [--experiment phantoms_small] [--seed 0]
+
+Phantoms and runs go to benchmarks/_data/ (not committed). Writes
+benchmarks/results/detection_quality.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+sys.path.insert(0, str(HERE))
+
+from label_efficiency import MIXES, medfound  # noqa: E402
+from read_series import machine  # noqa: E402
+
+ARMS = {"pooled": ["center_0", "center_1"], "local center_0": ["center_0"],
+        "local center_1": ["center_1"]}
+BAR = 0.80
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--cases", type=int, default=10, help="cases in the largest center")
+    ap.add_argument("--experiment", default="phantoms_small")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+
+    data = HERE / "_data" / f"detection_{args.cases}"
+    if not (data / "phantoms.json").is_file():
+        from medfound.data.phantoms import make_phantoms
+        make_phantoms(data, centers=3, cases=args.cases, seed=0, modalities=MIXES, size="small")
+    runs = HERE / "_data" / "detection_runs"
+    shutil.rmtree(runs, ignore_errors=True)
+
+    out: dict[str, dict] = {}
+    for arm, centers in ARMS.items():
+        run = runs / arm.replace(" ", "_")
+        seconds = medfound("run", "train_detector", f"data.root={data}", f"experiment={args.experiment}",
+                           f"data.train_centers=[{','.join(centers)}]", "data.val_centers=[center_2]",
+                           f"seed={args.seed}", "trainer.progress=false", f"out_dir={run}")
+        metrics = json.loads((run / "model" / "metrics.json").read_text())
+        provenance = json.loads((run / "model" / "model.json").read_text())["provenance"]
+        out[arm] = {"train_centers": centers, "train_cases": provenance.get("train_cases"),
+                    "seconds": seconds, "cpm": metrics["cpm"], "cpm_ci95": metrics.get("cpm_ci95"),
+                    "froc": metrics.get("froc")}
+        print(f"{arm}: CPM {metrics['cpm']:.3f} ({seconds:.0f} s)", flush=True)
+
+    doc = {"benchmark": "detection_quality", "when": time.strftime("%Y-%m-%d %H:%M:%S"),
+           "machine": machine(), "device": "cpu", "experiment": args.experiment, "seed": args.seed,
+           "phantoms": {"centers": 3, "cases": args.cases, "modalities": MIXES, "size": "small",
+                        "eval_center": "center_2"},
+           "bar_cpm": BAR, "arms": out, "pooled_meets_bar": out["pooled"]["cpm"] >= BAR}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "detection_quality.json").write_text(json.dumps(doc, indent=2) + "\n")
+    m = doc["machine"]
+    lines = [f"# detection_quality — {doc['when']}", "",
+             f"{m['cpu']}, {m['cores']} cores; `experiment={args.experiment}`, seed {args.seed}; "
+             "LUNA16 CPM of the packaged model on the held-out center_2.", "",
+             "| trained on | cases | CPM (95% CI) | sensitivity at 1/8 … 8 FP/scan | train s |",
+             "|---|---|---|---|---|"]
+    for arm, r in out.items():
+        ci = r["cpm_ci95"] or [float("nan")] * 2
+        froc = " / ".join(f"{v:.2f}" for v in (r["froc"] or {}).values())
+        lines.append(f"| {arm} | {r['train_cases']} | {r['cpm']:.3f} [{ci[0]:.2f}, {ci[1]:.2f}] | "
+                     f"{froc} | {r['seconds']:.0f} |")
+    lines += ["", f"Bar: pooled CPM ≥ {BAR} — {'met' if doc['pooled_meets_bar'] else 'not met'}."]
+    (RESULTS / "detection_quality.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
