@@ -17,8 +17,6 @@ from omegaconf import DictConfig, OmegaConf
 from medfound.data.detection import (
     detection_collate,
     eval_transforms,
-    label_subset,
-    load_datalist,
     make_dataset,
     train_transforms,
 )
@@ -36,9 +34,7 @@ def main(cfg: DictConfig) -> None:
     data, model_cfg = cfg.data, cfg.network
 
     # Data: each center's datalist; preprocessing cached after the first epoch.
-    train_split = task.training_split(data)
-    train_items = label_subset(load_datalist(data.root, data.train_centers, train_split),
-                               data.get("label_fraction", 1.0), seed=cfg.seed)
+    train_items = task.training_items(data, seed=cfg.seed)
     val_items = task.evaluation_items(data.root, data.val_centers, data.train_centers,
                                       data.val_split)
     prep = {**OmegaConf.to_container(model_cfg), **OmegaConf.to_container(data)}
@@ -80,7 +76,7 @@ def main(cfg: DictConfig) -> None:
             metrics=metrics, config_yaml=OmegaConf.to_yaml(cfg, resolve=True),
             provenance={"train_centers": list(data.train_centers),
                         "val_centers": list(data.val_centers), "val_split": data.val_split,
-                        "train_split": train_split,
+                        "train_split": task.training_split(data),
                         "train_cases": len(train_items),
                         "val_cases": len(val_items), "seed": cfg.seed,
                         "init_encoder": finetune.get("init_encoder"),

@@ -15,7 +15,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from medfound.data.detection import label_subset, load_datalist, make_dataset
+from medfound.data.detection import make_dataset
 from medfound.data.segmentation import (
     check_masks,
     seg_collate,
@@ -24,7 +24,7 @@ from medfound.data.segmentation import (
 )
 from medfound.errors import exit_on_user_error
 from medfound.train import segmentation as task
-from medfound.train.detection import evaluation_items
+from medfound.train.detection import evaluation_items, training_items
 from medfound.train.loop import TrainerConfig, distributed_loader, fit, is_main_process
 from medfound.train.package import save_model_package
 from medfound.train.tracking import Tracker
@@ -38,8 +38,7 @@ def main(cfg: DictConfig) -> None:
     seg_cfg = task.segmenter_config(model_cfg)
 
     # Data: each center's datalist with its masks; preprocessing cached after the first epoch.
-    train_items = check_masks(label_subset(load_datalist(data.root, data.train_centers, "training"),
-                                           data.get("label_fraction", 1.0), seed=cfg.seed), data.root)
+    train_items = check_masks(training_items(data, seed=cfg.seed), data.root)
     val_items = check_masks(evaluation_items(data.root, data.val_centers, data.train_centers,
                                              data.val_split), data.root)
     prep = {**OmegaConf.to_container(model_cfg), **OmegaConf.to_container(data)}

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from medfound.data.detection import load_datalist, predictions_to_rows
+from medfound.data.detection import label_subset, load_datalist, predictions_to_rows
 from medfound.errors import MedfoundError
 from medfound.metrics.froc import evaluate_luna16
 from medfound.models.detection import DetectorConfig, build_detector, build_network
@@ -46,6 +46,13 @@ def training_split(data: Mapping[str, Any]) -> str:
                             f"{', '.join(both)}, which data.val_centers also validates on",
                             hint="validate on other centers, or keep data.train_split=training")
     return split
+
+
+def training_items(data: Mapping[str, Any], seed: int = 0) -> list[dict[str, Any]]:
+    """The items a pooled / local recipe trains on: the `training_split` of each training center,
+    then `data.label_fraction` of them (drawn with `seed`)."""
+    items = load_datalist(data["root"], data["train_centers"], training_split(data))
+    return label_subset(items, data.get("label_fraction", 1.0), seed=seed)
 
 
 def detector_config(model_cfg: Any) -> DetectorConfig:
