@@ -157,15 +157,10 @@ def export_model_package(model_dir: str | Path, out_dir: str | Path, opset: int 
 
     items = validation_items(meta, data_root)
     quality = _cpm_parity(meta, cfg, detector, out_dir, items)
-    parity["cpm"] = quality
-    card["parity"]["cpm"] = quality
-    _write_json(out_dir / "parity.json", parity)
-    if not quality["passed"]:
-        reject(out_dir)
-        raise MedfoundError(f"CPM parity failed: onnx {quality['cpm_onnx']:.4f} vs torch "
-                            f"{quality['cpm_torch']:.4f} (bound {CPM_TOL})", path=out_dir / "parity.json",
-                            hint="do not deploy; compare preprocessing and the card's detector settings")
-    write_card(out_dir, card)
+    record_quality_gate(out_dir, parity, card, "cpm", quality,
+                        f"CPM parity failed: onnx {quality['cpm_onnx']:.4f} vs torch "
+                        f"{quality['cpm_torch']:.4f} (bound {CPM_TOL})",
+                        hint="do not deploy; compare preprocessing and the card's detector settings")
     if int8:
         from medfound.export.quantize import calibration_items
 
@@ -219,6 +214,18 @@ def export_and_gate(network: nn.Module, cfg: Any, divisible: Sequence[int], out_
         staged.replace(out_dir / "model.onnx.rejected")
         raise
     return staged, parity
+
+
+def record_quality_gate(out_dir: Path, parity: dict[str, Any], card: dict[str, Any], key: str,
+                        quality: dict[str, Any], failure: str, hint: str) -> None:
+    """Record a quality gate's result (`quality`, with "passed") under `key` in parity.json and
+    the model card; on failure reject the export and raise `failure`, else rewrite the card."""
+    parity[key] = card["parity"][key] = quality
+    _write_json(out_dir / "parity.json", parity)
+    if not quality["passed"]:
+        reject(out_dir)
+        raise MedfoundError(failure, path=out_dir / "parity.json", hint=hint)
+    write_card(out_dir, card)
 
 
 def reject(out_dir: Path) -> None:

@@ -20,7 +20,12 @@ import numpy as np
 import torch
 
 from medfound.errors import MedfoundError
-from medfound.export.onnx import _write_json, card_common, export_and_gate, reject, write_card
+from medfound.export.onnx import (
+    card_common,
+    export_and_gate,
+    record_quality_gate,
+    write_card,
+)
 from medfound.models.segmentation import (
     LABELS,
     SegmenterConfig,
@@ -63,14 +68,10 @@ def export_segmenter_package(meta: dict[str, Any], model_dir: Path, out_dir: Pat
     if data_root is None:
         return card
     quality = _dice_parity(meta, cfg, network, out_dir, data_root)
-    parity["dice"] = card["parity"]["dice"] = quality
-    _write_json(out_dir / "parity.json", parity)
-    if not quality["passed"]:
-        reject(out_dir)
-        raise MedfoundError(f"Dice parity failed: onnx {quality['dice_onnx']:.4f} vs torch "
-                            f"{quality['dice_torch']:.4f} (bound {DICE_TOL})", path=out_dir / "parity.json",
-                            hint="do not deploy; compare the card's sliding-window settings")
-    write_card(out_dir, card)
+    record_quality_gate(out_dir, parity, card, "dice", quality,
+                        f"Dice parity failed: onnx {quality['dice_onnx']:.4f} vs torch "
+                        f"{quality['dice_torch']:.4f} (bound {DICE_TOL})",
+                        hint="do not deploy; compare the card's sliding-window settings")
     return card
 
 
