@@ -185,7 +185,33 @@ def test_adapters_start_as_the_identity_and_train_alone_in_a_frozen_backbone() -
                  if p.requires_grad and n.startswith("feature_extractor.body.")}
     assert trainable == {"adapter1", "adapter2"}
     adapters = sum(p.numel() for n, p in adapted.named_parameters() if ".adapter" in n)
-    assert 0 < adapters < 0.02 * sum(p.numel() for p in adapted.parameters())
+    assert 0 < adapters < 0.04 * sum(p.numel() for p in adapted.parameters())
+
+
+def test_adapter_only_fine_tuning_trains_under_a_twentieth_of_the_detector() -> None:
+    from medfound.models.detection import AdaptedConv3d
+    from medfound.models.foundation import train_only_
+
+    net = build_network({**PRESETS["tiny"], "adapter_channels": 4}, seed=0)
+    conv = net.regression_head.bbox_reg
+    assert isinstance(conv, AdaptedConv3d)
+    # Low rank: the adapter's weights are (in·k³ + out)·rank (+ out), a fraction of the conv's.
+    rank, k3 = 4, 27
+    assert sum(p.numel() for p in conv.adapter.parameters()) == (
+        (conv.in_channels * k3 + conv.out_channels) * rank + conv.out_channels)
+    names = train_only_(net, ["adapter", "cls_logits"])
+    assert "regression_head.bbox_reg.weight" not in names
+    assert "regression_head.bbox_reg.adapter.up.weight" in names
+    trained = sum(p.numel() for p in net.parameters() if p.requires_grad)
+    assert trained < 0.05 * sum(p.numel() for p in net.parameters())
+    # It learns: one step moves the adapter's output, while the frozen conv stays as it was.
+    x = torch.rand(1, PRESETS["tiny"]["fpn_channels"], 8, 8, 4)
+    before = conv.weight.detach().clone()
+    opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.1)
+    conv(x).square().mean().backward()
+    opt.step()
+    assert torch.equal(conv.weight, before)
+    assert float(conv.adapter.up.weight.detach().abs().sum()) > 0
 
 
 def _record(arrays: dict[str, float], metrics: dict[str, float]) -> RecordDict:

@@ -122,7 +122,7 @@ class FedSettings:
             raise MedfoundError("config key 'fed.exchange' = 'trainable' needs a frozen backbone",
                                 hint="set finetune.init_encoder=ENCODER finetune.freeze_encoder=true "
                                      "(and network.adapter_channels=8 for adapters), or "
-                                     "finetune.train_only=[adapter,cls_logits,bbox_reg]")
+                                     "finetune.train_only=[adapter,cls_logits]")
         task = str((cfg.get("task") or {}).get("name", "detect"))
         if task not in TASKS:
             raise MedfoundError(f"config key 'task.name' = {task!r} is not a federated task",

@@ -55,6 +55,7 @@ from medfound.errors import MedfoundError
 __all__ = [
     "CLS_LOSSES",
     "PRESETS",
+    "AdaptedConv3d",
     "Adapter",
     "AtssRetinaNetDetector",
     "DetectorConfig",
@@ -268,6 +269,31 @@ class Adapter(nn.Module):
         return x + self.up(torch.relu(self.down(x)))
 
 
+class AdaptedConv3d(nn.Conv3d):
+    """A prediction convolution with a low-rank residual adapter (``<conv>.adapter``):
+    conv(x) + up(down(x)), `down` the conv's own kernel onto `rank` channels, `up` 1×1×1 and zero
+    at the start (so the output is the conv's). The conv keeps its state_dict keys; frozen, only
+    the adapter trains: (in·k³ + out)·rank weights instead of in·out·k³ — for the tiny detector's
+    box regression (16 channels in, 3 anchors × 6 out, 3×3×3) 1,822 instead of 7,794."""
+
+    def __init__(self, conv: nn.Conv3d, rank: int):
+        super().__init__(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
+                         padding=conv.padding, bias=conv.bias is not None)
+        with torch.no_grad():
+            self.weight.copy_(conv.weight)
+            if conv.bias is not None:
+                self.bias.copy_(conv.bias)
+        self.adapter = nn.Module()
+        self.adapter.down = nn.Conv3d(conv.in_channels, rank, conv.kernel_size, stride=conv.stride,
+                                      padding=conv.padding, bias=False)
+        self.adapter.up = nn.Conv3d(rank, conv.out_channels, 1)
+        nn.init.zeros_(self.adapter.up.weight)
+        nn.init.zeros_(self.adapter.up.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x) + self.adapter.up(self.adapter.down(x))
+
+
 class ResNetFPN(nn.Module):
     """ResNet stages up to the deepest returned one, then a feature pyramid.
 
@@ -356,6 +382,12 @@ def build_network(cfg: DetectorConfig | Mapping[str, Any], seed: int | None = No
             # prediction conv), so a frozen tower can still adapt: adapter-only fine-tuning.
             for head in (net.classification_head, net.regression_head):
                 head.conv.add_module("adapter", Adapter(cfg.fpn_channels, cfg.adapter_channels))
+            # The box-regression conv is 80% of the trainable weights of the tiny detector's
+            # adapter-only fine-tuning; a low-rank adapter of the same width
+            # (``regression_head.bbox_reg.adapter``) lets it stay frozen too. The classification
+            # conv (one class) is smaller than such an adapter would be and trains whole.
+            net.regression_head.bbox_reg = AdaptedConv3d(net.regression_head.bbox_reg,
+                                                         cfg.adapter_channels)
         return net
 
 

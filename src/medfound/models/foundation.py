@@ -286,7 +286,7 @@ def freeze_(module: nn.Module) -> nn.Module:
 
 def train_only_(module: nn.Module, patterns: Sequence[str]) -> list[str]:
     """Freeze every weight of `module` whose name contains none of `patterns` (e.g.
-    ``["adapter", "cls_logits", "bbox_reg"]``); a BatchNorm left without trainable weights keeps
+    ``["adapter", "cls_logits"]``); a BatchNorm left without trainable weights keeps
     its statistics too. Returns the names still trained; raises `MedfoundError` when a pattern
     matches no weight (a typo would otherwise freeze everything it meant to train)."""
     patterns = [str(p) for p in patterns]
