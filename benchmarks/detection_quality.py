@@ -43,7 +43,9 @@ def validation_curve(run: Path) -> dict[int, float]:
     """Epoch → validation CPM, from the MLflow run the recipe left in RUN/mlflow_run.json."""
     from mlflow.tracking import MlflowClient
 
-    ref = json.loads((run / "mlflow_run.json").read_text())
+    from medfound.train.tracking import RUN_FILE
+
+    ref = json.loads((run / RUN_FILE).read_text())
     history = MlflowClient(ref["tracking_uri"]).get_metric_history(ref["run_id"], "val/cpm")
     return {int(m.step): float(m.value) for m in sorted(history, key=lambda m: m.step)}
 

@@ -92,8 +92,9 @@ def main() -> int:
     # One LR schedule for every arm: a tenth after two thirds of the epochs. (Cosine needs a fixed
     # total length, which federated rounds do not give it; the pooled and local runs would
     # otherwise end at LR 0 and the federated ones at full LR.)
+    step_at = 2 * args.epochs // 3
     common = [f"experiment={args.experiment}", f"data.root={root}", "trainer.schedule=step",
-              f"trainer.step_epochs={2 * args.epochs // 3}", "trainer.step_gamma=0.1"]
+              f"trainer.step_epochs={step_at}", "trainer.step_gamma=0.1"]
     # data.train_split=training: the centers' training splits only, the data a federated center
     # trains on (the experiment may train on all cases of centers it does not validate on).
     train = [*common, f"trainer.epochs={args.epochs}", f"trainer.val_every={args.epochs}",
@@ -135,7 +136,7 @@ def main() -> int:
              f"epochs per model (federated: {args.rounds} rounds × {args.epochs // args.rounds} "
              f"local epochs), phantoms `--size small --cases {args.cases}`. CPM on the "
              "validation splits, last model (no checkpoint selection); LR a tenth after "
-             f"{2 * args.epochs // 3} epochs in every arm.", "",
+             f"{step_at} epochs in every arm.", "",
              "| method | CPM, all centers (95% CI) | " + " | ".join(CENTERS)
              + " | Δ vs pooled | training time (s) |",
              "|---|---|" + "---|" * len(CENTERS) + "---|---|"]
