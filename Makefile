@@ -72,7 +72,7 @@ demo: $(STAMP)
 	@echo "findings         $(DEMO_OUT)/findings/  (per study: findings.json, findings_sr.dcm, overview.png; summary.json)"
 	@echo "MLflow (train)   $(BIN)/mlflow ui --backend-store-uri sqlite:///$(abspath $(DEMO_OUT))/run/mlruns/mlflow.db"
 	@echo "MLflow (eval)    $(BIN)/mlflow ui --backend-store-uri sqlite:///$(abspath $(DEMO_OUT))/eval/mlruns/mlflow.db"
-	@echo "The smoke model only checks the pipeline (CPM about 0); experiment=phantoms_small trains longer (CPM 0.686 on the held-out center of 3 x 10 small phantoms)."
+	@echo "The smoke model only checks the pipeline (CPM about 0); experiment=phantoms_small trains longer (CPM 0.829 on the held-out center of 3 x 10 small phantoms, last epoch 0.771)."
 
 # Deployment mode on this machine: one SuperLink and three SuperNodes as separate processes
 # talking TLS (scripts/local_federation.sh), two rounds of the smoke experiment.

@@ -7,8 +7,10 @@ Three measurements, in one run on one machine:
    Per round: the coordinator's training phase (weights out, updates back, screening,
    aggregation: ``train_s`` in metrics.json) against the slowest center's local training in
    that round (``train/seconds``, timed around `fit` at the center). The difference is the
-   federation's overhead, including Flower starting a fresh ClientApp process for every
-   message (each one imports torch and MONAI).
+   federation's overhead. Measured twice, the same federation: with each center's long-lived
+   worker (medfound.fed.worker, the default of `medfound center join`), and with
+   ``--no-worker``, where Flower starts a fresh ClientApp process for every message (each one
+   imports torch and MONAI and prepares the center's studies again).
 2. Bytes. Each center's training reply against the fp32 model size, with
    ``fed.transfer_dtype=float32`` (the run above) and ``float16`` (a second, one-round run).
 3. Coordinator memory. The memory the coordinator allocates (tracemalloc: Python and numpy)
@@ -64,10 +66,10 @@ def free_port() -> int:
     raise RuntimeError("no block of free ports")
 
 
-def deployment(data: Path, out: Path, *overrides: str) -> dict:
+def deployment(data: Path, out: Path, *overrides: str, join_args: str = "") -> dict:
     """Run scripts/local_federation.sh; its metrics.json, and each center's audit records."""
     shutil.rmtree(out, ignore_errors=True)
-    env = {**os.environ, "PORT": str(free_port()),
+    env = {**os.environ, "PORT": str(free_port()), "JOIN_ARGS": join_args,
            "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")}
     started = time.time()
     res = subprocess.run([str(REPO / "scripts" / "local_federation.sh"), str(data), str(out),
@@ -174,15 +176,23 @@ def main() -> int:
         from medfound.data.phantoms import make_phantoms
         make_phantoms(data, centers=3, cases=args.cases, seed=0, size="small")
     work = HERE / "_data" / "fed_runs"
-    fp32 = deployment(data, work / "fp32", f"fed.rounds={args.rounds}",
-                      f"fed.local_epochs={args.local_epochs}",
-                      f"data.num_patches_per_image={args.patches}")
+    rounds_args = (f"fed.rounds={args.rounds}", f"fed.local_epochs={args.local_epochs}",
+                   f"data.num_patches_per_image={args.patches}")
+    fp32 = deployment(data, work / "fp32", *rounds_args)
+    no_worker = deployment(data, work / "no_worker", *rounds_args, join_args="--no-worker")
     fp16 = deployment(data, work / "fp16", "fed.rounds=1", "fed.local_epochs=1",
                       "data.num_patches_per_image=1", "fed.transfer_dtype=float16")
-    rounds = round_times(fp32)
-    later = [r for r in rounds if r["round"] > 1] or rounds
-    ratio = statistics.median(r["ratio"] for r in later)
-    overhead = statistics.median(r["overhead_s"] for r in later)
+
+    def summary(run: dict) -> dict:
+        rounds = round_times(run)
+        later = [r for r in rounds if r["round"] > 1] or rounds
+        return {"rounds": rounds,
+                "train_phase_over_slowest_local_median": statistics.median(r["ratio"] for r in later),
+                "overhead_s_median": statistics.median(r["overhead_s"] for r in later)}
+
+    timing, timing_without = summary(fp32), summary(no_worker)
+    rounds, ratio, overhead = (timing["rounds"], timing["train_phase_over_slowest_local_median"],
+                               timing["overhead_s_median"])
     result = {
         "benchmark": "federation",
         "when": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -194,9 +204,11 @@ def main() -> int:
         "rounds": rounds,
         "train_phase_over_slowest_local_median": ratio,
         "overhead_s_median": overhead,
+        "without_worker": timing_without,
         "bytes": [reply_bytes(fp32), reply_bytes(fp16)],
         "coordinator_memory": memory,
-        "wall_s": {"fp32": fp32["wall_s"], "fp16": fp16["wall_s"]},
+        "wall_s": {"fp32": fp32["wall_s"], "no_worker": no_worker["wall_s"],
+                   "fp16": fp16["wall_s"]},
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "federation.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -208,15 +220,21 @@ def main() -> int:
         f"SuperNodes, TLS, node authentication), tiny model, {args.cases} phantom cases per "
         f"center, {args.local_epochs} local epochs × {args.patches} patches per case per round.",
         "",
-        "| round | coordinator train phase (s) | slowest center's local training (s) | ratio | "
-        "overhead (s) | whole round (s) |",
-        "|---|---|---|---|---|---|",
+        "| centers run | round | coordinator train phase (s) | slowest center's local training "
+        "(s) | ratio | overhead (s) | whole round (s) |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for r in rounds:
-        lines.append(f"| {r['round']} | {r['train_phase_s']:.1f} | {r['slowest_local_s']:.1f} | "
-                     f"{r['ratio']:.2f} | {r['overhead_s']:.1f} | {r['round_s']:.1f} |")
+    for name, t in (("worker (default)", timing), ("--no-worker", timing_without)):
+        for r in t["rounds"]:
+            lines.append(f"| {name} | {r['round']} | {r['train_phase_s']:.1f} | "
+                         f"{r['slowest_local_s']:.1f} | {r['ratio']:.2f} | {r['overhead_s']:.1f} | "
+                         f"{r['round_s']:.1f} |")
     lines += ["", f"Median over rounds after the first: train phase = {ratio:.2f} × the slowest "
-                  f"center's local training ({overhead:.1f} s overhead per round).", "",
+                  f"center's local training ({overhead:.1f} s overhead per round) with each "
+                  "center's worker; "
+                  f"{timing_without['train_phase_over_slowest_local_median']:.2f} × "
+                  f"({timing_without['overhead_s_median']:.1f} s) with a fresh process per "
+                  "message (--no-worker).", "",
               "| transfer dtype | training reply (bytes) | ÷ fp32 model | all replies of a center "
               "in a round | ÷ fp32 model |", "|---|---|---|---|---|"]
     for b in result["bytes"]:

@@ -13,7 +13,10 @@ splits of all three centers together and of each center alone (LUNA16 CPM):
 No checkpoint selection: every run validates only at its end, and the last model is scored.
 Every arm uses the same step LR schedule (a tenth after two thirds of the epochs).
 
-    python benchmarks/flamby.py [--cases 10] [--epochs 300] [--rounds 15]
+    python benchmarks/flamby.py [--cases 10] [--epochs 300] [--rounds 15] [--only FedAdam ...]
+
+``--only`` re-runs the named rows (e.g. after a fix to one strategy) and keeps the others from
+the existing results file, which must have the same setup; each row records when it ran.
 
 Phantoms and runs go to benchmarks/_data/ (not committed). Writes
 benchmarks/results/flamby.json and .md.
@@ -79,16 +82,33 @@ def main() -> int:
     ap.add_argument("--epochs", type=int, default=300, help="training epochs of every model")
     ap.add_argument("--rounds", type=int, default=15, help="federated rounds (divides --epochs)")
     ap.add_argument("--experiment", default="phantoms_small")
+    ap.add_argument("--only", nargs="+", metavar="METHOD",
+                    help="re-run only these rows (pooled, 'local center_0', FedAvg, ...); keep "
+                         "the others from results/flamby.json")
     args = ap.parse_args()
     if args.epochs % args.rounds:
         raise SystemExit("--epochs must be a multiple of --rounds")
+    setup = {"cases_per_center": args.cases, "epochs": args.epochs, "rounds": args.rounds,
+             "experiment": args.experiment}
+    kept: dict[str, dict] = {}
+    if args.only:
+        methods = ["pooled", *(f"local {c}" for c in CENTERS), *STRATEGIES]
+        unknown = sorted(set(args.only) - set(methods))
+        if unknown:
+            raise SystemExit(f"--only: unknown method(s) {unknown}; choose from {methods}")
+        previous = json.loads((RESULTS / "flamby.json").read_text())
+        if any(previous["setup"].get(k) != v for k, v in setup.items()):
+            raise SystemExit(f"--only: results/flamby.json was measured with {previous['setup']}, "
+                             f"not {setup}; run the whole table")
+        kept = {row["method"]: {"when": previous["when"], **row} for row in previous["rows"]}
 
     root = HERE / "_data" / f"flamby_{args.cases}"
     if not (root / "phantoms.json").is_file():
         from medfound.data.phantoms import make_phantoms
         make_phantoms(root, centers=3, cases=args.cases, seed=0, size="small")
     work = HERE / "_data" / "flamby_runs"
-    shutil.rmtree(work, ignore_errors=True)
+    if not args.only:
+        shutil.rmtree(work, ignore_errors=True)
     # One LR schedule for every arm: a tenth after two thirds of the epochs. (Cosine needs a fixed
     # total length, which federated rounds do not give it; the pooled and local runs would
     # otherwise end at LR 0 and the federated ones at full LR.)
@@ -103,28 +123,35 @@ def main() -> int:
     rows = []
     plans = [("pooled", CENTERS)] + [(f"local {c}", [c]) for c in CENTERS]
     for name, centers in plans:
+        if args.only and name not in args.only:
+            rows.append(kept[name])
+            continue
         out = work / name.replace(" ", "_")
+        shutil.rmtree(out, ignore_errors=True)
         listed = f"[{','.join(centers)}]"
         seconds = medfound_run("train_detector", *train, f"data.train_centers={listed}",
                                f"data.val_centers=[{','.join(CENTERS)}]",
                                "data.val_split=validation", f"out_dir={out}")
-        rows.append({"method": name, "train_s": seconds,
-                     "scores": evaluate(out / "model", root, out / "eval")})
+        rows.append({"method": name, "when": time.strftime("%Y-%m-%d %H:%M:%S"),
+                     "train_s": seconds, "scores": evaluate(out / "model", root, out / "eval")})
         print(name, rows[-1]["scores"], f"{seconds:.0f} s", flush=True)
     for name, strategy in STRATEGIES.items():
+        if args.only and name not in args.only:
+            rows.append(kept[name])
+            continue
         out = work / strategy
+        shutil.rmtree(out, ignore_errors=True)
         seconds = medfound_run("federate", *common, f"fed={strategy}", "fed.mode=simulation",
                                f"fed.centers=[{','.join(CENTERS)}]", f"fed.rounds={args.rounds}",
                                f"fed.local_epochs={args.epochs // args.rounds}",
                                "fed.cross_site=false", f"out_dir={out}")
-        rows.append({"method": name, "train_s": seconds,
-                     "scores": evaluate(out / "model", root, out / "eval")})
+        rows.append({"method": name, "when": time.strftime("%Y-%m-%d %H:%M:%S"),
+                     "train_s": seconds, "scores": evaluate(out / "model", root, out / "eval")})
         print(name, rows[-1]["scores"], f"{seconds:.0f} s", flush=True)
 
     result = {"benchmark": "flamby", "when": time.strftime("%Y-%m-%d %H:%M:%S"),
               "machine": machine(),
-              "setup": {"cases_per_center": args.cases, "epochs": args.epochs,
-                        "rounds": args.rounds, "experiment": args.experiment,
+              "setup": {**setup,
                         "centers": json.loads((root / "phantoms.json").read_text()).get("centers")},
               "rows": rows}
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -138,8 +165,8 @@ def main() -> int:
              "validation splits, last model (no checkpoint selection); LR a tenth after "
              f"{step_at} epochs in every arm.", "",
              "| method | CPM, all centers (95% CI) | " + " | ".join(CENTERS)
-             + " | Δ vs pooled | training time (s) |",
-             "|---|---|" + "---|" * len(CENTERS) + "---|---|"]
+             + " | Δ vs pooled | training time (s) | measured |",
+             "|---|---|" + "---|" * len(CENTERS) + "---|---|---|"]
     def f(x: float | None, fmt: str = ".3f") -> str:
         return "n/a" if x is None else format(x, fmt)
 
@@ -149,7 +176,8 @@ def main() -> int:
         delta = None if None in (s["all"]["cpm"], pooled) else s["all"]["cpm"] - pooled
         lines.append(f"| {row['method']} | {f(s['all']['cpm'])} ({f(ci[0], '.2f')}–"
                      f"{f(ci[1], '.2f')}) | " + " | ".join(f(s[c]["cpm"]) for c in CENTERS)
-                     + f" | {f(delta, '+.3f')} | {row['train_s']:.0f} |")
+                     + f" | {f(delta, '+.3f')} | {row['train_s']:.0f} | "
+                     f"{row.get('when', result['when'])[:16]} |")
     n = rows[0]["scores"]
     lines += ["", "Validation scans / nodules: all " + f"{n['all']['n_scans']}/{n['all']['n_nodules']}"
               + "".join(f", {c} {n[c]['n_scans']}/{n[c]['n_nodules']}" for c in CENTERS) + "."]

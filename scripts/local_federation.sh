@@ -11,10 +11,11 @@
 # mode leaves (model/, metrics.json, server/state.pt, MLflow) plus certs/, keys/, logs/ and each
 # center's work folder (centers/<center>/, with its audit log in audit/). Every process this
 # script starts is stopped when it ends, also on failure or Ctrl-C. PORT (default 9092) is
-# the SuperLink's port; the SuperNodes use PORT+2 and up for their local APIs.
+# the SuperLink's port; the SuperNodes use PORT+2 and up for their local APIs. JOIN_ARGS adds
+# options to every `medfound center join` (e.g. JOIN_ARGS=--no-worker).
 set -euo pipefail
 if [[ $# -lt 2 || "$1" == "-h" || "$1" == "--help" ]]; then
-    sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
 fi
 data=$(cd "$1" && pwd); out=$2; shift 2
@@ -60,7 +61,7 @@ for i in "${!centers[@]}"; do
     c=${centers[$i]}
     setsid $medfound center join --superlink "127.0.0.1:$port" --data "$data/$c" --center "$c" \
         --work "$out/centers/$c" --root-certificates "$out/certs/ca.crt" \
-        --auth-key "$out/keys/$c.key" --port $((port + 2 + i)) >"$out/logs/$c.log" 2>&1 &
+        --auth-key "$out/keys/$c.key" --port $((port + 2 + i)) ${JOIN_ARGS:-} >"$out/logs/$c.log" 2>&1 &
     pids+=($!)
 done
 $medfound run federate fed.mode=deployment data.root="$data" \

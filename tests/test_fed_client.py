@@ -185,3 +185,59 @@ def test_under_a_supernode_the_node_config_names_the_center_and_its_folders(
                    run_config={})
     with pytest.raises(MedfoundError, match="lacks data-dir, work-dir"):
         app(instruction(MessageType.EVALUATE, cfg, 3), bare)
+
+
+def test_a_centers_worker_process_replies_as_the_clientapp_does_in_process(
+        phantoms: Path, cfg: dict, tmp_path: Path) -> None:
+    """`medfound center join` runs the ClientApp in one long-lived worker (a real process on a
+    real Unix socket); the relay Flower loads per message returns the worker's reply. The
+    update equals the in-process one (up to float rounding: oneDNN may pick other kernels in
+    another process); the worker serves message after message; without a worker the relay runs
+    the ClientApp itself."""
+    import subprocess
+    import sys
+    import time
+
+    from medfound.fed.worker import client_app as relay_app
+
+    sock = tmp_path / "w.sock"
+    log = (tmp_path / "worker.log").open("w")
+    worker = subprocess.Popen([sys.executable, "-m", "medfound.fed.worker", "--socket", str(sock)],
+                              stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while not sock.exists() and worker.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert sock.exists(), (tmp_path / "worker.log").read_text()
+
+        def node(name: str, socket_path: Path) -> Context:
+            return Context(run_id=1, node_id=5, state=RecordDict(), run_config={},
+                           node_config={"center": "center_2", "data-dir": str(phantoms / "center_2"),
+                                        "work-dir": str(tmp_path / name),
+                                        "worker-socket": str(socket_path)})
+
+        relayed = relay_app(instruction(MessageType.TRAIN, cfg, 1), node("relayed", sock))
+        local = call(site_for(phantoms, "center_2", tmp_path / "local"),
+                     instruction(MessageType.TRAIN, cfg, 1))
+        assert not relayed.has_error()
+        assert relayed.metadata.reply_to_message_id == "train-1"
+        ours, theirs = decode_arrays(relayed.content["arrays"]), decode_arrays(local.content["arrays"])
+        for key in theirs:  # two processes: the same numbers up to float rounding
+            np.testing.assert_allclose(ours[key], theirs[key], rtol=1e-4, atol=1e-6)
+        # The worker audited the reply as it left: the log names this payload's hash.
+        (entry,) = read_audit(tmp_path / "relayed" / "audit" / "center_2.jsonl")
+        assert entry["sha256"] == hashlib.sha256(payload_bytes(relayed.content)).hexdigest()
+
+        evaluated = relay_app(instruction(MessageType.EVALUATE, cfg, 1), node("relayed", sock))
+        assert dict(evaluated.content["center"]) == {"name": "center_2"}
+        assert worker.poll() is None
+        assert (tmp_path / "worker.log").read_text().count("message done") == 2
+
+        # No worker listening: the relay runs the ClientApp in its own process.
+        alone = relay_app(instruction(MessageType.EVALUATE, cfg, 1),
+                          node("alone", tmp_path / "nobody.sock"))
+        assert dict(alone.content["metrics"]) == dict(evaluated.content["metrics"])
+    finally:
+        worker.kill()
+        worker.wait()
+        log.close()

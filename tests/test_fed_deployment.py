@@ -135,8 +135,12 @@ def test_superlink_with_auth_admits_registered_centers_only(phantoms: Path, tmp_
         assert all("Exit Code: 305" in log for log in logs)  # could not connect to the SuperLink
         assert "Failed to activate SuperNode" in logs[0]
         assert "must be registered" in logs[1]
+        for _ in range(300):  # the admitted center's SuperNode logs its ID once it is online
+            log0 = (tmp_path / "join0.log").read_text()
+            if "SuperNode ID" in log0 or admitted.poll() is not None:
+                break
+            time.sleep(0.2)
         assert admitted.poll() is None  # still connected
-        log0 = (tmp_path / "join0.log").read_text()
         assert "SuperNode ID" in log0 and "Failed to activate" not in log0
     finally:
         for proc in procs:

@@ -90,7 +90,8 @@ def test_fedprox_sends_its_mu_to_the_centers() -> None:
 
 
 def test_fedadam_and_fedyogi_take_a_server_optimizer_step_on_the_mean_update() -> None:
-    eta, b1, b2, tau = 0.01, 0.9, 0.99, 1e-3
+    spec = yaml.safe_load((CONFIGS / "fed" / "fedadam.yaml").read_text())["strategy"]
+    eta, b1, b2, tau = spec["eta"], spec["beta_1"], spec["beta_2"], spec["tau"]
     replies = [reply("a", 1.0, cases=1), reply("b", 3.0, cases=3)]
     delta = (1 * 1 + 3 * 3) / 4  # the case-weighted mean, minus the global weights (0)
     m, v = (1 - b1) * delta, (1 - b2) * delta**2
@@ -105,6 +106,24 @@ def test_fedadam_and_fedyogi_take_a_server_optimizer_step_on_the_mean_update() -
     yogi.current_arrays = dict(GLOBAL)
     out = aggregate(yogi, [reply("a", 1.0, cases=1), reply("b", 3.0, cases=3)])
     np.testing.assert_allclose(out["conv.bias"], eta * m / (np.sqrt(v) + tau), rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["fedadam", "fedyogi"])
+def test_server_optimizers_average_running_statistics_instead_of_stepping_on_them(name: str) -> None:
+    """BatchNorm's running variance measured at the centers (here 4 and 8, case-weighted 7)
+    becomes the global one; Adam's step of about eta would have left it near its start."""
+    shapes = {**SHAPES, "bn.running_var": (2,)}
+    start = {k: np.ones(s, dtype=np.float32) for k, s in shapes.items()}
+    s = build_strategy({"name": name}, min_centers=2, statistics=["bn.running_var"])
+    s.current_arrays = dict(start)
+    replies = [reply("a", {k: np.full(v, 4.0) for k, v in shapes.items()}, cases=1),
+               reply("b", {k: np.full(v, 8.0) for k, v in shapes.items()}, cases=3)]
+    arrays, _ = s.aggregate_train(1, screen_updates(replies, start, transfer_dtype="float32",
+                                                    norm_factor=None).accepted)
+    out = {k: a.numpy() for k, a in arrays.items()}
+    np.testing.assert_allclose(out["bn.running_var"], 7.0)
+    assert np.all(out["conv.weight"] < 1.1)  # the trained weights took one server-optimizer step
+    assert {a.dtype for a in out.values()} == {np.dtype(np.float32)}
 
 
 def test_server_optimizer_state_survives_a_checkpoint_round_trip() -> None:

@@ -204,6 +204,98 @@ def test_train_segmenter_recipe_then_export_through_the_parity_gate(phantoms: Pa
     with pytest.raises(MedfoundError, match="not a detector"):
         OnnxDetector(exp)
 
+    # `medfound infer` with the segmenter: labels on the study's grid and a DICOM SEG over it.
+    import highdicom as hd
+    import pydicom
+
+    study = phantoms / item["image"] if not Path(item["image"]).is_absolute() else Path(item["image"])
+    res = subprocess.run([sys.executable, "-m", "medfound", "infer", str(study), "--model", str(exp),
+                          "--out", str(tmp_path / "OUT"), "--quiet"],
+                         capture_output=True, text=True, timeout=600, check=False)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    assert "nodule region(s)" in res.stdout
+    volume = read_volume(study, progress=False)
+    folder = tmp_path / "OUT" / volume.series_uid
+    record = json.loads((folder / "segments.json").read_text())
+    assert record["format"] == "medfound-segments/1" and record["series_uid"] == volume.series_uid
+    mask = read_volume(folder / "mask.nii.gz", progress=False)
+    assert mask.array.shape == volume.array.shape
+    np.testing.assert_allclose(mask.affine, volume.affine, atol=1e-4)
+    assert int((mask.array == 1).sum()) == record["nodule_voxels"]
+    ds = pydicom.dcmread(folder / "segmentation.dcm")
+    assert ds.Modality == "SEG" and ds.StudyInstanceUID == volume.meta.get("study_uid", ds.StudyInstanceUID)
+    (series,) = ds.ReferencedSeriesSequence
+    assert series.SeriesInstanceUID == volume.series_uid
+    assert len(series.ReferencedInstanceSequence) == volume.array.shape[2]
+    assert hd.seg.Segmentation.from_dataset(ds).number_of_segments == 1
+    assert (folder / "overview.png").stat().st_size > 0
+
+
+def test_labels_reach_the_study_grid_the_dicom_slices_and_a_seg_a_viewer_reads(
+        phantoms: Path, tmp_path: Path) -> None:
+    """The phantom's ground-truth mask (on the CT grid, NIfTI) through medfound.io.seg: onto each
+    DICOM slice's pixel grid (every voxel lands once), into a DICOM SEG whose frames and
+    positions a reader (highdicom) maps back to the same voxels, and measured as regions whose
+    centres are the annotated nodule centres."""
+    import highdicom as hd
+    import pydicom
+
+    from medfound.io.seg import (
+        labels_on_grid,
+        labels_on_source_slices,
+        nodule_components,
+        write_labels_nifti,
+        write_nodule_seg,
+    )
+    from medfound.io.sr import read_source_headers
+
+    item = next(it for it in load_datalist(phantoms, ["center_0"], "all") if it["label"])
+    ct = read_volume(phantoms / "center_0" / item["image"], progress=False)
+    truth = read_volume(phantoms / "center_0" / item["mask"], progress=False)
+    labels = (truth.array > 0).astype(np.uint8)
+    assert labels.sum() > 0
+
+    headers = read_source_headers(sorted((phantoms / "center_0" / item["image"]).iterdir()),
+                                  ct.series_uid)
+    frames = labels_on_source_slices(labels, truth.affine, headers)
+    assert frames.shape == (len(headers), int(headers[0].Rows), int(headers[0].Columns))
+    assert int(frames.sum()) == int(labels.sum())  # same grid: each labelled voxel once
+
+    # Coarser grid (every other voxel) and back: nearest neighbour keeps the labels' place.
+    coarse = ct.affine.copy()
+    coarse[:3, :3] *= 2
+    shape = [s // 2 for s in ct.array.shape]
+    there = labels_on_grid(labels, truth.affine, shape, coarse)
+    back = labels_on_grid(there, coarse, ct.array.shape, ct.affine)
+    assert back.sum() > 0 and (back & labels).sum() > 0
+
+    seg_path = write_nodule_seg(frames, headers, tmp_path / "seg.dcm", algorithm_name="test",
+                                algorithm_version="1", model_sha256="0" * 64)
+    seg = hd.seg.Segmentation.from_dataset(pydicom.dcmread(seg_path))
+    uids = [(ct.series_uid, h.SOPInstanceUID) for h in headers]
+    read_back = seg.get_pixels_by_source_instance(
+        source_sop_instance_uids=[u for _, u in uids], segment_numbers=[1],
+        combine_segments=True, ignore_spatial_locations=True)
+    np.testing.assert_array_equal(read_back, frames)
+    empty = write_nodule_seg(np.zeros_like(frames), headers, tmp_path / "empty.dcm",
+                             algorithm_name="test", algorithm_version="1")
+    empty_ds = pydicom.dcmread(empty)
+    assert int(empty_ds.NumberOfFrames) == 1
+    (series,) = empty_ds.ReferencedSeriesSequence
+    assert len(series.ReferencedInstanceSequence) == len(headers)
+
+    written = read_volume(write_labels_nifti(labels, truth.affine, tmp_path / "m.nii.gz"),
+                          progress=False)
+    np.testing.assert_allclose(written.affine, truth.affine, atol=1e-4)
+    np.testing.assert_array_equal(written.array, labels)
+
+    regions = nodule_components(labels, truth.affine)
+    centres = np.array([b[:3] for b in item["box"]])
+    for region in regions:
+        nearest = np.linalg.norm(centres - np.array(region["center_lps_mm"]), axis=1).min()
+        assert nearest < 3.0, (region, centres)
+    assert len(regions) == len(item["box"])
+
 
 def test_data_without_masks_is_refused_with_the_fix(tmp_path: Path) -> None:
     root = tmp_path / "nomask"

@@ -136,18 +136,31 @@ def cmd_center_keys(args) -> int:
 
 
 def cmd_center_join(args) -> int:
-    from medfound.fed.deployment import join_command, run_process
+    import shutil
+    import tempfile
+
+    from medfound.fed.deployment import join_command, run_center, run_process
 
     data = Path(args.data).resolve()
     center = args.center or data.name
     work = args.work or data.parent / f"{data.name}_work"
-    cmd = join_command(superlink=args.superlink, center=center, data=str(data), work=str(work),
-                       root_certificates=args.root_certificates, insecure=args.insecure,
-                       runtime_port=args.port, keep_payloads=args.keep_payloads,
-                       auth_key=args.auth_key)
-    print(f"joining the federation at {args.superlink} as {center}; "
-          f"audit log in {Path(work) / 'audit'}; Ctrl-C leaves", flush=True)
-    return run_process(cmd)
+    # A private folder for the worker's socket (a Unix socket path must be short).
+    sockets = None if args.no_worker else Path(tempfile.mkdtemp(prefix="medfound-center-"))
+    socket_path = None if sockets is None else sockets / "worker.sock"
+    try:
+        cmd = join_command(superlink=args.superlink, center=center, data=str(data),
+                           work=str(work), root_certificates=args.root_certificates,
+                           insecure=args.insecure, runtime_port=args.port,
+                           keep_payloads=args.keep_payloads, auth_key=args.auth_key,
+                           worker_socket=None if socket_path is None else str(socket_path))
+        print(f"joining the federation at {args.superlink} as {center}; "
+              f"audit log in {Path(work) / 'audit'}; Ctrl-C leaves", flush=True)
+        if socket_path is None:
+            return run_process(cmd)
+        return run_center(cmd, socket_path)
+    finally:
+        if sockets is not None:
+            shutil.rmtree(sockets, ignore_errors=True)
 
 
 def cmd_export(args) -> int:
@@ -188,7 +201,9 @@ def cmd_infer(args) -> int:
     for rec in summary["studies"]:
         if rec["status"] == "ok":
             t = rec["timings_s"]
-            print(f"{rec['study']}: {rec['n_findings']} finding(s) → {rec['out']}/ "
+            found = (f"{rec['n_findings']} finding(s)" if "n_findings" in rec
+                     else f"{rec['n_regions']} nodule region(s)")
+            print(f"{rec['study']}: {found} → {rec['out']}/ "
                   f"(read {t['read']:.2f} s, preprocess {t['preprocess']:.2f} s, "
                   f"network {t['network']:.2f} s, postprocess {t['postprocess']:.2f} s)")
         else:
@@ -333,7 +348,10 @@ def build_parser() -> argparse.ArgumentParser:
         "with onnxruntime (no torch needed). Writes OUT/<series_uid>/findings.json (LPS mm and "
         "voxel centres, diameter, probability, model sha256), findings_sr.dcm (a DICOM "
         "Comprehensive 3D SR, TID 1500, referencing the source series, for DICOM studies) and "
-        "overview.png, and OUT/summary.json with each study's status and timings. A study that "
+        "overview.png, and OUT/summary.json with each study's status and timings. With a "
+        "segmenter export: segments.json (each nodule region's volume, centre and diameter), "
+        "mask.nii.gz (the labels on the study's grid), segmentation.dcm (a DICOM Segmentation "
+        "over the source series) and overview.png. A study that "
         "fails is reported and skipped; the exit status is 1 if any failed.")
     s.add_argument("studies", nargs="+", type=Path, metavar="STUDY",
                    help="a DICOM series folder, or a .nii/.nii.gz/.mhd/.mha file")
@@ -352,7 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--fp16", action="store_true", help="TensorRT: allow fp16 kernels")
     s.add_argument("--int8", action="store_true",
                    help="run model.int8.onnx (written by `medfound export --int8` when accepted)")
-    s.add_argument("--no-sr", action="store_true", help="skip the DICOM SR")
+    s.add_argument("--no-sr", action="store_true",
+                   help="skip the DICOM SR (detector) or DICOM Segmentation (segmenter)")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_infer)
 
@@ -380,7 +399,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Start a Flower SuperNode for this center and keep it running: it connects "
         "to the coordinator's SuperLink and runs medfound's ClientApp on the rounds it is sent, "
         "reading only --data. Only weights and the metrics named in the audit log leave; the "
-        "log is WORK/audit/CENTER.jsonl (see `medfound center audit`). TLS is on by default.")
+        "log is WORK/audit/CENTER.jsonl (see `medfound center audit`). TLS is on by default. "
+        "A worker process beside the SuperNode runs every message, so torch, MONAI and the "
+        "center's prepared studies stay loaded between rounds (--no-worker: a fresh process "
+        "per message, as plain Flower).")
     s.add_argument("--superlink", required=True, metavar="HOST:PORT",
                    help="the coordinator's SuperLink (`medfound fed superlink`)")
     s.add_argument("--data", required=True, metavar="DIR",
@@ -399,6 +421,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--auth-key", metavar="CENTER.key",
                    help="this center's private key (`medfound center keys`), for a SuperLink "
                         "that admits registered centers only")
+    s.add_argument("--no-worker", action="store_true",
+                   help="no long-lived worker: Flower runs each message in a fresh process "
+                        "(re-importing torch and re-reading the studies every round)")
     s.set_defaults(func=cmd_center_join)
     s = csub.add_parser(
         "keys", help="make this center's node-authentication key pair",

@@ -14,6 +14,8 @@ The pieces, in the order a round uses them (see DESIGN.md for where fed sits):
     simulation.py  simulation mode: one virtual SuperNode per center, Flower's engine on Ray
     deployment.py  deployment mode: SuperLink / SuperNode commands (TLS, node auth) and the
                    Flower App `flwr run` submits; the apps Flower loads by name
+    worker.py      a center's long-lived worker beside its SuperNode, and the light ClientApp
+                   that relays each message to it (no torch import per message)
 
 The recipe is recipes/federate.py (`medfound run federate ...`). The ServerApp and ClientApp
 are plain Flower apps: simulation gives each virtual center its folders through `Site`s,

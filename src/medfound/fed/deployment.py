@@ -6,7 +6,9 @@ Three roles, three commands, each a thin wrapper around Flower's own executables
   one HTTP(S) port (9092 here) it accepts SuperNodes and submitted runs, and runs the ServerApp;
 - each center runs a SuperNode (`medfound center join`, i.e. ``flower-supernode``) whose node
   config names its data folder: the ClientApp (medfound.fed.client_app) reads only that folder
-  and writes the center's audit log there, on the center's machine;
+  and writes the center's audit log there, on the center's machine. Beside the SuperNode,
+  `run_center` keeps a long-lived worker process (medfound.fed.worker) that runs the ClientApp
+  for every message, so rounds do not pay for imports and data preparation again;
 - the researcher submits the run (`medfound run federate fed.mode=deployment ...`):
   `run_deployment` writes a one-file Flower App (FED/app/pyproject.toml, whose run config
   carries the resolved recipe config) and hands it to ``flwr run`` against the same SuperLink,
@@ -34,6 +36,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -47,11 +50,10 @@ from flwr.serverapp import Grid, ServerApp
 
 from medfound import __version__
 from medfound.errors import MedfoundError
-from medfound.fed.client_app import make_client_app
 from medfound.fed.server_app import run_coordinator
 from medfound.fed.settings import FedSettings, parse_host_port
 
-__all__ = ["client_app", "join_command", "make_center_keys", "register_centers", "run_deployment",
+__all__ = ["join_command", "make_center_keys", "register_centers", "run_center", "run_deployment",
            "server_app", "superlink_command", "write_app"]
 
 RUN_CONFIG_KEY = "medfound-config"  # the resolved recipe config, YAML text
@@ -71,8 +73,6 @@ def _main(grid: Grid, context: Context) -> None:
                             hint="submit the run with `medfound run federate fed.mode=deployment`")
     run_coordinator(grid, yaml.safe_load(str(text)), str(text))
 
-
-client_app = make_client_app(None)  # the Site comes from the SuperNode's --node-config
 
 
 # --- the researcher's side ------------------------------------------------------------------
@@ -98,7 +98,7 @@ def write_app(app_dir: Path, config_yaml: str) -> Path:
         'publisher = "medfound"\n\n'
         "[tool.flwr.app.components]\n"
         'serverapp = "medfound.fed.deployment:server_app"\n'
-        'clientapp = "medfound.fed.deployment:client_app"\n\n'
+        'clientapp = "medfound.fed.worker:client_app"\n\n'
         "[tool.flwr.app.config]\n"
         f"{RUN_CONFIG_KEY} = {_toml_string(config_yaml)}\n")
     return app_dir
@@ -244,12 +244,13 @@ def register_centers(public_keys: Sequence[str | Path], *, superlink: str,
 
 def join_command(*, superlink: str, center: str, data: str, work: str,
                  root_certificates: str | None = None, insecure: bool = False,
-                 runtime_port: int | None = None,
-                 keep_payloads: bool = False, auth_key: str | None = None) -> list[str]:
+                 runtime_port: int | None = None, keep_payloads: bool = False,
+                 auth_key: str | None = None, worker_socket: str | None = None) -> list[str]:
     """The ``flower-supernode`` command line for `medfound center join`.
 
     The node config tells medfound's ClientApp which center this is and where its data and
-    work folders are; the audit log goes to WORK/audit/CENTER.jsonl.
+    work folders are (the audit log goes to WORK/audit/CENTER.jsonl), and where the center's
+    worker listens, if it has one (medfound.fed.worker).
     """
     data_dir = Path(data).resolve()
     if not (data_dir / "datalist.json").is_file():
@@ -258,7 +259,8 @@ def join_command(*, superlink: str, center: str, data: str, work: str,
     work_dir = Path(work).resolve()
     node_config = (f"center={_toml_string(center)} data-dir={_toml_string(str(data_dir))} "
                    f"work-dir={_toml_string(str(work_dir))}"
-                   + (" keep-payloads=true" if keep_payloads else ""))
+                   + (" keep-payloads=true" if keep_payloads else "")
+                   + (f" worker-socket={_toml_string(worker_socket)}" if worker_socket else ""))
     cmd = [_executable("flower-supernode"), "--superlink", superlink, "--node-config", node_config]
     if runtime_port:  # the SuperNode's local API for its ClientApp processes (default 9094)
         cmd += ["--port", str(runtime_port)]
@@ -290,6 +292,54 @@ def run_process(cmd: Sequence[str]) -> int:
     sys.stderr.flush()
     os.execve(cmd[0], list(cmd), env)
     return 1  # not reached
+
+
+def run_center(cmd: Sequence[str], worker_socket: Path) -> int:
+    """`medfound center join`: start the center's worker (medfound.fed.worker) on
+    `worker_socket`, wait until it is ready, then start the SuperNode (`cmd`, whose node config
+    names the socket); return the SuperNode's exit status, stopping the worker with it.
+
+    Both run in this process's process group, so stopping the group stops all three; each child
+    also exits if this process dies. If the worker stops early the SuperNode carries on, and
+    each message runs in its own process again (slower, same results)."""
+    def stop(signum: int, _frame: Any) -> None:
+        raise SystemExit(128 + signum)  # runs the `finally` below: the children stop too
+
+    signal.signal(signal.SIGTERM, stop)
+    env = dict(os.environ)
+    _prepend_own_bin(env)
+    worker = subprocess.Popen([sys.executable, "-m", "medfound.fed.worker", "--socket",
+                               str(worker_socket), "--parent-pid", str(os.getpid())], env=env)
+    node: subprocess.Popen | None = None
+    try:
+        deadline = time.monotonic() + 300
+        while not worker_socket.exists() and worker.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if not worker_socket.exists():
+            print("medfound: the center's worker did not start; each message will run in its own "
+                  "process", file=sys.stderr, flush=True)
+        node = subprocess.Popen(list(cmd), env=env)
+        worker_noted = False
+        while node.poll() is None:
+            if worker.poll() is not None and not worker_noted:
+                print(f"medfound: the center's worker stopped (exit {worker.returncode}); each "
+                      "message now runs in its own process", file=sys.stderr, flush=True)
+                worker_noted = True
+            time.sleep(0.5)
+        return int(node.returncode)
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        for proc in (node, worker):
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
+        for proc in (node, worker):
+            if proc is not None:
+                try:
+                    proc.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+        worker_socket.unlink(missing_ok=True)
 
 
 # --- helpers ---------------------------------------------------------------------------------

@@ -15,6 +15,22 @@ wrapper: ``client`` — each center clips its update (w_center − w_global) to 
 medfound.fed.client_app); ``server`` — the coordinator clips each update it receives. Both add
 Gaussian noise of std ``noise_multiplier × clipping_norm / centers`` to the aggregate.
 
+The server optimizers (FedAdam, FedYogi) step on the trained weights only. A network's running
+statistics (BatchNorm's running mean and variance, `statistics=` in `build_strategy`) are
+not gradients' results: Adam's step of about ``eta`` per round would leave them near their
+initial 0 and 1 whatever the centers measured, and the global model would normalise with the
+wrong statistics. They take the case-weighted mean, as in FedAvg. Every array keeps the dtype
+the centers sent.
+
+FedAdam did not learn the detector of the FLamby benchmark (benchmarks/flamby.py: 15 rounds of
+20 local AdamW epochs) in any of three settings: eta 0.01 / tau 1e-3 (the defaults, Reddi et
+al.'s), eta 0.1 / tau 1e-3 (Flower's eta; stopped after 10 rounds) and eta 0.1 / tau 0.02 (tau
+at the scale of a round's update, 0.02 rms per weight). Each stayed at CPM 0, the centers'
+training classification loss near the class prior (0.67-0.76; FedAvg's: 0.34). With eta 0.1 /
+tau 0.02 the global prediction convs ended twice as noisy as FedAvg's (weight std 0.056 against
+0.028). A likely reading, untested: Adam's per-weight normalisation gives a weight whose
+updates only wander across rounds a step as large as one that moves steadily.
+
 Per parameter group (``group_by_modality``, used by federated pretraining of the multi-modal
 foundation encoder, medfound.models.foundation): FedAvg, FedProx, FedAdam and FedYogi average each
 modality's stem (the weights under ``stems.<m>.``) only among the centers that trained it,
@@ -39,12 +55,13 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import strategy as flwr_strategy
+from flwr.serverapp.strategy.fedopt import FedOpt
 
 from medfound.errors import MedfoundError
 from medfound.fed.protocol import NUM_EXAMPLES
 
 __all__ = ["GROUP_WEIGHT_PREFIX", "aggregate_by_group", "build_strategy", "dp_noise_stdev", "group_of",
-           "restore_strategy_state", "strategy_state", "with_privacy"]
+           "restore_strategy_state", "running_statistics", "strategy_state", "with_privacy"]
 
 GROUP_WEIGHT_PREFIX = "volumes/"  # a reply's metric "volumes/<group>": its weight for that group
 
@@ -116,11 +133,42 @@ def _grouped(cls: type) -> type:
     return type(f"Grouped{cls.__name__}", (cls, _GroupedFedAvg), {})
 
 
-def build_strategy(spec: Mapping[str, Any], min_centers: int,
-                   group_by_modality: bool = False) -> flwr_strategy.Strategy:
+class _StatisticsAveraged:
+    """Mixin for Flower's FedOpt strategies: the server optimizer's step for the trained
+    weights, the plain (case-weighted) mean for the keys in `statistics`; dtypes kept."""
+
+    statistics: frozenset[str] = frozenset()
+    _mean: ArrayRecord | None = None
+
+    def _compute_deltat_and_mt(self, aggregated_arrayrecord: ArrayRecord):  # noqa: ANN202
+        self._mean = aggregated_arrayrecord  # FedOpt passes the plain mean through here
+        return super()._compute_deltat_and_mt(aggregated_arrayrecord)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        self._mean = None
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        if arrays is None or self._mean is None:
+            return arrays, metrics
+        mean = self._mean
+        return ArrayRecord({
+            key: mean[key] if key in self.statistics
+            else Array(np.ascontiguousarray(value.numpy(), dtype=mean[key].numpy().dtype))
+            for key, value in arrays.items()}), metrics
+
+
+def _statistics_averaged(cls: type) -> type:
+    """`cls` (a FedOpt subclass) with `_StatisticsAveraged` in front."""
+    return type(cls.__name__, (_StatisticsAveraged, cls), {})
+
+
+def build_strategy(spec: Mapping[str, Any], min_centers: int, group_by_modality: bool = False,
+                   statistics: Iterable[str] = ()) -> flwr_strategy.Strategy:
     """The Flower strategy for a `fed.strategy` mapping ({"name": ..., its keys}).
 
-    `group_by_modality`: aggregate per parameter group (module docstring)."""
+    `group_by_modality`: aggregate per parameter group (module docstring). `statistics`: the
+    state_dict keys of running statistics (`running_statistics`), which a server optimizer
+    averages instead of stepping on."""
     spec = dict(spec)
     name = spec.pop("name", None)
     if name not in _STRATEGIES:
@@ -144,9 +192,20 @@ def build_strategy(spec: Mapping[str, Any], min_centers: int,
             raise MedfoundError(f"fed={name} cannot aggregate per modality group (task=pretrain)",
                                 hint=f"use fed=<one of {', '.join(_GROUPABLE)}>")
         cls = _grouped(cls)
-    return cls(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=min_centers,
-               min_evaluate_nodes=min_centers, min_available_nodes=min_centers,
-               weighted_by_key=NUM_EXAMPLES, **params)
+    if issubclass(cls, FedOpt):
+        cls = _statistics_averaged(cls)
+    strategy = cls(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=min_centers,
+                   min_evaluate_nodes=min_centers, min_available_nodes=min_centers,
+                   weighted_by_key=NUM_EXAMPLES, **params)
+    if isinstance(strategy, _StatisticsAveraged):
+        strategy.statistics = frozenset(statistics)
+    return strategy
+
+
+def running_statistics(network: torch.nn.Module) -> list[str]:
+    """The state_dict keys of `network`'s floating-point buffers: running statistics (BatchNorm's
+    running mean and variance), which travel with the weights but are not trained."""
+    return [name for name, buffer in network.named_buffers() if buffer.is_floating_point()]
 
 
 def with_privacy(strategy: flwr_strategy.Strategy, privacy: Mapping[str, Any],

@@ -6,7 +6,13 @@ For each study (a DICOM series folder, or a NIfTI/MetaImage file):
     network (onnxruntime) → anchors, decoding, NMS (postprocess) → findings
 
 and, in ``OUT/<series_uid>/``: ``findings.json``, ``findings_sr.dcm`` (a TID 1500
-Comprehensive 3D SR a PACS can show; DICOM sources only) and ``overview.png``. A study's folder
+Comprehensive 3D SR a PACS can show; DICOM sources only) and ``overview.png``.
+
+With an exported segmenter (a ``nodule_segmentation`` model card) the network labels voxels
+instead (medfound.infer.segment), and the study's folder holds ``segments.json`` (each connected
+nodule region: volume, centre, equivalent diameter), ``mask.nii.gz`` (the labels on the study's
+own grid), ``segmentation.dcm`` (a binary DICOM Segmentation over the source series a PACS can
+show; DICOM sources only; medfound.io.seg) and ``overview.png`` with the labels drawn in. A study's folder
 appears only when all its files are written (they are made in ``<series_uid>.partial`` first).
 A study that fails is recorded in ``OUT/summary.json`` with its error and skipped; the others
 go on. Nothing here imports torch or MONAI.
@@ -25,14 +31,16 @@ from typing import Any
 import numpy as np
 
 from medfound.errors import MedfoundError
-from medfound.infer.engine import OnnxDetector
+from medfound.infer.engine import OnnxDetector, load_model_card
 from medfound.infer.preprocess import preprocess
+from medfound.infer.segment import OnnxSegmenter
 from medfound.io.volume import Volume, canonical_axes, voxel_boxes_to_world
 
-__all__ = ["FINDINGS_FORMAT", "detect_study", "findings_from_boxes", "render_overview",
-           "run_studies"]
+__all__ = ["FINDINGS_FORMAT", "SEGMENTS_FORMAT", "detect_study", "findings_from_boxes",
+           "render_overview", "run_studies", "segment_study"]
 
 FINDINGS_FORMAT = "medfound-findings/1"
+SEGMENTS_FORMAT = "medfound-segments/1"
 SUMMARY = "summary.json"
 # Display window of the overview (lung window), HU.
 _LUNG_WINDOW = (-1350.0, 150.0)
@@ -68,14 +76,8 @@ def detect_study(detector: OnnxDetector, study: str | Path, *, threshold: float 
     facts: ``timings_s`` (read, preprocess, network, postprocess), ``n_candidates`` (detections
     before the threshold) and ``input_shape`` (the network input's (i, j, k)).
     """
-    from medfound.io.reader import read_volume
-
     t0 = time.perf_counter()
-    volume = read_volume(study, progress=False)
-    expected = str(detector.card["input"].get("modality", "")).upper()
-    if expected in ("CT", "MR", "PT", "US") and volume.modality not in (expected, "OT"):
-        raise MedfoundError(f"study modality is {volume.modality}; this model reads {expected}",
-                            path=study, hint="pass studies of the model's modality")
+    volume = _read_study(study, detector.card)
     t1 = time.perf_counter()
     image, input_affine = preprocess(volume.array, volume.affine, detector.card)
     t2 = time.perf_counter()
@@ -90,10 +92,48 @@ def detect_study(detector: OnnxDetector, study: str | Path, *, threshold: float 
     return volume, findings, facts
 
 
+def segment_study(segmenter: OnnxSegmenter, study: str | Path
+                  ) -> tuple[Volume, np.ndarray, list[dict[str, Any]], dict[str, Any]]:
+    """Read one study and label its nodule voxels: (volume as read, labels on the volume's
+    grid (uint8, 1 = nodule), nodule regions, facts).
+
+    The regions (`medfound.io.seg.nodule_components`) are measured on the network's grid, where
+    the labels were made; facts as for `detect_study` (``n_regions`` for ``n_candidates``)."""
+    from medfound.io.seg import labels_on_grid, nodule_components
+
+    t0 = time.perf_counter()
+    volume = _read_study(study, segmenter.card)
+    t1 = time.perf_counter()
+    image, input_affine = preprocess(volume.array, volume.affine, segmenter.card)
+    t2 = time.perf_counter()
+    labels = segmenter.segment(image)
+    t3 = time.perf_counter()
+    regions = nodule_components(labels == 1, input_affine)
+    on_study = labels_on_grid(labels, input_affine, volume.array.shape, volume.affine)
+    t4 = time.perf_counter()
+    facts = {"timings_s": {"read": t1 - t0, "preprocess": t2 - t1, "network": t3 - t2,
+                           "postprocess": t4 - t3},
+             "n_regions": len(regions), "input_shape": list(image.shape)}
+    return volume, on_study, regions, facts
+
+
+def _read_study(study: str | Path, card: dict[str, Any]) -> Volume:
+    """The study as read, refused with a clear error if the model reads another modality."""
+    from medfound.io.reader import read_volume
+
+    volume = read_volume(study, progress=False)
+    expected = str(card["input"].get("modality", "")).upper()
+    if expected in ("CT", "MR", "PT", "US") and volume.modality not in (expected, "OT"):
+        raise MedfoundError(f"study modality is {volume.modality}; this model reads {expected}",
+                            path=study, hint="pass studies of the model's modality")
+    return volume
+
+
 def render_overview(volume: Volume, findings: Sequence[dict[str, Any]], path: str | Path,
-                    title: str = "") -> Path:
+                    title: str = "", labels: np.ndarray | None = None) -> Path:
     """overview.png: a coronal average projection (radiograph-like) with every finding
-    circled, and the axial slice through each of the (up to) three most probable findings."""
+    circled, and the axial slice through each of the (up to) three most probable findings.
+    `labels` (on the volume's grid; a segmenter's output) are drawn in red on every panel."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -101,6 +141,8 @@ def render_overview(volume: Volume, findings: Sequence[dict[str, Any]], path: st
     from matplotlib.patches import Circle
 
     array, affine = canonical_axes(volume.array, volume.affine)  # i → L, j → P, k → S
+    mask = None if labels is None else canonical_axes(np.asarray(labels) > 0, volume.affine)[0]
+    red = matplotlib.colors.ListedColormap(["#ff3030"])
     spacing = np.linalg.norm(affine[:3, :3], axis=0)
     inv = np.linalg.inv(affine[:3, :3])
 
@@ -114,6 +156,9 @@ def render_overview(volume: Volume, findings: Sequence[dict[str, Any]], path: st
     ax = axes[0, 0]
     ax.imshow(array.mean(axis=1).T, cmap="gray", vmin=-1000.0, vmax=100.0, origin="lower",
               aspect=spacing[2] / spacing[0], interpolation="nearest")
+    if mask is not None:
+        ax.imshow(np.ma.masked_equal(mask.any(axis=1).T.astype(np.uint8), 0), cmap=red, alpha=0.6,
+                  origin="lower", aspect=spacing[2] / spacing[0], interpolation="nearest")
     for f in findings:
         i, _, k = ijk(f)
         ax.add_patch(Circle((i, k), 6.0, fill=False, color="#ffcc00", linewidth=1.2))
@@ -127,11 +172,15 @@ def render_overview(volume: Volume, findings: Sequence[dict[str, Any]], path: st
         k = int(np.clip(round(float(k)), 0, array.shape[2] - 1))
         ax.imshow(array[:, :, k].T, cmap="gray", vmin=lo, vmax=hi,
                   aspect=spacing[1] / spacing[0], interpolation="nearest")
+        if mask is not None:
+            ax.imshow(np.ma.masked_equal(mask[:, :, k].T.astype(np.uint8), 0), cmap=red,
+                      alpha=0.5, aspect=spacing[1] / spacing[0], interpolation="nearest")
         radius = max(f["diameter_mm"] / 2 / spacing[0] * 1.6, 4.0)
         ax.add_patch(Circle((i, j), radius, fill=False, color="#ffcc00", linewidth=1.2))
         ax.text(i + radius, j - radius, str(f["id"]), color="#ffcc00", fontsize=8)
-        ax.set_title(f"#{f['id']}  p={f['probability']:.2f}  {f['diameter_mm']:.1f} mm  (k={k})",
-                     fontsize=9)
+        what = (f"p={f['probability']:.2f}" if "probability" in f
+                else f"{f['volume_mm3']:.0f} mm³")
+        ax.set_title(f"#{f['id']}  {what}  {f['diameter_mm']:.1f} mm  (k={k})", fontsize=9)
         ax.axis("off")
     fig.suptitle(title or f"{len(findings)} finding(s)", fontsize=10)
     fig.tight_layout()
@@ -162,10 +211,20 @@ def _write_json(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
-def _one_study(detector: OnnxDetector, study: Path, out: Path, model: dict[str, Any],
+def _one_study(net: OnnxDetector | OnnxSegmenter, study: Path, out: Path, model: dict[str, Any],
                threshold: float, max_findings: int, sr: bool, used: set[str]) -> dict[str, Any]:
-    volume, findings, facts = detect_study(detector, study, threshold=threshold,
-                                           max_findings=max_findings)
+    labels = None
+    if isinstance(net, OnnxSegmenter):
+        volume, labels, findings, facts = segment_study(net, study)
+    else:
+        volume, findings, facts = detect_study(net, study, threshold=threshold,
+                                               max_findings=max_findings)
+
+    def write(work: Path) -> dict[str, str]:
+        if labels is not None:
+            return _write_segments(work, study, volume, labels, findings, model, sr)
+        return _write_outputs(work, study, volume, findings, facts, model, threshold, sr)
+
     name = _safe_name(volume.series_uid or study.name)
     while name in used:
         name += "_1"
@@ -175,7 +234,7 @@ def _one_study(detector: OnnxDetector, study: Path, out: Path, model: dict[str, 
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     try:
-        outputs = _write_outputs(work, study, volume, findings, facts, model, threshold, sr)
+        outputs = write(work)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)  # no half-written study folder
         raise
@@ -183,8 +242,9 @@ def _one_study(detector: OnnxDetector, study: Path, out: Path, model: dict[str, 
     shutil.rmtree(final, ignore_errors=True)
     work.rename(final)
     facts["timings_s"]["write"] = time.perf_counter() - t0
-    return {"series_uid": volume.series_uid, "out": str(final), "outputs": outputs,
-            "n_findings": len(findings), "n_candidates": facts["n_candidates"],
+    counts = ({"n_regions": len(findings)} if isinstance(net, OnnxSegmenter) else
+              {"n_findings": len(findings), "n_candidates": facts["n_candidates"]})
+    return {"series_uid": volume.series_uid, "out": str(final), "outputs": outputs, **counts,
             "input_shape": facts["input_shape"],
             "timings_s": {k: round(v, 4) for k, v in facts["timings_s"].items()}}
 
@@ -213,13 +273,42 @@ def _write_outputs(work: Path, study: Path, volume: Volume, findings: list[dict[
     return outputs
 
 
+def _write_segments(work: Path, study: Path, volume: Volume, labels: np.ndarray,
+                    regions: list[dict[str, Any]], model: dict[str, Any], seg: bool
+                    ) -> dict[str, str]:
+    from medfound.io.seg import labels_on_source_slices, write_labels_nifti, write_nodule_seg
+
+    record = {"format": SEGMENTS_FORMAT, "study": str(study), "series_uid": volume.series_uid,
+              "modality": volume.modality, "shape": list(volume.shape),
+              "spacing_mm": [round(s, 4) for s in volume.spacing], "model": model,
+              "labels": {"0": "background", "1": "nodule"},
+              "nodule_voxels": int((labels == 1).sum()), "regions": regions}
+    _write_json(work / "segments.json", record)
+    write_labels_nifti(labels, volume.affine, work / "mask.nii.gz")
+    outputs = {"segments": "segments.json", "mask": "mask.nii.gz"}
+    if seg and _is_dicom_source(study):
+        from medfound.io.sr import read_source_headers
+
+        headers = read_source_headers(_study_files(study), volume.series_uid)
+        frames = labels_on_source_slices(labels, volume.affine, headers)
+        write_nodule_seg(frames, headers, work / "segmentation.dcm", algorithm_name=model["name"],
+                         algorithm_version=model["version"], model_sha256=model["sha256"])
+        outputs["seg"] = "segmentation.dcm"
+    render_overview(volume, regions, work / "overview.png", labels=labels,
+                    title=f"{volume.series_uid[-24:]}: {len(regions)} nodule region(s)")
+    outputs["overview"] = "overview.png"
+    return outputs
+
+
 def run_studies(model: str | Path, studies: Sequence[str | Path], out: str | Path, *,
                 providers: Sequence[str] | str | None = None, threads: int | None = None,
                 precision: str = "fp32", trt_cache: str | Path | None = None, fp16: bool = False,
                 threshold: float = 0.5, max_findings: int = 20, sr: bool = True,
                 progress: bool = True) -> dict[str, Any]:
-    """Run the exported detector `model` on every study; write per-study outputs and
-    ``OUT/summary.json`` (rewritten after each study, so an interrupted run keeps what it did).
+    """Run the exported detector or segmenter `model` on every study; write per-study outputs
+    and ``OUT/summary.json`` (rewritten after each study, so an interrupted run keeps what it
+    did). `sr`: also the DICOM SR (detector) or DICOM Segmentation (segmenter) of DICOM studies;
+    `threshold`, `max_findings`, `precision`, `trt_cache` and `fp16` are the detector's.
 
     Returns the summary: ``studies`` (one record per study: ``status`` "ok" or "failed",
     ``error`` for a failure, timings and outputs for a success), ``n_ok``, ``n_failed``.
@@ -232,13 +321,22 @@ def run_studies(model: str | Path, studies: Sequence[str | Path], out: str | Pat
         raise MedfoundError(f"threshold must be in [0, 1], got {threshold}", hint="e.g. --threshold 0.5")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    detector = OnnxDetector(model, providers=providers, threads=threads, precision=precision,
-                            trt_cache=trt_cache, fp16=fp16)
-    card = detector.card
+    net: OnnxDetector | OnnxSegmenter
+    if "segmentation" in load_model_card(model)[1]:
+        if precision != "fp32":
+            raise MedfoundError(f"a segmenter export runs in fp32 only, not {precision}",
+                                path=model, hint="drop --int8")
+        net = OnnxSegmenter(model, providers=providers, threads=threads)
+        sha256 = net.card["onnx"]["sha256"]
+    else:
+        net = OnnxDetector(model, providers=providers, threads=threads, precision=precision,
+                           trt_cache=trt_cache, fp16=fp16)
+        sha256 = net.sha256
+    card = net.card
     model_info = {"name": f"medfound-{card.get('task') or 'detector'}",
                   "version": str(card.get("versions", {}).get("medfound", "")),
-                  "sha256": detector.sha256, "precision": precision, "export": str(Path(model)),
-                  "providers": detector.providers}
+                  "sha256": sha256, "precision": precision, "export": str(Path(model)),
+                  "providers": net.providers}
     summary: dict[str, Any] = {"model": model_info, "threshold": threshold, "studies": [],
                                "n_ok": 0, "n_failed": 0}
     used: set[str] = set()
@@ -248,7 +346,7 @@ def run_studies(model: str | Path, studies: Sequence[str | Path], out: str | Pat
         t0 = time.perf_counter()
         try:
             rec = {"study": str(study), "status": "ok",
-                   **_one_study(detector, study, out, model_info, threshold, max_findings, sr, used)}
+                   **_one_study(net, study, out, model_info, threshold, max_findings, sr, used)}
             summary["n_ok"] += 1
         except MedfoundError as err:
             rec = {"study": str(study), "status": "failed", "error": str(err)}

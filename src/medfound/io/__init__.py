@@ -1,4 +1,5 @@
-"""Imaging I/O: DICOM series, NIfTI and MetaImage → `Volume`; de-identification."""
+"""Imaging I/O: DICOM series, NIfTI and MetaImage → `Volume`; de-identification; DICOM SR and
+SEG writers (sr.py, seg.py)."""
 
 from medfound.io.volume import Volume
 
