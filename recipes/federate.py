@@ -50,9 +50,11 @@ def main(cfg: DictConfig) -> None:
         loss_params(config["task"]["loss"])
     else:
         task.detector_config(config["network"])
-        encoder = (config.get("finetune") or {}).get("init_encoder")
-        if encoder:  # the coordinator starts the backbone from it: check it before Ray starts
-            task.check_encoder_package(encoder)
+        finetune = config.get("finetune") or {}
+        if finetune.get("init_encoder"):  # the coordinator starts from it: check before Ray starts
+            task.check_encoder_package(finetune["init_encoder"])
+        if finetune.get("init_model"):
+            task.init_from_model(task.build(config["network"], seed=0)[0], finetune["init_model"])
 
     if config["resume"]:  # one line now, not after Ray has started
         load_checkpoint(Path(config["out_dir"]) / STATE_FILE)

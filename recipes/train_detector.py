@@ -80,6 +80,7 @@ def main(cfg: DictConfig) -> None:
                         "train_cases": len(train_items),
                         "val_cases": len(val_items), "seed": cfg.seed,
                         "init_encoder": finetune.get("init_encoder"),
+                        "init_model": finetune.get("init_model"),
                         "freeze_encoder": bool(finetune.get("freeze_encoder", False)),
                         "train_only": finetune.get("train_only"),
                         "mlflow_run_id": tracker.run_id})

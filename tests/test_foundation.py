@@ -216,6 +216,39 @@ def test_adapter_only_fine_tuning_trains_under_a_twentieth_of_the_detector() -> 
     assert float(conv.adapter.up.weight.detach().abs().sum()) > 0
 
 
+def test_a_whole_detector_package_starts_an_adapted_detector_as_itself(tmp_path: Path) -> None:
+    """finetune.init_model: every weight from a trained detector package; the adapters it lacks
+    start as the identity, so the adapted network computes what the package's does. A package
+    of another network is refused with the fix."""
+    from medfound.train.detection import apply_finetune
+    from medfound.train.package import save_model_package
+
+    trained = build_network(PRESETS["tiny"], seed=3).eval()
+    package = save_model_package(tmp_path / "model", trained, task="lung_nodule_detection",
+                                 model_config=dict(PRESETS["tiny"]), preprocessing={})
+    adapted = build_network({**PRESETS["tiny"], "adapter_channels": 4}, seed=0)
+    said = apply_finetune(adapted, {"init_model": str(package),
+                                    "train_only": ["adapter", "cls_logits"]})
+    assert said.startswith(f"all {len(trained.state_dict())} weights from the detector")
+    x = torch.rand(1, 1, 64, 64, 32)
+    with torch.no_grad():
+        a, b = trained(x), adapted.eval()(x)
+    for key in a:
+        for u, v in zip(a[key], b[key], strict=True):
+            torch.testing.assert_close(u, v)
+    # Only a center that builds the network without loading (load=False) skips the package.
+    fresh = build_network({**PRESETS["tiny"], "adapter_channels": 4}, seed=0)
+    apply_finetune(fresh, {"init_model": str(package)}, load=False)
+    assert not torch.equal(fresh.state_dict()["classification_head.cls_logits.weight"],
+                           trained.state_dict()["classification_head.cls_logits.weight"])
+
+    wider = build_network({**PRESETS["tiny"], "fpn_channels": 24}, seed=0)
+    with pytest.raises(MedfoundError, match="does not fit this network"):
+        apply_finetune(wider, {"init_model": str(package)})
+    with pytest.raises(MedfoundError, match="both set"):
+        apply_finetune(adapted, {"init_model": str(package), "init_encoder": str(package)})
+
+
 def _record(arrays: dict[str, float], metrics: dict[str, float]) -> RecordDict:
     return RecordDict({"arrays": ArrayRecord({k: Array(np.full((2,), v, dtype=np.float32))
                                               for k, v in arrays.items()}),

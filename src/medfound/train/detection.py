@@ -98,12 +98,41 @@ def init_from_encoder(network: torch.nn.Module, package: str | Path, modality: s
     return n
 
 
+def init_from_model(network: torch.nn.Module, package: str | Path) -> int:
+    """Start every weight of the detector from a detector model package (RUN/model, FED/model)
+    trained with the same network config. Weights the package lacks may only be adapters
+    (``network.adapter_channels`` > 0 on a package trained without): they keep their
+    initialisation, under which each adapter is the identity, so the network starts as the
+    package's detector. Returns the weights loaded."""
+    from medfound.train.package import WEIGHTS, read_model_json
+
+    meta = read_model_json(package)
+    if meta.get("task") != "lung_nodule_detection":
+        raise MedfoundError(f"not a detector package (task {meta.get('task')!r})", path=package,
+                            hint="pass RUN/model of `medfound run train_detector` or `federate`")
+    state = torch.load(Path(package) / WEIGHTS, map_location="cpu", weights_only=True)
+    own = network.state_dict()
+    missing = sorted(k for k in set(own) - set(state) if "adapter" not in k)
+    unexpected = sorted(set(state) - set(own))
+    reshaped = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or reshaped:
+        first = (missing or unexpected or reshaped)[0]
+        raise MedfoundError(f"the detector package does not fit this network ({len(missing)} "
+                            f"missing, {len(unexpected)} unexpected, {len(reshaped)} reshaped "
+                            f"weights, e.g. {first})", path=package,
+                            hint="use the network config the package was trained with "
+                                 "(its model.json); only network.adapter_channels may differ")
+    network.load_state_dict(state, strict=False)
+    return len(state)
+
+
 def apply_finetune(network: torch.nn.Module, finetune: Mapping[str, Any] | None, load: bool = True, *,
                    init: Callable[..., int] | None = None, freeze: Callable[[Any], None] | None = None,
                    part: str = "backbone") -> str | None:
     """The `finetune` config on a fresh detector network, the same at every place one is built
-    (the recipe, the coordinator, each center): `init_encoder` (loaded only when `load`: a
-    resumed run or a center takes the weights from its checkpoint or message),
+    (the recipe, the coordinator, each center): `init_encoder` or `init_model` (a whole
+    detector package, `init_from_model`; either is loaded only when `load`: a resumed run or a
+    center takes the weights from its checkpoint or message),
     `freeze_encoder` (freeze the backbone but its adapters) and `train_only` (name parts of the
     only weights that train, e.g. [adapter, cls_logits, bbox_reg]: adapter-only fine-tuning).
     `init`/`freeze`/`part`: another network's loading and freezing of its encoder (the
@@ -112,6 +141,13 @@ def apply_finetune(network: torch.nn.Module, finetune: Mapping[str, Any] | None,
 
     finetune = finetune or {}
     said = []
+    if finetune.get("init_model") and finetune.get("init_encoder"):
+        raise MedfoundError("finetune.init_model and finetune.init_encoder are both set",
+                            hint="start from a whole detector (init_model) or from an encoder "
+                                 "(init_encoder), not both")
+    if finetune.get("init_model") and load:
+        n = init_from_model(network, finetune["init_model"])
+        said.append(f"all {n} weights from the detector {finetune['init_model']}")
     if finetune.get("init_encoder") and load:
         n = (init or init_from_encoder)(network, finetune["init_encoder"])
         said.append(f"{part}: {n} weights from the pretrained encoder {finetune['init_encoder']}")
