@@ -74,7 +74,6 @@ def _main(grid: Grid, context: Context) -> None:
     run_coordinator(grid, yaml.safe_load(str(text)), str(text))
 
 
-
 # --- the researcher's side ------------------------------------------------------------------
 
 
@@ -300,8 +299,9 @@ def run_center(cmd: Sequence[str], worker_socket: Path) -> int:
     names the socket); return the SuperNode's exit status, stopping the worker with it.
 
     Both run in this process's process group, so stopping the group stops all three; each child
-    also exits if this process dies. If the worker stops early the SuperNode carries on, and
-    each message runs in its own process again (slower, same results)."""
+    also exits if this process dies (the worker watches it; on Linux the SuperNode is sent
+    SIGTERM by the kernel). If the worker stops early the SuperNode carries on, and each message
+    runs in its own process again (slower, same results)."""
     def stop(signum: int, _frame: Any) -> None:
         raise SystemExit(128 + signum)  # runs the `finally` below: the children stop too
 
@@ -318,7 +318,7 @@ def run_center(cmd: Sequence[str], worker_socket: Path) -> int:
         if not worker_socket.exists():
             print("medfound: the center's worker did not start; each message will run in its own "
                   "process", file=sys.stderr, flush=True)
-        node = subprocess.Popen(list(cmd), env=env)
+        node = subprocess.Popen(list(cmd), env=env, preexec_fn=_die_with_parent)  # noqa: PLW1509
         worker_noted = False
         while node.poll() is None:
             if worker.poll() is not None and not worker_noted:
@@ -340,6 +340,17 @@ def run_center(cmd: Sequence[str], worker_socket: Path) -> int:
                 except subprocess.TimeoutExpired:
                     proc.kill()
         worker_socket.unlink(missing_ok=True)
+
+
+def _die_with_parent() -> None:
+    """In a child before it execs: have Linux send it SIGTERM when its parent dies
+    (prctl PR_SET_PDEATHSIG); elsewhere nothing."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 # --- helpers ---------------------------------------------------------------------------------

@@ -12,8 +12,10 @@ With an exported segmenter (a ``nodule_segmentation`` model card) the network la
 instead (medfound.infer.segment), and the study's folder holds ``segments.json`` (each connected
 nodule region: volume, centre, equivalent diameter), ``mask.nii.gz`` (the labels on the study's
 own grid), ``segmentation.dcm`` (a binary DICOM Segmentation over the source series a PACS can
-show; DICOM sources only; medfound.io.seg) and ``overview.png`` with the labels drawn in. A study's folder
-appears only when all its files are written (they are made in ``<series_uid>.partial`` first).
+show; DICOM sources only; medfound.io.seg) and ``overview.png`` with the labels drawn in.
+
+A study's folder appears only when all its files are written (they are made in
+``<series_uid>.partial`` first).
 A study that fails is recorded in ``OUT/summary.json`` with its error and skipped; the others
 go on. Nothing here imports torch or MONAI.
 """
