@@ -241,3 +241,15 @@ def test_a_centers_worker_process_replies_as_the_clientapp_does_in_process(
         worker.kill()
         worker.wait()
         log.close()
+
+
+def test_the_relay_flower_loads_per_message_imports_no_torch() -> None:
+    """What a SuperNode's per-message process imports: Flower and the standard library only
+    (torch, MONAI and MLflow stay in the worker)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, medfound.fed.worker; "
+            "print(sorted(m for m in ('torch', 'monai', 'mlflow') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

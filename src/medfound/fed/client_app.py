@@ -50,6 +50,7 @@ from typing import Any
 import torch
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
 
 from medfound.errors import MedfoundError
 from medfound.fed.audit import AuditLog
@@ -69,7 +70,6 @@ from medfound.fed.protocol import (
 
 __all__ = ["Site", "app", "evaluate_center", "make_client_app", "train_center"]
 
-_ERROR_CODE = 2  # flwr.common.constant.ErrorCode.CLIENT_APP_RAISED_EXCEPTION
 
 
 @dataclasses.dataclass(frozen=True)
@@ -479,7 +479,8 @@ def _reply_privately(msg: Message, site: Site, job: Callable[[], Message]) -> Me
         else:
             reason = (f"{kind} failed at center {site.center}: {type(err).__name__} "
                       "(details stay in the center's log)")
-        return Message(Error(code=_ERROR_CODE, reason=reason), reply_to=msg)
+        return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason),
+                       reply_to=msg)
 
 
 def _dp_clipping_mod(msg: Message, context: Context, call_next: Callable) -> Message:

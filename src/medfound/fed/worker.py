@@ -38,12 +38,12 @@ from pathlib import Path
 
 from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
 
 __all__ = ["SOCKET_KEY", "RelayClientApp", "client_app", "serve"]
 
 SOCKET_KEY = "worker-socket"  # node config key: the worker's socket path
 _HEADER = struct.Struct("!Q")
-_ERROR_CODE = 2  # flwr.common.constant.ErrorCode.CLIENT_APP_RAISED_EXCEPTION
 
 
 class RelayClientApp(ClientApp):
@@ -124,8 +124,8 @@ def serve(path: Path, parent_pid: int | None = None) -> None:
                     reply = app(message=message, context=context)
                 except Exception as exc:  # noqa: BLE001 — the app's own handler missed it
                     traceback.print_exc()
-                    reply = Message(Error(code=_ERROR_CODE, reason=type(exc).__name__),
-                                    reply_to=message)
+                    reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
+                                          reason=type(exc).__name__), reply_to=message)
                 print(f"medfound worker: {message.metadata.message_type} message done in "
                       f"{time.perf_counter() - started:.1f} s", flush=True)
                 try:
