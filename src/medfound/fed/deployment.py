@@ -138,8 +138,7 @@ def run_deployment(cfg: Mapping[str, Any], config_yaml: str) -> None:
     app = write_app(out / "app", config_yaml)
     flwr_home = out / ".flwr"
     write_connection(flwr_home, superlink, ca, insecure)
-    env = {**os.environ, "FLWR_HOME": str(flwr_home)}
-    _prepend_own_bin(env)
+    env = _flower_env(FLWR_HOME=str(flwr_home))
     flwr = _executable("flwr")
     cmd = [flwr, "run", str(app), CONNECTION, "--stream"]
     print(f"submitting the federation to the SuperLink at {superlink} "
@@ -285,8 +284,7 @@ def join_command(*, superlink: str, center: str, data: str, work: str,
 def run_process(cmd: Sequence[str]) -> int:
     """Become the Flower executable (exec): signals and Ctrl-C reach Flower directly, and
     stopping this process stops the SuperLink or SuperNode with it, leaving nothing behind."""
-    env = dict(os.environ)
-    _prepend_own_bin(env)
+    env = _flower_env()
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(cmd[0], list(cmd), env)
@@ -306,8 +304,7 @@ def run_center(cmd: Sequence[str], worker_socket: Path) -> int:
         raise SystemExit(128 + signum)  # runs the `finally` below: the children stop too
 
     signal.signal(signal.SIGTERM, stop)
-    env = dict(os.environ)
-    _prepend_own_bin(env)
+    env = _flower_env()
     worker = subprocess.Popen([sys.executable, "-m", "medfound.fed.worker", "--socket",
                                str(worker_socket), "--parent-pid", str(os.getpid())], env=env)
     node: subprocess.Popen | None = None
@@ -382,9 +379,12 @@ def _executable(name: str) -> str:
     return found
 
 
-def _prepend_own_bin(env: dict[str, str]) -> None:
-    # SuperLink and SuperNode start flwr-serverapp / flwr-clientapp by name: use ours.
+def _flower_env(**extra: str) -> dict[str, str]:
+    """This process's environment (plus `extra`) with this Python's bin first on PATH: the
+    SuperLink and SuperNode start flwr-serverapp / flwr-clientapp by name, and must get ours."""
+    env = {**os.environ, **extra}
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    return env
 
 
 def _toml_string(text: str) -> str:

@@ -12,11 +12,11 @@ wants them on the study's grid:
   the algorithm (model name, version, ONNX sha256) in the segment description; a PACS shows it
   over the series;
 - `write_labels_nifti` writes a label map with its geometry (NIfTI is RAS; medfound is LPS);
-- `nodule_components` lists the connected components (26-neighbourhood) of a binary map with
-  their volume, centre and equivalent-sphere diameter.
+- `nodule_components` lists the connected components (26-neighbourhood, SimpleITK) of a binary
+  map with their volume, centre and equivalent-sphere diameter.
 
-numpy only (highdicom and nibabel are imported when writing), so medfound.infer uses it
-without torch.
+numpy and SimpleITK (highdicom and nibabel are imported when writing), so medfound.infer uses
+it without torch.
 """
 
 from __future__ import annotations
@@ -80,37 +80,22 @@ def labels_on_source_slices(labels: np.ndarray, affine: np.ndarray,
 def nodule_components(mask: np.ndarray, affine: np.ndarray) -> list[dict[str, Any]]:
     """Connected components (26-neighbourhood) of a binary map, largest first: ``voxels``,
     ``volume_mm3``, ``center_lps_mm`` (centroid), ``diameter_mm`` (of the sphere of that volume)."""
+    import SimpleITK as sitk
+
     affine = np.asarray(affine, dtype=np.float64)
     voxel_mm3 = abs(float(np.linalg.det(affine[:3, :3])))
-    coords = np.argwhere(mask > 0)
-    index = {tuple(c): n for n, c in enumerate(coords.tolist())}
-    component = np.full(len(coords), -1, dtype=np.int64)
-    offsets = [(a, b, c) for a in (-1, 0, 1) for b in (-1, 0, 1) for c in (-1, 0, 1)
-               if (a, b, c) != (0, 0, 0)]
-    count = 0
-    for start in range(len(coords)):
-        if component[start] >= 0:
-            continue
-        component[start] = count
-        stack = [start]
-        while stack:
-            i, j, k = coords[stack.pop()]
-            for a, b, c in offsets:
-                n = index.get((i + a, j + b, k + c))
-                if n is not None and component[n] < 0:
-                    component[n] = count
-                    stack.append(n)
-        count += 1
+    image = sitk.GetImageFromArray((np.asarray(mask) > 0).astype(np.uint8))  # axes as given
+    labels = sitk.GetArrayFromImage(sitk.RelabelComponent(  # 1 = the largest, 2 = next, ...
+        sitk.ConnectedComponent(image, True), sortByObjectSize=True))  # True: 26-neighbourhood
     out = []
-    for label in range(count):
-        voxels = coords[component == label]
+    for label in range(1, int(labels.max()) + 1):
+        voxels = np.argwhere(labels == label)
         centre = voxels.mean(axis=0) @ affine[:3, :3].T + affine[:3, 3]
         volume = len(voxels) * voxel_mm3
-        out.append({"voxels": int(len(voxels)), "volume_mm3": round(volume, 1),
+        out.append({"id": label, "voxels": int(len(voxels)), "volume_mm3": round(volume, 1),
                     "center_lps_mm": [round(float(v), 2) for v in centre],
                     "diameter_mm": round(float(2 * (3 * volume / (4 * np.pi)) ** (1 / 3)), 2)})
-    out.sort(key=lambda c: -c["voxels"])
-    return [{"id": n + 1, **c} for n, c in enumerate(out)]
+    return out
 
 
 def write_labels_nifti(labels: np.ndarray, affine: np.ndarray, path: str | Path) -> Path:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ __all__ = [
     "load_model_state",
     "restore_rng_state",
     "save_checkpoint",
+    "state_mismatch",
 ]
 
 
@@ -57,18 +58,25 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return state
 
 
-def load_model_state(model: nn.Module, weights: Mapping[str, torch.Tensor], source: str | Path) -> None:
-    """Load `weights` strictly; a different architecture gives a `MedfoundError` naming `source`."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(weights))
+def state_mismatch(own: Mapping[str, torch.Tensor], weights: Mapping[str, torch.Tensor],
+                   may_lack: Callable[[str], bool] | None = None) -> str | None:
+    """Why `weights` do not fit a model whose state_dict is `own` ("missing: …; unexpected: …;
+    shape differs: …", three keys of each at most), or None when they fit. Keys for which
+    `may_lack` is true may be absent from `weights`."""
+    missing = sorted(k for k in set(own) - set(weights) if not (may_lack and may_lack(k)))
     unexpected = sorted(set(weights) - set(own))
     reshaped = sorted(k for k in set(own) & set(weights) if own[k].shape != weights[k].shape)
-    if missing or unexpected or reshaped:
-        parts = []
-        for what, keys in (("missing", missing), ("unexpected", unexpected), ("shape differs", reshaped)):
-            if keys:
-                parts.append(f"{what}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}")
-        raise MedfoundError(f"checkpoint is from an incompatible model ({'; '.join(parts)})",
+    parts = [f"{what}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
+             for what, keys in (("missing", missing), ("unexpected", unexpected),
+                                ("shape differs", reshaped)) if keys]
+    return "; ".join(parts) or None
+
+
+def load_model_state(model: nn.Module, weights: Mapping[str, torch.Tensor], source: str | Path) -> None:
+    """Load `weights` strictly; a different architecture gives a `MedfoundError` naming `source`."""
+    problem = state_mismatch(model.state_dict(), weights)
+    if problem:
+        raise MedfoundError(f"checkpoint is from an incompatible model ({problem})",
                             path=source, hint="use the model config the checkpoint was trained with, "
                                               "or start a new out_dir")
     model.load_state_dict(weights)

@@ -104,6 +104,7 @@ def init_from_model(network: torch.nn.Module, package: str | Path) -> int:
     (``network.adapter_channels`` > 0 on a package trained without): they keep their
     initialisation, under which each adapter is the identity, so the network starts as the
     package's detector. Returns the weights loaded."""
+    from medfound.train.checkpoint import state_mismatch
     from medfound.train.package import WEIGHTS, read_model_json
 
     meta = read_model_json(package)
@@ -111,15 +112,10 @@ def init_from_model(network: torch.nn.Module, package: str | Path) -> int:
         raise MedfoundError(f"not a detector package (task {meta.get('task')!r})", path=package,
                             hint="pass RUN/model of `medfound run train_detector` or `federate`")
     state = torch.load(Path(package) / WEIGHTS, map_location="cpu", weights_only=True)
-    own = network.state_dict()
-    missing = sorted(k for k in set(own) - set(state) if "adapter" not in k)
-    unexpected = sorted(set(state) - set(own))
-    reshaped = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
-    if missing or unexpected or reshaped:
-        first = (missing or unexpected or reshaped)[0]
-        raise MedfoundError(f"the detector package does not fit this network ({len(missing)} "
-                            f"missing, {len(unexpected)} unexpected, {len(reshaped)} reshaped "
-                            f"weights, e.g. {first})", path=package,
+    problem = state_mismatch(network.state_dict(), state, may_lack=lambda key: "adapter" in key)
+    if problem:
+        raise MedfoundError(f"the detector package does not fit this network ({problem})",
+                            path=package,
                             hint="use the network config the package was trained with "
                                  "(its model.json); only network.adapter_channels may differ")
     network.load_state_dict(state, strict=False)
