@@ -79,6 +79,30 @@ def test_local_federation_over_tls_trains_a_round_and_stops_every_process(
     assert leftovers == []
 
 
+@pytest.mark.long
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="scripts/make_certs.sh needs openssl")
+def test_secure_aggregation_over_real_supernodes_and_their_workers(phantoms: Path,
+                                                                   tmp_path: Path) -> None:
+    """SecAgg+ keeps per-center protocol state between its four steps; under a SuperNode that
+    state lives in Flower's context, which the relay carries to the center's worker and back."""
+    out = tmp_path / "FED"
+    env = {**medfound_env(), "PORT": str(free_port_block())}
+    res = subprocess.run([str(REPO / "scripts" / "local_federation.sh"), str(phantoms), str(out),
+                          "fed.rounds=1", "fed.privacy.secagg=true", "fed.cross_site=false",
+                          "trainer.progress=false", "data.num_patches_per_image=1",
+                          "fed.eval_bootstraps=10", "network.sw_roi_size=[144,144,96]"],
+                         env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    record = json.loads((out / "metrics.json").read_text())["rounds"][0]["train"]
+    assert record["accepted"] == list(CENTERS) and record["secagg"]["mean_update_norm"] > 0
+    for center in CENTERS:
+        assert "worker is not running" not in (out / "logs" / f"{center}.log").read_text()
+        lines = (out / "centers" / center / "audit" / f"{center}.jsonl").read_text().splitlines()
+        assert [json.loads(line)["kind"] for line in lines] == [
+            "secagg-setup", "secagg-share_keys", "secagg-collect_masked_vectors",
+            "secagg-unmask", "evaluate"]
+
+
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="scripts/make_certs.sh needs openssl")
 def test_superlink_with_auth_admits_registered_centers_only(phantoms: Path, tmp_path: Path) -> None:
     """A registered center's SuperNode comes online; one with an unregistered key, and one

@@ -335,3 +335,71 @@ def test_differential_privacy_clips_each_update_and_adds_the_reported_noise(
     else:
         n = sum(v.numel() for v in start.values())
         assert moved == pytest.approx(stdev * n ** 0.5, rel=0.1)
+
+
+@pytest.mark.long
+def test_secure_aggregation_gives_the_fedavg_aggregate_and_no_update_leaves_in_clear(
+        phantoms: Path, tmp_path: Path) -> None:
+    """fed.privacy.secagg=true (Flower's SecAgg+): the same round as plain FedAvg ends at the
+    same global model within the quantization step, while the replies carry only masked
+    integers — the center's trained weights, found in clear in the plain run's replies, are in
+    none of its secure ones."""
+    from flwr.common.serde import recorddict_from_proto
+    from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
+
+    from medfound.fed.params import shared_state
+    from medfound.models.detection import DetectorConfig, build_network
+    from medfound.train.package import read_model_json
+
+    runs = {}
+    for name, extra in (("plain", ()), ("secure", ("fed.privacy.secagg=true",
+                                                   "fed.privacy.secagg_max_weight=10"))):
+        out = tmp_path / name
+        res = federate(f"data.root={phantoms}", "fed.rounds=1", f"out_dir={out}",
+                       "fed.audit_payloads=true", "fed.cross_site=" + str(name == "secure").lower(),
+                       *extra)
+        assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+        runs[name] = out
+    assert "secure aggregation (Flower's SecAgg+)" in res.stdout
+
+    plain = torch.load(runs["plain"] / "model" / "weights.pt", weights_only=True)
+    secure = torch.load(runs["secure"] / "model" / "weights.pt", weights_only=True)
+    meta = read_model_json(runs["plain"] / "model")
+    start = shared_state(build_network(DetectorConfig.from_dict(meta["model"]), seed=0).state_dict())
+    assert plain.keys() == secure.keys()
+    moved = max(float((plain[k] - start[k]).abs().max()) for k in start)
+    gap = max(float((plain[k] - secure[k]).abs().max()) for k in start)
+    assert moved > 0.01  # the round trained
+    # 2^22 levels over ±8, each update scaled by cases / 10 before quantization: ~4e-6 / case
+    # share per value, stochastically rounded.
+    assert gap < 1e-4, (gap, moved)
+
+    record = json.loads((runs["secure"] / "metrics.json").read_text())["rounds"][0]["train"]
+    assert record["accepted"] == CENTERS and record["secagg"]["halted_at"] is None
+    assert record["update_norms"] == {}  # the coordinator never saw one
+    assert set(record["centers"]) == set(CENTERS)
+    table = (runs["secure"] / "cross_site.csv").read_text().splitlines()
+    assert [row.split(",")[0] for row in table[1:]] == ["global"]  # no local model to score
+
+    def payloads(run: Path, kind: str) -> list[bytes]:
+        return [(run / "audit" / "center_0" / f"{e['sha256']}.bin").read_bytes()
+                for e in read_audit(run / "audit" / "center_0.jsonl") if e["kind"] == kind]
+
+    kinds = [e["kind"] for e in read_audit(runs["secure"] / "audit" / "center_0.jsonl")]
+    assert kinds[:4] == ["secagg-setup", "secagg-share_keys", "secagg-collect_masked_vectors",
+                         "secagg-unmask"]
+    # center_0's trained weights (what a plain reply carries), 64-byte runs of them.
+    def trained_runs(run: Path) -> list[bytes]:
+        ckpt = next((run / "centers" / "center_0" / "rounds").glob("*/0001/checkpoints/last.pt"))
+        state = torch.load(ckpt, weights_only=False)["model"]
+        return [np.ascontiguousarray(v.flatten()[:16].numpy(), np.float32).tobytes()
+                for k, v in state.items() if k.endswith("conv1.weight") or k.endswith("bbox_reg.weight")]
+
+    clear = payloads(runs["plain"], "train")
+    assert clear and all(any(r in p for p in clear) for r in trained_runs(runs["plain"]))
+    masked = payloads(runs["secure"], "secagg-collect_masked_vectors")
+    assert len(masked) == 1 and not any(r in masked[0] for r in trained_runs(runs["secure"]))
+    proto = ProtoRecordDict()
+    proto.ParseFromString(masked[0])
+    content = recorddict_from_proto(proto)
+    assert all(len(rec) == 0 for rec in content.array_records.values())  # no arrays at all

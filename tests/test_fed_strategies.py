@@ -248,7 +248,15 @@ def test_fed_settings_name_the_key_a_user_got_wrong() -> None:
               "fed.reject_norm_factor"),
              ({"fed": {**fed, "centers": ["a", "b"], "typo": 1}}, "unknown key(s) ['typo']"),
              ({"fed": {**fed, "centers": ["a", "b"]}, "trainer": {"schedule": "cosine"}},
-              "trainer.schedule")]
+              "trainer.schedule"),
+             ({"fed": {**fed, "centers": ["a", "b"], "strategy": {"name": "fedmedian"},
+                       "privacy": {"secagg": True}}}, "needs fed=fedavg or fed=fedprox"),
+             ({"fed": {**fed, "centers": ["a", "b"], "privacy": {"secagg": True, "dp": "client"}}},
+              "does not combine with fed.privacy.dp"),
+             ({"fed": {**fed, "centers": ["a", "b"], "privacy": {"secagg": "yes"}}},
+              "fed.privacy.secagg"),
+             ({"fed": {**fed, "centers": ["a", "b"], "privacy": {"secagg_max_weight": 0}}},
+              "fed.privacy.secagg_max_weight")]
     for cfg, expected in cases:
         with pytest.raises(MedfoundError, match=re.escape(expected)):
             FedSettings.from_config(cfg)
@@ -278,3 +286,25 @@ def test_dp_epsilon_is_the_tight_gaussian_bound_and_composes_over_rounds() -> No
     assert eps["b"] == pytest.approx(gaussian_epsilon(0.25 * 1.5, delta)) and eps["b"] < eps["a"]
     assert dp_epsilons({"dp": None}, 3, [{"a": 1.0}], delta) is None
     assert dp_epsilons({"dp": "client", "noise_multiplier": 0.0}, 3, [{"a": 1.0}], delta) == {"a": math.inf}
+
+
+def test_a_center_refuses_to_mask_an_update_that_is_not_finite_or_would_be_clipped() -> None:
+    """Under SecAgg+ the coordinator cannot screen an update, so the center does, before the
+    masking: NaN, and values the quantization would clip, end the center's turn with a reason."""
+    from flwr.app import Context
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_STATE
+
+    from medfound.fed.secagg import masked_input
+
+    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    context.state.config_records[RECORD_KEY_STATE] = ConfigRecord(
+        {"max_weight": 10.0, "clipping_range": 8.0})
+    sent = Message(RecordDict({"arrays": encode_arrays(GLOBAL, "float32")}),
+                   metadata=_metadata(1))
+    ok = masked_input(sent, reply("c0", 0.5, cases=4), context)  # 0.5 × 4/10 ≤ 8
+    assert ok.content.metric_records["fitres.num_examples"]["num_examples"] == 4
+    assert ok.content["center"]["name"] == "c0" and ok.content["metrics"]["train/loss"] == 0.5
+    with pytest.raises(MedfoundError, match="NaN or Inf"):
+        masked_input(sent, reply("c0", float("nan"), cases=4), context)
+    with pytest.raises(MedfoundError, match="secagg_clipping_range"):
+        masked_input(sent, reply("c0", 30.0, cases=4), context)  # 30 × 4/10 = 12 > 8

@@ -10,6 +10,7 @@ The pieces, in the order a round uses them (see DESIGN.md for where fed sits):
     audit.py       a center's outbound audit log and its table (`medfound center audit`)
     screening.py   the coordinator's checks on each update before aggregation
     strategies.py  configs/fed/<name>.yaml → Flower's Message-API strategy, and its state
+    secagg.py      fed.privacy.secagg: Flower's SecAgg+ in the round loop, both ends
     server_app.py  the ServerApp: rounds, checkpoint/resume, metrics.json, MLflow, package
     simulation.py  simulation mode: one virtual SuperNode per center, Flower's engine on Ray
     deployment.py  deployment mode: SuperLink / SuperNode commands (TLS, node auth) and the

@@ -67,6 +67,7 @@ from medfound.fed.protocol import (
     check_versions,
     read_task,
 )
+from medfound.fed.secagg import is_secagg, secagg_reply, stage_of
 
 __all__ = ["Site", "app", "evaluate_center", "make_client_app", "train_center"]
 
@@ -107,7 +108,7 @@ def make_client_app(sites: Sequence[Site] | None = None) -> ClientApp:
         return sites[int(context.node_config["partition-id"])]
 
     # Mods wrap outside-in: the audit log sees the reply exactly as it leaves, after clipping.
-    client = ClientApp(mods=[_audit_mod(site_of), _dp_clipping_mod])
+    client = ClientApp(mods=[_audit_mod(site_of), _secagg_mod(site_of), _dp_clipping_mod])
 
     @client.train()
     def train(msg: Message, context: Context) -> Message:
@@ -495,20 +496,38 @@ def _dp_clipping_mod(msg: Message, context: Context, call_next: Callable) -> Mes
     return call_next(msg, context)
 
 
+def _secagg_mod(site_of: Callable[[Context], Site]) -> Callable:
+    """A Flower mod for fed.privacy.secagg: the SecAgg+ steps (medfound.fed.secagg) mask the
+    update before it leaves; a failure replies with its type only, as training does."""
+
+    def secagg(msg: Message, context: Context, call_next: Callable) -> Message:
+        if not is_secagg(msg):
+            return call_next(msg, context)
+        site = site_of(context)
+        return _reply_privately(msg, site,
+                                lambda: secagg_reply(msg, context, call_next, site.center))
+
+    return secagg
+
+
 def _audit_mod(site_of: Callable[[Context], Site]) -> Callable:
     """A Flower mod that records every reply in the center's audit log before it leaves."""
 
     def audit(msg: Message, context: Context, call_next: Callable) -> Message:
+        step = f"secagg-{stage_of(msg)}" if is_secagg(msg) else None  # before the mod pops it
         reply = call_next(msg, context)
         site = site_of(context)
         config = msg.content.config_records.get(CONFIG) if msg.has_content() else None
-        round_ = int(config.get(ROUND, 0)) if config is not None else 0
+        group = msg.metadata.group_id  # SecAgg+ steps carry the round only there
+        round_ = (int(config.get(ROUND, 0)) if config is not None
+                  else int(group) if group.isdigit() else 0)
         if reply.has_error():
             payload, kind, names = str(reply.error.reason).encode(), "error", []
         else:
             payload, kind = payload_bytes(reply.content), msg.metadata.message_type
             if config is not None and CROSS_SITE in config:
                 kind = "cross-site"
+            kind = step or kind
             names = [n for rec in reply.content.metric_records.values() for n in rec]
         AuditLog(site.audit_file, site.center, site.keep_payloads).record(
             round=round_, kind=kind, payload=payload, metric_names=names)

@@ -52,6 +52,7 @@ from medfound.errors import MedfoundError
 from medfound.fed.params import decode_arrays, encode_arrays, payload_bytes, shared_state
 from medfound.fed.protocol import (
     ARRAYS,
+    CENTER,
     METRICS,
     NUM_EXAMPLES,
     center_of,
@@ -110,6 +111,10 @@ def run_coordinator(grid: Grid, cfg: Mapping[str, Any], config_yaml: str = "") -
                                            group_by_modality=pretrain,
                                            statistics=running_statistics(network)),
                             settings.privacy, len(settings.centers))
+    if settings.privacy["secagg"]:
+        print("secure aggregation (Flower's SecAgg+): the coordinator sees only the case-weighted "
+              "mean of the centers' updates; each center checks its own update, and the "
+              "cross-site matrix scores the global model only", flush=True)
     if settings.privacy["dp"] is not None:
         p = settings.privacy
         print(f"differential privacy: {p['dp']}-side clipping of each update to L2 norm "
@@ -248,6 +253,9 @@ def _train_round(grid: Grid, strategy: Any, rnd: int, global_arrays: dict[str, n
     copy of each accepted update by center (for cross-site validation)."""
     messages = strategy.configure_train(rnd, encode_arrays(global_arrays, "float32"),
                                         instruction(), grid)
+    if settings.privacy["secagg"]:
+        return _secure_train_round(grid, rnd, list(messages), global_arrays, settings, known,
+                                   traffic)
     replies = _exchange(grid, messages, settings, known, traffic)
     if replies and all(m.has_error() for m in replies):
         reasons = sorted({str(m.error.reason) for m in replies})
@@ -280,6 +288,44 @@ def _train_round(grid: Grid, strategy: Any, rnd: int, global_arrays: dict[str, n
             if settings.privacy["dp"] is not None:
                 _keep_variances_positive(global_arrays)
             record.update(aggregated=True, aggregate=dict(metrics or {}))
+    return record, global_arrays
+
+
+def _secure_train_round(grid: Grid, rnd: int, messages: list[Message],
+                        global_arrays: dict[str, np.ndarray], settings: FedSettings,
+                        known: dict[int, str], traffic: _Traffic,
+                        ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """`_train_round` under fed.privacy.secagg (medfound.fed.secagg): the coordinator gets
+    the case-weighted mean update and each center's shared metrics, never an update."""
+    from medfound.fed.secagg import secure_mean
+
+    result = secure_mean(lambda batch: _exchange(grid, batch, settings, known, traffic),
+                         messages, rnd, settings.privacy)
+    contributed = sorted(center_of(m, known) for m in result.replies)
+    failed = [{"center": known.get(node, f"node-{node}"), "reason": reason}
+              for node, reason in sorted(result.failed.items())]
+    for item in failed:
+        print(f"round {rnd}: no update from {item['center']}: {item['reason']}", flush=True)
+    centers = dict(sorted((center_of(m, known), _metrics(m)) for m in result.replies))
+    record: dict[str, Any] = {
+        "aggregated": False, "centers": centers, "accepted": [], "rejected": [],
+        "failed": failed, "update_norms": {}, "aggregate": {},
+        "secagg": {"halted_at": result.halted_at, "contributed": contributed}}
+    if result.halted_at is not None:
+        print(f"round {rnd}: SecAgg+ halted at its {result.halted_at} stage (too few centers "
+              "left to rebuild the masks); the model is kept", flush=True)
+    mean = result.mean
+    if mean is not None and not all(np.isfinite(v).all() for v in mean.values()):
+        print(f"round {rnd}: the securely aggregated update is not finite; the model is kept",
+              flush=True)
+        mean = None
+    if mean is not None and len(contributed) >= settings.min_centers:
+        record["secagg"]["mean_update_norm"] = float(np.sqrt(sum(
+            float(np.square(v, dtype=np.float64).sum()) for v in mean.values())))
+        global_arrays = {k: (v + mean[k]).astype(np.float32) if k in mean else v
+                         for k, v in global_arrays.items()}
+        record.update(aggregated=True, accepted=contributed,
+                      aggregate=weighted_mean(centers.values()))
     return record, global_arrays
 
 
@@ -394,7 +440,7 @@ def _exchange(grid: Grid, messages: Iterable[Message], settings: FedSettings,
                if r.has_error() and r.metadata.src_node_id not in nodes
                and r.metadata.reply_to_message_id in sent else r for r in replies]
     for msg in replies:
-        if msg.has_content():
+        if msg.has_content() and CENTER in msg.content.config_records:
             known[msg.metadata.src_node_id] = center_of(msg)
     for msg in replies:
         center = center_of(msg, known)

@@ -129,6 +129,12 @@ class FedSettings:
                                 hint=f"choose task=<one of {', '.join(TASKS)}>")
         need(task == "detect" or exchange == "all", "exchange",
              "must be 'all' with task=pretrain (the whole encoder trains)")
+        if privacy["secagg"] and (task != "detect" or strategy["name"] not in SECAGG_STRATEGIES):
+            raise MedfoundError(
+                f"fed.privacy.secagg=true needs fed=fedavg or fed=fedprox with task=detect, not "
+                f"fed={strategy['name']} task={task}: under SecAgg+ the coordinator learns only "
+                "the case-weighted mean of the updates",
+                hint="set fed=fedavg (or fedprox), or fed.privacy.secagg=false")
 
         schedule = (cfg.get("trainer") or {}).get("schedule")
         if schedule == "cosine":
@@ -148,13 +154,23 @@ class FedSettings:
                    exchange=exchange, task=task)
 
 
+PRIVACY_KEYS = ("dp", "clipping_norm", "noise_multiplier", "delta", "secagg",
+                "secagg_max_weight", "secagg_clipping_range")
+# Strategies whose aggregate is the case-weighted mean of the updates: the one thing SecAgg+
+# lets the coordinator compute.
+SECAGG_STRATEGIES = ("fedavg", "fedprox")
+
+
 def _privacy(value: Any) -> dict[str, Any]:
-    """`fed.privacy`: dp (null | client | server), clipping_norm, noise_multiplier, delta."""
-    privacy = {"dp": None, "clipping_norm": 1.0, "noise_multiplier": 1.0, "delta": 1e-5, **dict(value or {})}
-    unknown = sorted(set(privacy) - {"dp", "clipping_norm", "noise_multiplier", "delta"})
+    """`fed.privacy`: dp (null | client | server), clipping_norm, noise_multiplier, delta;
+    secagg (true: Flower's SecAgg+), secagg_max_weight, secagg_clipping_range."""
+    privacy = {"dp": None, "clipping_norm": 1.0, "noise_multiplier": 1.0, "delta": 1e-5,
+               "secagg": False, "secagg_max_weight": 1000.0, "secagg_clipping_range": 8.0,
+               **dict(value or {})}
+    unknown = sorted(set(privacy) - set(PRIVACY_KEYS))
     if unknown:
         raise MedfoundError(f"fed config: unknown key(s) fed.privacy.{unknown}",
-                            hint="valid keys are dp, clipping_norm, noise_multiplier, delta")
+                            hint=f"valid keys are {', '.join(PRIVACY_KEYS)}")
     if not (_num(privacy["delta"]) and 0 < privacy["delta"] < 1):
         raise MedfoundError(f"config key 'fed.privacy.delta' = {privacy['delta']!r}: must be in (0, 1) "
                             "(the δ of the reported (ε, δ); well below 1 / number of centers)")
@@ -168,8 +184,21 @@ def _privacy(value: Any) -> dict[str, Any]:
     if not (_num(noise) and noise >= 0):
         raise MedfoundError(f"config key 'fed.privacy.noise_multiplier' = {noise!r}: must be a "
                             "number >= 0 (noise std = multiplier × clipping_norm / centers)")
+    if not isinstance(privacy["secagg"], bool):
+        raise MedfoundError(f"config key 'fed.privacy.secagg' = {privacy['secagg']!r}: must be "
+                            "true or false")
+    for key in ("secagg_max_weight", "secagg_clipping_range"):
+        if not (_num(privacy[key]) and privacy[key] > 0):
+            raise MedfoundError(f"config key 'fed.privacy.{key}' = {privacy[key]!r}: must be a "
+                                "number > 0")
+    if privacy["secagg"] and privacy["dp"] is not None:
+        raise MedfoundError("fed.privacy.secagg=true does not combine with fed.privacy.dp in "
+                            "medfound (the noise would have to be added by the centers)",
+                            hint="choose one: fed.privacy.secagg=true or fed.privacy.dp=...")
     return {"dp": privacy["dp"], "clipping_norm": float(clip), "noise_multiplier": float(noise),
-            "delta": float(privacy["delta"])}
+            "delta": float(privacy["delta"]), "secagg": privacy["secagg"],
+            "secagg_max_weight": float(privacy["secagg_max_weight"]),
+            "secagg_clipping_range": float(privacy["secagg_clipping_range"])}
 
 
 def parse_host_port(address: Any, what: str = "address") -> tuple[str, int]:
