@@ -10,14 +10,16 @@ Three measurements, in one run on one machine:
    federation's overhead. Measured twice, the same federation: with each center's long-lived
    worker (medfound.fed.worker, the default of `medfound center join`), and with
    ``--no-worker``, where Flower starts a fresh ClientApp process for every message (each one
-   imports torch and MONAI and prepares the center's studies again).
+   imports torch and MONAI and prepares the center's studies again). Then once more with
+   workers and `--long-local-epochs` per round: the overhead is a fixed cost per round, so
+   its share depends on how long a center trains between two exchanges.
 2. Bytes. Each center's training reply against the fp32 model size, with
    ``fed.transfer_dtype=float32`` (the run above) and ``float16`` (a second, one-round run).
 3. Coordinator memory. The memory the coordinator allocates (tracemalloc: Python and numpy)
    while it screens and aggregates three updates of the reference model (ResNet-50 FPN), against
    the model's fp32 size: the received updates themselves, and the working memory beyond them.
 
-    python benchmarks/federation.py [--cases 4] [--rounds 3] [--local-epochs 3]
+    python benchmarks/federation.py [--cases 4] [--rounds 3] [--local-epochs 3] [--long-local-epochs 12]
 
 Phantoms and runs go to benchmarks/_data/ (not committed). Writes
 benchmarks/results/federation.json and .md.
@@ -164,6 +166,8 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--local-epochs", type=int, default=3, help="local epochs per round")
     ap.add_argument("--patches", type=int, default=4, help="training patches per case and epoch")
+    ap.add_argument("--long-local-epochs", type=int, default=12,
+                    help="local epochs per round of the longer-round run (0: skip it)")
     args = ap.parse_args()
 
     memory = coordinator_memory()
@@ -180,6 +184,10 @@ def main() -> int:
                    f"data.num_patches_per_image={args.patches}")
     fp32 = deployment(data, work / "fp32", *rounds_args)
     no_worker = deployment(data, work / "no_worker", *rounds_args, join_args="--no-worker")
+    longer = (deployment(data, work / "longer", f"fed.rounds={args.rounds}",
+                         f"fed.local_epochs={args.long_local_epochs}",
+                         f"data.num_patches_per_image={args.patches}")
+              if args.long_local_epochs else None)
     fp16 = deployment(data, work / "fp16", "fed.rounds=1", "fed.local_epochs=1",
                       "data.num_patches_per_image=1", "fed.transfer_dtype=float16")
 
@@ -205,10 +213,12 @@ def main() -> int:
         "train_phase_over_slowest_local_median": ratio,
         "overhead_s_median": overhead,
         "without_worker": timing_without,
+        "longer_rounds": None if longer is None else {"local_epochs": args.long_local_epochs,
+                                                      **summary(longer)},
         "bytes": [reply_bytes(fp32), reply_bytes(fp16)],
         "coordinator_memory": memory,
         "wall_s": {"fp32": fp32["wall_s"], "no_worker": no_worker["wall_s"],
-                   "fp16": fp16["wall_s"]},
+                   "fp16": fp16["wall_s"], "longer": None if longer is None else longer["wall_s"]},
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "federation.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -224,7 +234,12 @@ def main() -> int:
         "(s) | ratio | overhead (s) | whole round (s) |",
         "|---|---|---|---|---|---|---|",
     ]
-    for name, t in (("worker (default)", timing), ("--no-worker", timing_without)):
+    runs = [(f"worker (default), {args.local_epochs} local epochs", timing),
+            (f"--no-worker, {args.local_epochs} local epochs", timing_without)]
+    if result["longer_rounds"] is not None:
+        runs.append((f"worker (default), {args.long_local_epochs} local epochs",
+                     result["longer_rounds"]))
+    for name, t in runs:
         for r in t["rounds"]:
             lines.append(f"| {name} | {r['round']} | {r['train_phase_s']:.1f} | "
                          f"{r['slowest_local_s']:.1f} | {r['ratio']:.2f} | {r['overhead_s']:.1f} | "
@@ -234,7 +249,11 @@ def main() -> int:
                   "center's worker; "
                   f"{timing_without['train_phase_over_slowest_local_median']:.2f} × "
                   f"({timing_without['overhead_s_median']:.1f} s) with a fresh process per "
-                  "message (--no-worker).", "",
+                  "message (--no-worker)."
+              + ("" if longer is None else
+                 f" With {args.long_local_epochs} local epochs a round (workers): "
+                 f"{result['longer_rounds']['train_phase_over_slowest_local_median']:.2f} × "
+                 f"({result['longer_rounds']['overhead_s_median']:.1f} s)."), "",
               "| transfer dtype | training reply (bytes) | ÷ fp32 model | all replies of a center "
               "in a round | ÷ fp32 model |", "|---|---|---|---|---|"]
     for b in result["bytes"]:

@@ -247,6 +247,13 @@ def test_a_whole_detector_package_starts_an_adapted_detector_as_itself(tmp_path:
         apply_finetune(wider, {"init_model": str(package)})
     with pytest.raises(MedfoundError, match="both set"):
         apply_finetune(adapted, {"init_model": str(package), "init_encoder": str(package)})
+    # Loading a package into the network its model.json describes: another one is refused
+    # with the keys that differ.
+    from medfound.train.package import load_weights
+
+    load_weights(package, build_network(PRESETS["tiny"], seed=0))
+    with pytest.raises(MedfoundError, match=r"weights do not fit the network \(shape differs: "):
+        load_weights(package, wider)
 
 
 def _record(arrays: dict[str, float], metrics: dict[str, float]) -> RecordDict:

@@ -89,8 +89,10 @@ def group_of(key: str) -> str:
     return "shared"
 
 
-def aggregate_by_group(records: list[RecordDict], weighted_by_key: str) -> ArrayRecord:
-    """Weighted mean of the replies' arrays, one parameter group at a time.
+def aggregate_by_group(records: list[RecordDict], weighted_by_key: str,
+                       keys: Iterable[str] | None = None) -> ArrayRecord:
+    """Weighted mean of the replies' arrays (or of those under `keys`), one parameter group
+    at a time.
 
     Weights: ``weighted_by_key`` for the "shared" group; ``volumes/<m>`` for modality m's stem,
     among the replies where it is > 0 (if none is, all replies count equally: none of them
@@ -98,8 +100,11 @@ def aggregate_by_group(records: list[RecordDict], weighted_by_key: str) -> Array
     """
     metrics = [next(iter(r.metric_records.values())) for r in records]
     arrays = [next(iter(r.array_records.values())) for r in records]
+    wanted = None if keys is None else set(keys)
     out: dict[str, Array] = {}
     for key in arrays[0].keys():
+        if wanted is not None and key not in wanted:
+            continue
         group = group_of(key)
         name = weighted_by_key if group == "shared" else GROUP_WEIGHT_PREFIX + group
         weights = np.array([float(m.get(name, 0.0) or 0.0) for m in metrics])
@@ -135,25 +140,26 @@ def _grouped(cls: type) -> type:
 
 class _StatisticsAveraged:
     """Mixin for Flower's FedOpt strategies: the server optimizer's step for the trained
-    weights, the plain (case-weighted) mean for the keys in `statistics`; dtypes kept."""
+    weights; for the keys in `statistics`, the case-weighted mean (per parameter group, as the
+    strategy averages: `aggregate_by_group`); every array in the dtype the centers sent."""
 
     statistics: frozenset[str] = frozenset()
-    _mean: ArrayRecord | None = None
-
-    def _compute_deltat_and_mt(self, aggregated_arrayrecord: ArrayRecord):  # noqa: ANN202
-        self._mean = aggregated_arrayrecord  # FedOpt passes the plain mean through here
-        return super()._compute_deltat_and_mt(aggregated_arrayrecord)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        self._mean = None
+        replies = list(replies)
+        contents = [m.content for m in replies if m.has_content()]
+        if not contents:
+            return super().aggregate_train(server_round, replies)
+        means = (aggregate_by_group(contents, self.weighted_by_key, keys=self.statistics)
+                 if self.statistics else ArrayRecord())
+        dtypes = {k: a.numpy().dtype for k, a in next(iter(contents[0].array_records.values())).items()}
         arrays, metrics = super().aggregate_train(server_round, replies)
-        if arrays is None or self._mean is None:
+        if arrays is None:
             return arrays, metrics
-        mean = self._mean
         return ArrayRecord({
-            key: mean[key] if key in self.statistics
-            else Array(np.ascontiguousarray(value.numpy(), dtype=mean[key].numpy().dtype))
+            key: means[key] if key in means
+            else Array(np.ascontiguousarray(value.numpy(), dtype=dtypes[key]))
             for key, value in arrays.items()}), metrics
 
 

@@ -27,6 +27,7 @@ context's state (a RecordDict), which the relay hands back to Flower.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import socket
 import struct
@@ -102,7 +103,7 @@ def serve(path: Path, parent_pid: int | None = None) -> None:
     _preload()
     app = make_client_app(None)
     if parent_pid is not None:
-        _exit_with(parent_pid)
+        _exit_with(parent_pid, path)
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
         server.bind(str(path))
         os.chmod(path, 0o600)
@@ -145,13 +146,17 @@ def _preload() -> None:
     import medfound.train.tracking  # noqa: F401
 
 
-def _exit_with(parent_pid: int) -> None:
-    """Exit when `parent_pid` (`medfound center join`) is gone, even if it was SIGKILLed."""
+def _exit_with(parent_pid: int, path: Path) -> None:
+    """Exit when `parent_pid` (`medfound center join`) is gone, even if it was SIGKILLed;
+    first remove the socket `path` and its folder, which the parent can no longer do."""
 
     def watch() -> None:
         while True:
             time.sleep(1.0)
             if os.getppid() != parent_pid:
+                path.unlink(missing_ok=True)
+                with contextlib.suppress(OSError):
+                    path.parent.rmdir()  # only if empty: the folder `center join` made for it
                 os._exit(0)
 
     threading.Thread(target=watch, daemon=True, name="parent-monitor").start()

@@ -22,6 +22,7 @@ import torch
 
 from medfound import __version__
 from medfound.errors import MedfoundError, read_json
+from medfound.train.checkpoint import state_mismatch
 
 WEIGHTS = "weights.pt"
 MODEL_JSON = "model.json"
@@ -85,10 +86,9 @@ def load_weights(path: str | Path, network: torch.nn.Module) -> torch.nn.Module:
     """Load the package's weights into `network` (built from the package's model config)."""
     weights = Path(path) / WEIGHTS
     state = torch.load(weights, map_location="cpu", weights_only=True)
-    try:
-        network.load_state_dict(state)
-    except RuntimeError as err:
-        first = str(err).strip().splitlines()[0]
-        raise MedfoundError(f"weights do not fit the network ({first})", path=weights,
-                            hint="the package's model.json and weights.pt come from different runs") from None
+    problem = state_mismatch(network.state_dict(), state)
+    if problem:
+        raise MedfoundError(f"weights do not fit the network ({problem})", path=weights,
+                            hint="the package's model.json and weights.pt come from different runs")
+    network.load_state_dict(state)
     return network
