@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from medfound.data.detection import eval_transforms
 from medfound.errors import exit_on_user_error
-from medfound.metrics.froc import coco_map, froc, plot_froc
+from medfound.metrics.froc import coco_map, diameter_agreement, froc, plot_froc
 from medfound.models.detection import DetectorConfig, build_detector, build_network
 from medfound.train import detection as task
 from medfound.train.package import load_weights, read_model_json
@@ -57,6 +57,8 @@ def main(cfg: DictConfig) -> None:
     gt = {it["seriesuid"]: np.asarray(it["box"], dtype=float).reshape(-1, 6) for it in items}
     metrics["coco"] = coco_map(pred_boxes, pred_scores, [gt[u] for u in uids],
                                iou=cfg.eval.map_iou)
+    # Sizes: LUNA16 scores centres only, but a finding's diameter is what a reader sees.
+    metrics["diameter"] = diameter_agreement(rows, task.annotations_of(items), uids)
 
     with (out / "predictions.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=task.PREDICTION_COLUMNS, extrasaction="ignore")
@@ -75,6 +77,11 @@ def main(cfg: DictConfig) -> None:
     print(f"CPM {metrics['cpm']:.3f} (95% CI {metrics['cpm_ci95'][0]:.3f}–"
           f"{metrics['cpm_ci95'][1]:.3f}) on {metrics['n_scans']} scans, "
           f"{metrics['n_nodules']} nodules; results in {out}")
+    size = metrics["diameter"]
+    if size["n_matched"]:
+        print(f"diameters of the {size['n_matched']} detected nodules: median error "
+              f"{100 * size['median_relative_error']:+.0f}% (median |error| "
+              f"{100 * size['median_abs_relative_error']:.0f}%, mean {size['mean_abs_error_mm']:.1f} mm)")
 
 
 if __name__ == "__main__":

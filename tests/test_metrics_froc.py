@@ -19,6 +19,7 @@ from medfound.errors import MedfoundError
 from medfound.metrics import (
     LUNA16_FP_RATES,
     coco_map,
+    diameter_agreement,
     evaluate_luna16,
     froc,
     froc_cpm_bootstrap,
@@ -195,6 +196,22 @@ def test_each_nodule_counts_once_at_its_best_candidate():
     assert (r.n_detected, r.n_false_positives) == (1, 1)
     np.testing.assert_array_equal(r.curve_thresholds, [np.inf, 0.8, 0.7])
     np.testing.assert_array_equal(r.curve_sensitivity, [0, 0.5, 0.5])  # never above 1 of 2
+
+
+def test_diameter_agreement_uses_each_nodules_best_hit():
+    # Nodule A (10 mm): hits at p 0.9 (12 mm, +20%) and p 0.5 (10 mm); the best one counts.
+    # Nodule B (20 mm): one hit, 15 mm (-25%). Nodule C (8 mm): missed. A far FP is ignored.
+    annots = ann(("s", 0, 0, 0, 10), ("s", 50, 0, 0, 20), ("t", 0, 0, 0, 8))
+    rows = [{"seriesuid": u, "coordX": x, "coordY": y, "coordZ": z, "probability": p,
+             "diameter_mm": d}
+            for u, x, y, z, p, d in (("s", 1, 0, 0, 0.9, 12.0), ("s", -1, 0, 0, 0.5, 10.0),
+                                     ("s", 52, 0, 0, 0.7, 15.0), ("s", 0, 90, 0, 0.99, 30.0))]
+    got = diameter_agreement(rows, annots, ["s", "t"])
+    assert got["n_matched"] == 2
+    assert got["median_relative_error"] == pytest.approx((0.2 - 0.25) / 2)
+    assert got["median_abs_relative_error"] == pytest.approx((0.2 + 0.25) / 2)
+    assert got["mean_abs_error_mm"] == pytest.approx((2 + 5) / 2)
+    assert diameter_agreement(rows[3:], annots, ["s", "t"])["n_matched"] == 0
 
 
 def test_scans_without_nodules_count_in_the_fp_rate():

@@ -154,6 +154,36 @@ def evaluate_luna16(
     }
 
 
+def diameter_agreement(predictions: Any, annotations: Any, seriesuids: Any) -> dict[str, Any]:
+    """How well the detections' sizes match the nodules they find (LUNA16 scores centres only).
+
+    For each annotated nodule, the highest-probability prediction that hits it (centre within
+    its radius, LUNA16's rule) is its detection; `predictions` need a ``diameter_mm`` column.
+    Returns ``{"n_matched", "median_relative_error", "median_abs_relative_error",
+    "mean_abs_error_mm"}`` over the matched nodules (relative error: (detected − annotated) /
+    annotated diameter; None when nothing was matched)."""
+    index = {u: i for i, u in enumerate(_seriesuids(seriesuids))}
+    pred = _table(predictions, ("probability", "diameter_mm"), "predictions")
+    ann = _table(annotations, ("diameter_mm",), "annotations")
+    p_scan, _ = _scan_index(pred["seriesuid"], index)
+    a_scan, _ = _scan_index(ann["seriesuid"], index)
+    detected, annotated = [], []
+    for n in np.flatnonzero(a_scan >= 0):
+        cands = np.flatnonzero(p_scan == a_scan[n])
+        hits = cands[_hits(pred["xyz"][cands], ann["xyz"][n:n + 1], ann["diameter_mm"][n:n + 1])[:, 0]]
+        if len(hits):
+            detected.append(pred["diameter_mm"][hits[np.argmax(pred["probability"][hits])]])
+            annotated.append(ann["diameter_mm"][n])
+    if not detected:
+        return {"n_matched": 0, "median_relative_error": None,
+                "median_abs_relative_error": None, "mean_abs_error_mm": None}
+    d, a = np.asarray(detected), np.asarray(annotated)
+    rel = (d - a) / a
+    return {"n_matched": len(d), "median_relative_error": float(np.median(rel)),
+            "median_abs_relative_error": float(np.median(np.abs(rel))),
+            "mean_abs_error_mm": float(np.mean(np.abs(d - a)))}
+
+
 def plot_froc(result: FrocResult, path: str | os.PathLike, title: str | None = None) -> Path:
     """Write the FROC curve of `result` as a PNG (log FPs-per-scan axis) and return its path."""
     from matplotlib.figure import Figure  # no pyplot: no global state, no display needed
