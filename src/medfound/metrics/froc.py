@@ -78,6 +78,8 @@ class _Matched:
     fp_scan: np.ndarray  # (F,) scan index of each false-positive candidate
     fp_score: np.ndarray  # (F,) its probability
     n_candidates: int
+    nodule_diameter: np.ndarray  # (N,) its annotated diameter, mm
+    nodule_best: np.ndarray  # (N,) row of its highest-probability hit in the predictions; -1 when missed
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,29 +159,20 @@ def evaluate_luna16(
 def diameter_agreement(predictions: Any, annotations: Any, seriesuids: Any) -> dict[str, Any]:
     """How well the detections' sizes match the nodules they find (LUNA16 scores centres only).
 
-    For each annotated nodule, the highest-probability prediction that hits it (centre within
-    its radius, LUNA16's rule) is its detection; `predictions` need a ``diameter_mm`` column.
+    For each annotated nodule, the highest-probability prediction that hits it (LUNA16's
+    matching, as for the FROC) is its detection; `predictions` need a ``diameter_mm`` column.
     Returns ``{"n_matched", "median_relative_error", "median_abs_relative_error",
     "mean_abs_error_mm"}`` over the matched nodules (relative error: (detected − annotated) /
     annotated diameter; None when nothing was matched)."""
-    index = {u: i for i, u in enumerate(_seriesuids(seriesuids))}
-    pred = _table(predictions, ("probability", "diameter_mm"), "predictions")
-    ann = _table(annotations, ("diameter_mm",), "annotations")
-    p_scan, _ = _scan_index(pred["seriesuid"], index)
-    a_scan, _ = _scan_index(ann["seriesuid"], index)
-    detected, annotated = [], []
-    for n in np.flatnonzero(a_scan >= 0):
-        cands = np.flatnonzero(p_scan == a_scan[n])
-        hits = cands[_hits(pred["xyz"][cands], ann["xyz"][n:n + 1], ann["diameter_mm"][n:n + 1])[:, 0]]
-        if len(hits):
-            detected.append(pred["diameter_mm"][hits[np.argmax(pred["probability"][hits])]])
-            annotated.append(ann["diameter_mm"][n])
-    if not detected:
+    matched = _match(predictions, annotations, seriesuids, None)
+    found = matched.nodule_best >= 0
+    if not found.any():
         return {"n_matched": 0, "median_relative_error": None,
                 "median_abs_relative_error": None, "mean_abs_error_mm": None}
-    d, a = np.asarray(detected), np.asarray(annotated)
+    d = _table(predictions, ("diameter_mm",), "predictions")["diameter_mm"][matched.nodule_best[found]]
+    a = matched.nodule_diameter[found]
     rel = (d - a) / a
-    return {"n_matched": len(d), "median_relative_error": float(np.median(rel)),
+    return {"n_matched": int(found.sum()), "median_relative_error": float(np.median(rel)),
             "median_abs_relative_error": float(np.median(np.abs(rel))),
             "mean_abs_error_mm": float(np.mean(np.abs(d - a)))}
 
@@ -451,6 +444,8 @@ def _match(predictions: Any, annotations: Any, seriesuids: Any, excluded: Any) -
     e_diam = np.where(e_diam < 0, _EXCLUDED_DEFAULT_DIAMETER_MM, e_diam)
 
     nodule_score = np.full(len(a_scan), -np.inf)
+    nodule_best = np.full(len(a_scan), -1)
+    p_rows = np.flatnonzero(p_keep)  # kept candidates → rows of the predictions table
     is_fp = np.ones(len(p_scan), dtype=bool)
     p_order, p_bounds = _groups(p_scan, len(uids))
     a_order, a_bounds = _groups(a_scan, len(uids))
@@ -464,12 +459,15 @@ def _match(predictions: Any, annotations: Any, seriesuids: Any, excluded: Any) -
         if len(nods):
             probs = np.where(hits, p_prob[cands][:, None], -np.inf)
             nodule_score[nods] = probs.max(axis=0)
+            found = hits.any(axis=0)
+            nodule_best[nods[found]] = p_rows[cands[probs.argmax(axis=0)[found]]]
         irrelevant = e_order[e_bounds[s]:e_bounds[s + 1]]
         ignored = hits.any(axis=1) | _hits(p_xyz[cands], e_xyz[irrelevant],
                                            e_diam[irrelevant]).any(axis=1)
         is_fp[cands[ignored]] = False
     return _Matched(n_scans=len(uids), nodule_scan=a_scan, nodule_score=nodule_score,
-                    fp_scan=p_scan[is_fp], fp_score=p_prob[is_fp], n_candidates=len(p_scan))
+                    fp_scan=p_scan[is_fp], fp_score=p_prob[is_fp], n_candidates=len(p_scan),
+                    nodule_diameter=a_diam, nodule_best=nodule_best)
 
 
 def _hits(cand_xyz: np.ndarray, nod_xyz: np.ndarray, diameter: np.ndarray) -> np.ndarray:
