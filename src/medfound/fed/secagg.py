@@ -47,6 +47,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import (
     RECORD_KEY_CONFIGS,
     RECORD_KEY_STATE,
     Key,
+    Stage,
 )
 from flwr.compat.common import recorddict_compat as compat
 
@@ -60,7 +61,8 @@ __all__ = ["SecureRound", "is_secagg", "masked_input", "secagg_reply", "secure_m
 # of them (at least 2) rebuild a secret, so with 3 centers one may drop out mid-round.
 NUM_SHARES = 1.0
 RECONSTRUCTION_THRESHOLD = 0.5
-_STAGES = ("setup", "share keys", "collect masked vectors", "unmask")
+# The protocol's steps, in order, as Flower names them (also in each center's audit log).
+_STAGES = (Stage.SETUP, Stage.SHARE_KEYS, Stage.COLLECT_MASKED_VECTORS, Stage.UNMASK)
 
 
 def is_secagg(msg: Message) -> bool:
@@ -109,16 +111,18 @@ class _OneRound:
 
 
 class _Recorder:
-    """The Grid the workflow sees: each exchange goes through `exchange` and is kept."""
+    """The Grid the workflow sees: each exchange goes through `exchange` and is kept, as the
+    nodes asked and the replies."""
 
     def __init__(self, exchange: Callable[[list[Message]], list[Message]]) -> None:
         self.exchange = exchange
-        self.stages: list[list[Message]] = []
+        self.stages: list[tuple[set[int], list[Message]]] = []
 
     def send_and_receive(self, messages: Iterable[Message], timeout: float | None = None
                          ) -> list[Message]:
-        replies = self.exchange(list(messages))
-        self.stages.append(replies)
+        messages = list(messages)
+        replies = self.exchange(messages)
+        self.stages.append(({m.metadata.dst_node_id for m in messages}, replies))
         return replies
 
 
@@ -158,16 +162,15 @@ def secure_mean(exchange: Callable[[list[Message]], list[Message]], messages: li
         if i == 0:  # "collect" will carry each center's train message, not an empty FitIns
             state.nid_to_fitins = {n: RecordDict(dict(by_node[n].content.items()))
                                    for n in state.nid_to_fitins}
-    failed: dict[int, str] = {}
-    for i, replies in enumerate(grid.stages):
+    failed: dict[int, str] = {}  # each node's first failure: an error, or no reply in time
+    for stage_name, (asked, replies) in zip(_STAGES, grid.stages, strict=False):
         for reply in replies:
             if reply.has_error():
                 failed.setdefault(reply.metadata.src_node_id,
-                                  f"SecAgg+ {_STAGES[i]}: {reply.error.reason}")
-    answered = {r.metadata.src_node_id for stage in grid.stages for r in stage}
-    for node in by_node.keys() - answered:
-        failed.setdefault(node, "SecAgg+ setup: no reply before fed.round_timeout_s")
-    collected = grid.stages[2] if len(grid.stages) > 2 else []
+                                  f"SecAgg+ {stage_name}: {reply.error.reason}")
+        for node in asked - {r.metadata.src_node_id for r in replies}:
+            failed.setdefault(node, f"SecAgg+ {stage_name}: no reply before fed.round_timeout_s")
+    collected = grid.stages[2][1] if len(grid.stages) > 2 else []
     mean = None
     if halted_at is None and one_round.mean is not None:
         mean = {k: np.asarray(v, dtype=np.float32)

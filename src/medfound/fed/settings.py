@@ -154,8 +154,10 @@ class FedSettings:
                    exchange=exchange, task=task)
 
 
-PRIVACY_KEYS = ("dp", "clipping_norm", "noise_multiplier", "delta", "secagg",
-                "secagg_max_weight", "secagg_clipping_range")
+# fed.privacy keys and their defaults (configs/federate.yaml explains each).
+PRIVACY_DEFAULTS: dict[str, Any] = {
+    "dp": None, "clipping_norm": 1.0, "noise_multiplier": 1.0, "delta": 1e-5,
+    "secagg": False, "secagg_max_weight": 1000.0, "secagg_clipping_range": 8.0}
 # Strategies whose aggregate is the case-weighted mean of the updates: the one thing SecAgg+
 # lets the coordinator compute.
 SECAGG_STRATEGIES = ("fedavg", "fedprox")
@@ -164,13 +166,11 @@ SECAGG_STRATEGIES = ("fedavg", "fedprox")
 def _privacy(value: Any) -> dict[str, Any]:
     """`fed.privacy`: dp (null | client | server), clipping_norm, noise_multiplier, delta;
     secagg (true: Flower's SecAgg+), secagg_max_weight, secagg_clipping_range."""
-    privacy = {"dp": None, "clipping_norm": 1.0, "noise_multiplier": 1.0, "delta": 1e-5,
-               "secagg": False, "secagg_max_weight": 1000.0, "secagg_clipping_range": 8.0,
-               **dict(value or {})}
-    unknown = sorted(set(privacy) - set(PRIVACY_KEYS))
+    privacy = {**PRIVACY_DEFAULTS, **dict(value or {})}
+    unknown = sorted(set(privacy) - set(PRIVACY_DEFAULTS))
     if unknown:
         raise MedfoundError(f"fed config: unknown key(s) fed.privacy.{unknown}",
-                            hint=f"valid keys are {', '.join(PRIVACY_KEYS)}")
+                            hint=f"valid keys are {', '.join(PRIVACY_DEFAULTS)}")
     if not (_num(privacy["delta"]) and 0 < privacy["delta"] < 1):
         raise MedfoundError(f"config key 'fed.privacy.delta' = {privacy['delta']!r}: must be in (0, 1) "
                             "(the δ of the reported (ε, δ); well below 1 / number of centers)")
