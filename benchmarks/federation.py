@@ -4,22 +4,28 @@ Three measurements, in one run on one machine:
 
 1. Round time. `scripts/local_federation.sh` (one SuperLink, three SuperNodes as separate
    processes, TLS, node authentication) trains `--rounds` rounds of `--local-epochs` epochs.
-   Per round: the coordinator's training phase (weights out, updates back, screening,
-   aggregation: ``train_s`` in metrics.json) against the slowest center's local training in
-   that round (``train/seconds``, timed around `fit` at the center). The difference is the
-   federation's overhead. Measured twice, the same federation: with each center's long-lived
-   worker (medfound.fed.worker, the default of `medfound center join`), and with
-   ``--no-worker``, where Flower starts a fresh ClientApp process for every message (each one
-   imports torch and MONAI and prepares the center's studies again). Then once more with
-   workers and `--long-local-epochs` per round: the overhead is a fixed cost per round, so
-   its share depends on how long a center trains between two exchanges.
+   Per round: its wall time at the coordinator (``duration_s`` in metrics.json: weights out,
+   every center's work, updates back, screening, aggregation) against the slowest center's
+   local training in that round (``train/seconds``, timed around `fit` at the center), and
+   against the slowest center's local work (training plus scoring the received model,
+   ``evaluate/seconds``). The rounds between the first (cold caches) and the last (which adds
+   the final model's evaluate exchange) are the steady state. Arms, the same federation each:
+   - the default: each center's long-lived worker (medfound.fed.worker), and federated
+     evaluation inside the next round's train message (fed.evaluate_with_train): one
+     exchange a round;
+   - ``fed.evaluate_with_train=false``: an evaluate exchange after each round's training;
+   - ``--no-worker``: Flower starts a fresh ClientApp process for every message;
+   - the default with `--long-local-epochs` per round: the federation's cost is a fixed cost
+     per round, so its share depends on how long a center trains between two exchanges.
 2. Bytes. Each center's training reply against the fp32 model size, with
-   ``fed.transfer_dtype=float32`` (the run above) and ``float16`` (a second, one-round run).
+   ``fed.transfer_dtype=float32`` (the default run) and ``float16`` (a one-round run).
 3. Coordinator memory. The memory the coordinator allocates (tracemalloc: Python and numpy)
-   while it screens and aggregates three updates of the reference model (ResNet-50 FPN), against
-   the model's fp32 size: the received updates themselves, and the working memory beyond them.
+   while three updates of the reference model (ResNet-50 FPN) arrive and are screened and
+   averaged, against the model's fp32 size: all replies in memory then Flower's FedAvg
+   (fed.stream_aggregation=false), and each reply spooled to disk as it arrives then the mean
+   taken array by array (the default).
 
-    python benchmarks/federation.py [--cases 4] [--rounds 3] [--local-epochs 3] [--long-local-epochs 12]
+    python benchmarks/federation.py [--cases 4] [--rounds 4] [--local-epochs 3] [--long-local-epochs 12]
 
 Phantoms and runs go to benchmarks/_data/ (not committed). Writes
 benchmarks/results/federation.json and .md.
@@ -68,10 +74,19 @@ def free_port() -> int:
     raise RuntimeError("no block of free ports")
 
 
+CENTER_THREADS = 1  # set from --center-threads
+
+
 def deployment(data: Path, out: Path, *overrides: str, join_args: str = "") -> dict:
-    """Run scripts/local_federation.sh; its metrics.json, and each center's audit records."""
+    """Run scripts/local_federation.sh; its metrics.json, and each center's audit records.
+
+    Every process it starts gets ``CENTER_THREADS`` OpenMP/MKL threads: three centers on one
+    small machine otherwise run 3 × cores threads, and torch's spinning OpenMP threads then
+    slow whichever center overlaps another far more than time-sharing would."""
     shutil.rmtree(out, ignore_errors=True)
+    threads = str(CENTER_THREADS)
     env = {**os.environ, "PORT": str(free_port()), "JOIN_ARGS": join_args,
+           "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "CENTER_THREADS": threads,
            "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")}
     started = time.time()
     res = subprocess.run([str(REPO / "scripts" / "local_federation.sh"), str(data), str(out),
@@ -89,12 +104,16 @@ def deployment(data: Path, out: Path, *overrides: str, join_args: str = "") -> d
 def round_times(run: dict) -> list[dict]:
     rows = []
     for record in run["metrics"]["rounds"]:
-        local = {c: m["train/seconds"] for c, m in record["train"]["centers"].items()}
-        slowest = max(local.values())
-        rows.append({"round": record["round"], "train_phase_s": record["train_s"],
-                     "round_s": record["duration_s"], "local_train_s": local,
-                     "slowest_local_s": slowest, "ratio": record["train_s"] / slowest,
-                     "overhead_s": record["train_s"] - slowest})
+        centers = record["train"]["centers"]
+        local = {c: m["train/seconds"] for c, m in centers.items()}
+        work = {c: m["train/seconds"] + m.get("evaluate/seconds", 0.0) for c, m in centers.items()}
+        slowest, slowest_work = max(local.values()), max(work.values())
+        rows.append({"round": record["round"], "round_s": record["duration_s"],
+                     "train_phase_s": record["train_s"], "local_train_s": local,
+                     "slowest_local_s": slowest, "slowest_local_work_s": slowest_work,
+                     "round_over_slowest_local": record["duration_s"] / slowest,
+                     "round_over_slowest_work": record["duration_s"] / slowest_work,
+                     "overhead_s": record["duration_s"] - slowest_work})
     return rows
 
 
@@ -109,13 +128,18 @@ def reply_bytes(run: dict) -> dict:
             "all_replies_over_model": max(per_round) / model}
 
 
-def coordinator_memory(centers: int = 3) -> dict:
-    """Peak allocations of screening + FedAvg aggregation of `centers` reference-model updates."""
+def coordinator_memory(centers: int = 3, spool_dir: Path | None = None) -> dict:
+    """Peak allocations while `centers` reference-model updates arrive and are screened and
+    averaged (FedAvg): all replies held, then Flower's FedAvg (`spool_dir` None), or each reply
+    spooled to disk as it arrives and the mean taken array by array (medfound.fed.spool, the
+    default since fed.stream_aggregation). The global model is held before and after and is
+    not counted; neither are the spool's memory-mapped file pages (the OS's page cache)."""
     from flwr.app import ConfigRecord, Message, MessageType, Metadata, MetricRecord, RecordDict
 
     from medfound.fed.params import encode_arrays, shared_state
     from medfound.fed.protocol import ARRAYS, CENTER, METRICS, NUM_EXAMPLES
     from medfound.fed.screening import screen_updates
+    from medfound.fed.spool import UpdateSpool, aggregate_spooled
     from medfound.fed.strategies import build_strategy
     from medfound.models.detection import PRESETS, DetectorConfig, build_network
 
@@ -127,146 +151,173 @@ def coordinator_memory(centers: int = 3) -> dict:
     strategy = build_strategy({"name": "fedavg"}, centers)
     gc.collect()
 
-    tracemalloc.start()
-    replies = []
-    for i in range(centers):  # what arrives: one serialized update per center
+    def arrive(i: int) -> Message:  # what a pull hands the coordinator: one serialized update
         update = {k: v + rng.normal(0, 1e-3, v.shape).astype(np.float32)
                   for k, v in global_arrays.items()}
         content = RecordDict({ARRAYS: encode_arrays(update, "float32"),
                               METRICS: MetricRecord({NUM_EXAMPLES: 10 + i}),
                               CENTER: ConfigRecord({"name": f"center_{i}"})})
         del update
-        replies.append(Message(content, metadata=Metadata(
+        return Message(content, metadata=Metadata(
             run_id=1, message_id=f"r{i}", src_node_id=i + 1, dst_node_id=0,
             reply_to_message_id=f"m{i}", group_id="", created_at=0.0, ttl=600.0,
-            message_type=MessageType.TRAIN)))
+            message_type=MessageType.TRAIN))
+
+    spool = UpdateSpool(spool_dir) if spool_dir is not None else None
+    tracemalloc.start()
+    started = time.perf_counter()
+    replies = [spool.take(arrive(i)) if spool is not None else arrive(i) for i in range(centers)]
     gc.collect()
     received, _ = tracemalloc.get_traced_memory()
-    tracemalloc.reset_peak()
-    started = time.perf_counter()
     screening = screen_updates(replies, global_arrays, transfer_dtype="float32",
-                               norm_factor=10.0, known_centers={})
-    new_arrays, _ = strategy.aggregate_train(1, screening.accepted)
+                               norm_factor=10.0, known_centers={}, spool=spool)
+    if spool is not None:
+        new, _ = aggregate_spooled(strategy, 1, spool, screening.accepted, list(global_arrays))
+    else:
+        new_arrays, _ = strategy.aggregate_train(1, screening.accepted)
+        new = {k: np.asarray(a.numpy(), dtype=np.float32) for k, a in new_arrays.items()}
     seconds = time.perf_counter() - started
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    assert new_arrays is not None and len(screening.accepted) == centers
-    return {"model": "reference (ResNet-50 FPN)", "model_bytes_fp32": model_bytes,
-            "centers": centers, "received_bytes": received,
-            "received_over_model": received / model_bytes,
-            "peak_during_aggregation_bytes": peak,
-            "peak_over_model": peak / model_bytes,
-            "working_over_model": (peak - received) / model_bytes,
-            "aggregation_s": seconds}
+    if spool is not None:
+        spool.close()
+    assert len(new) == len(global_arrays) and len(screening.accepted) == centers
+    return {"path": "spooled (fed.stream_aggregation=true)" if spool is not None
+            else "in memory (fed.stream_aggregation=false)",
+            "model": "reference (ResNet-50 FPN)", "model_bytes_fp32": model_bytes,
+            "centers": centers, "held_after_arrival_bytes": received,
+            "held_after_arrival_over_model": received / model_bytes,
+            "peak_bytes": peak, "peak_over_model": peak / model_bytes,
+            "seconds": seconds}
+
+
+def render(result: dict) -> str:
+    """federation.md from the results (also: python -c 'import federation as f, json;
+    print(f.render(json.load(open("results/federation.json"))))' in benchmarks/)."""
+    m, setup, timing, memory = (result["machine"], result["setup"], result["timing"],
+                                result["coordinator_memory"])
+    lines = [
+        f"# federation — {result['when']}",
+        "",
+        f"{m['cpu']}, {m['cores']} cores. Deployment mode on 127.0.0.1 (one SuperLink, three "
+        f"SuperNodes, TLS, node authentication), tiny model, {setup['cases_per_center']} phantom cases per "
+        f"center, {setup['patches_per_case']} patches per case per epoch, {setup['rounds']} rounds, "
+        f"{setup['threads_per_process']} OpenMP thread(s) per process.",
+        "",
+        "| arm | round | whole round (s) | slowest center's training (s) | round ÷ training | "
+        "slowest center's training + scoring (s) | round ÷ training + scoring |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for arm, t in timing.items():
+        for r in t["rounds"]:
+            work = ("— | —" if arm == "separate_evaluate" else  # scored in untimed messages
+                    f"{r['slowest_local_work_s']:.1f} | {r['round_over_slowest_work']:.2f}")
+            lines.append(f"| {t['name']} | {r['round']} | {r['round_s']:.1f} | "
+                         f"{r['slowest_local_s']:.1f} | {r['round_over_slowest_local']:.2f} | "
+                         f"{work} |")
+    lines += ["", "Median over the steady rounds (after the first, before the last):", ""]
+    for arm, t in timing.items():
+        if arm == "separate_evaluate":  # its scoring runs in evaluate messages, untimed
+            lines.append(f"- {t['name']}: whole round {t['round_over_slowest_local_median']:.2f}× "
+                         f"the slowest center's training ({t['overhead_s_median']:.1f} s beyond "
+                         "it: two exchanges and the evaluation phase)")
+            continue
+        lines.append(f"- {t['name']}: whole round {t['round_over_slowest_local_median']:.2f}× the "
+                     f"slowest center's training, {t['round_over_slowest_work_median']:.2f}× its "
+                     f"training + scoring ({t['overhead_s_median']:.1f} s beyond the centers' work)")
+    lines += ["", "| transfer dtype | training reply (bytes) | ÷ fp32 model | all replies of a center "
+                  "in a round | ÷ fp32 model |", "|---|---|---|---|---|"]
+    for b in result["bytes"]:
+        lines.append(f"| {b['dtype']} | {b['train_reply_bytes_max']:,} | "
+                     f"{b['train_reply_over_model']:.3f} | {b['all_replies_per_center_round_max']:,}"
+                     f" | {b['all_replies_over_model']:.3f} |")
+    lines += ["", f"Coordinator memory while {memory[0]['centers']} updates of the reference model "
+                  f"({memory[0]['model_bytes_fp32'] / 2**20:.0f} MiB fp32) arrive and are screened "
+                  "and averaged (FedAvg), tracemalloc, global model not counted:", "",
+              "| path | held once all arrived ÷ model | peak ÷ model | seconds |", "|---|---|---|---|"]
+    for mem in memory:
+        lines.append(f"| {mem['path']} | {mem['held_after_arrival_over_model']:.2f} | "
+                     f"{mem['peak_over_model']:.2f} | {mem['seconds']:.1f} |")
+    return "\n".join(lines) + "\n"
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cases", type=int, default=4, help="phantom cases per center")
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--local-epochs", type=int, default=3, help="local epochs per round")
     ap.add_argument("--patches", type=int, default=4, help="training patches per case and epoch")
-    ap.add_argument("--long-local-epochs", type=int, default=12,
-                    help="local epochs per round of the longer-round run (0: skip it)")
+    ap.add_argument("--long-local-epochs", type=int, nargs="*", default=[12, 60],
+                    help="local epochs per round of the longer-round runs (none: skip them)")
+    ap.add_argument("--skip-no-worker", action="store_true", help="leave the --no-worker arm out")
+    ap.add_argument("--center-threads", type=int, default=1,
+                    help="OpenMP threads of each process of the federation (see `deployment`)")
     args = ap.parse_args()
+    global CENTER_THREADS
+    CENTER_THREADS = args.center_threads
 
-    memory = coordinator_memory()
-    print(f"coordinator: peak {memory['peak_over_model']:.2f}× the model while aggregating "
-          f"({memory['received_over_model']:.2f}× received, "
-          f"{memory['working_over_model']:.2f}× working)", flush=True)
+    work = HERE / "_data" / "fed_runs"
+    memory = [coordinator_memory(), coordinator_memory(spool_dir=work / "spool")]
+    for m in memory:
+        print(f"coordinator, {m['path']}: {m['held_after_arrival_over_model']:.2f}× the model "
+              f"held once the updates arrived, peak {m['peak_over_model']:.2f}×", flush=True)
 
     data = HERE / "_data" / f"fed_{args.cases}"
     if not (data / "phantoms.json").is_file():
         from medfound.data.phantoms import make_phantoms
         make_phantoms(data, centers=3, cases=args.cases, seed=0, size="small")
-    work = HERE / "_data" / "fed_runs"
     rounds_args = (f"fed.rounds={args.rounds}", f"fed.local_epochs={args.local_epochs}",
                    f"data.num_patches_per_image={args.patches}")
-    fp32 = deployment(data, work / "fp32", *rounds_args)
-    no_worker = deployment(data, work / "no_worker", *rounds_args, join_args="--no-worker")
-    longer = (deployment(data, work / "longer", f"fed.rounds={args.rounds}",
-                         f"fed.local_epochs={args.long_local_epochs}",
-                         f"data.num_patches_per_image={args.patches}")
-              if args.long_local_epochs else None)
+    arms = {"default": deployment(data, work / "fp32", *rounds_args),
+            "separate_evaluate": deployment(data, work / "separate", *rounds_args,
+                                            "fed.evaluate_with_train=false")}
+    if not args.skip_no_worker:
+        arms["no_worker"] = deployment(data, work / "no_worker", *rounds_args,
+                                       join_args="--no-worker")
+    for epochs in args.long_local_epochs:
+        arms[f"longer_{epochs}"] = deployment(data, work / f"longer_{epochs}",
+                                              f"fed.rounds={args.rounds}",
+                                              f"fed.local_epochs={epochs}",
+                                              f"data.num_patches_per_image={args.patches}")
     fp16 = deployment(data, work / "fp16", "fed.rounds=1", "fed.local_epochs=1",
                       "data.num_patches_per_image=1", "fed.transfer_dtype=float16")
 
     def summary(run: dict) -> dict:
         rounds = round_times(run)
-        later = [r for r in rounds if r["round"] > 1] or rounds
-        return {"rounds": rounds,
-                "train_phase_over_slowest_local_median": statistics.median(r["ratio"] for r in later),
-                "overhead_s_median": statistics.median(r["overhead_s"] for r in later)}
+        steady = [r for r in rounds if 1 < r["round"] < len(rounds)] or rounds
+        return {"rounds": rounds, "steady_rounds": [r["round"] for r in steady],
+                **{f"{key}_median": statistics.median(r[key] for r in steady)
+                   for key in ("round_over_slowest_local", "round_over_slowest_work",
+                               "overhead_s", "round_s", "slowest_local_s")}}
 
-    timing, timing_without = summary(fp32), summary(no_worker)
-    rounds, ratio, overhead = (timing["rounds"], timing["train_phase_over_slowest_local_median"],
-                               timing["overhead_s_median"])
+    names = {"default": f"worker, evaluation in the train message, {args.local_epochs} local epochs",
+             "separate_evaluate": f"worker, separate evaluate exchange, {args.local_epochs} local "
+                                  "epochs",
+             "no_worker": f"--no-worker, evaluation in the train message, {args.local_epochs} "
+                          "local epochs",
+             **{f"longer_{e}": f"worker, evaluation in the train message, {e} local epochs"
+                for e in args.long_local_epochs}}
+    timing = {arm: {"name": names[arm], **summary(run)} for arm, run in arms.items()}
     result = {
         "benchmark": "federation",
         "when": time.strftime("%Y-%m-%d %H:%M:%S"),
         "machine": machine(),
         "setup": {"mode": "deployment, 127.0.0.1, TLS, node authentication",
                   "centers": 3, "cases_per_center": args.cases, "rounds": args.rounds,
-                  "local_epochs": args.local_epochs, "patches_per_case": args.patches,
-                  "experiment": "phantoms_smoke", "model": "tiny"},
-        "rounds": rounds,
-        "train_phase_over_slowest_local_median": ratio,
-        "overhead_s_median": overhead,
-        "without_worker": timing_without,
-        "longer_rounds": None if longer is None else {"local_epochs": args.long_local_epochs,
-                                                      **summary(longer)},
-        "bytes": [reply_bytes(fp32), reply_bytes(fp16)],
+                  "local_epochs": args.local_epochs, "long_local_epochs": args.long_local_epochs,
+                  "threads_per_process": args.center_threads,
+                  "patches_per_case": args.patches, "experiment": "phantoms_smoke",
+                  "model": "tiny"},
+        "timing": timing,
+        "bytes": [reply_bytes(arms["default"]), reply_bytes(fp16)],
         "coordinator_memory": memory,
-        "wall_s": {"fp32": fp32["wall_s"], "no_worker": no_worker["wall_s"],
-                   "fp16": fp16["wall_s"], "longer": None if longer is None else longer["wall_s"]},
+        "wall_s": {**{arm: run["wall_s"] for arm, run in arms.items()}, "fp16": fp16["wall_s"]},
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "federation.json").write_text(json.dumps(result, indent=2) + "\n")
-    m = result["machine"]
-    lines = [
-        f"# federation — {result['when']}",
-        "",
-        f"{m['cpu']}, {m['cores']} cores. Deployment mode on 127.0.0.1 (one SuperLink, three "
-        f"SuperNodes, TLS, node authentication), tiny model, {args.cases} phantom cases per "
-        f"center, {args.local_epochs} local epochs × {args.patches} patches per case per round.",
-        "",
-        "| centers run | round | coordinator train phase (s) | slowest center's local training "
-        "(s) | ratio | overhead (s) | whole round (s) |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    runs = [(f"worker (default), {args.local_epochs} local epochs", timing),
-            (f"--no-worker, {args.local_epochs} local epochs", timing_without)]
-    if result["longer_rounds"] is not None:
-        runs.append((f"worker (default), {args.long_local_epochs} local epochs",
-                     result["longer_rounds"]))
-    for name, t in runs:
-        for r in t["rounds"]:
-            lines.append(f"| {name} | {r['round']} | {r['train_phase_s']:.1f} | "
-                         f"{r['slowest_local_s']:.1f} | {r['ratio']:.2f} | {r['overhead_s']:.1f} | "
-                         f"{r['round_s']:.1f} |")
-    lines += ["", f"Median over rounds after the first: train phase = {ratio:.2f} × the slowest "
-                  f"center's local training ({overhead:.1f} s overhead per round) with each "
-                  "center's worker; "
-                  f"{timing_without['train_phase_over_slowest_local_median']:.2f} × "
-                  f"({timing_without['overhead_s_median']:.1f} s) with a fresh process per "
-                  "message (--no-worker)."
-              + ("" if longer is None else
-                 f" With {args.long_local_epochs} local epochs a round (workers): "
-                 f"{result['longer_rounds']['train_phase_over_slowest_local_median']:.2f} × "
-                 f"({result['longer_rounds']['overhead_s_median']:.1f} s)."), "",
-              "| transfer dtype | training reply (bytes) | ÷ fp32 model | all replies of a center "
-              "in a round | ÷ fp32 model |", "|---|---|---|---|---|"]
-    for b in result["bytes"]:
-        lines.append(f"| {b['dtype']} | {b['train_reply_bytes_max']:,} | "
-                     f"{b['train_reply_over_model']:.3f} | {b['all_replies_per_center_round_max']:,}"
-                     f" | {b['all_replies_over_model']:.3f} |")
-    lines += ["", f"Coordinator memory while screening and aggregating {memory['centers']} updates "
-                  f"of the reference model ({memory['model_bytes_fp32'] / 2**20:.0f} MiB fp32): "
-                  f"received updates {memory['received_over_model']:.2f}×, peak "
-                  f"{memory['peak_over_model']:.2f}× (working memory beyond the received updates "
-                  f"{memory['working_over_model']:.2f}×), {memory['aggregation_s']:.1f} s."]
-    (RESULTS / "federation.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    markdown = render(result)
+    (RESULTS / "federation.md").write_text(markdown)
+    print(markdown)
     return 0
 
 

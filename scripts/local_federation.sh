@@ -12,10 +12,13 @@
 # center's work folder (centers/<center>/, with its audit log in audit/). Every process this
 # script starts is stopped when it ends, also on failure or Ctrl-C. PORT (default 9092) is
 # the SuperLink's port; the SuperNodes use PORT+2 and up for their local APIs. JOIN_ARGS adds
-# options to every `medfound center join` (e.g. JOIN_ARGS=--no-worker).
+# options to every `medfound center join` (e.g. JOIN_ARGS=--no-worker). CENTER_THREADS
+# (default: this machine's cores / the number of centers, at least 1) is each center's
+# OpenMP/MKL thread count: the centers share this machine, and torch's default of one thread
+# per core in every center oversubscribes it (5-7× slower training, benchmarks/federation.py).
 set -euo pipefail
 if [[ $# -lt 2 || "$1" == "-h" || "$1" == "--help" ]]; then
-    sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
 fi
 data=$(cd "$1" && pwd); out=$2; shift 2
@@ -57,9 +60,11 @@ for c in "${centers[@]}"; do   # each center's key pair; the coordinator registe
     pubs+=("$out/keys/$c.pub")
 done
 $medfound fed register "${pubs[@]}" --superlink "127.0.0.1:$port" --root-certificates "$out/certs/ca.crt"
+threads=${CENTER_THREADS:-$(( $(nproc) / ${#centers[@]} ))}
+(( threads >= 1 )) || threads=1
 for i in "${!centers[@]}"; do
     c=${centers[$i]}
-    setsid $medfound center join --superlink "127.0.0.1:$port" --data "$data/$c" --center "$c" \
+    OMP_NUM_THREADS=$threads MKL_NUM_THREADS=$threads setsid $medfound center join --superlink "127.0.0.1:$port" --data "$data/$c" --center "$c" \
         --work "$out/centers/$c" --root-certificates "$out/certs/ca.crt" \
         --auth-key "$out/keys/$c.key" --port $((port + 2 + i)) ${JOIN_ARGS:-} >"$out/logs/$c.log" 2>&1 &
     pids+=($!)

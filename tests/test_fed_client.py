@@ -121,6 +121,28 @@ def test_a_resent_round_gives_the_same_update_and_the_next_round_continues_local
     assert sorted(p.name for p in (site.work_dir / "rounds").iterdir()) == ["run2"]
 
 
+def test_a_train_message_can_first_score_the_weights_it_brings(
+        phantoms: Path, cfg: dict, tmp_path: Path) -> None:
+    """fed.evaluate_with_train: round 2's train message carries round 1's global model; the
+    reply's "evaluate-metrics" are what an evaluate message for round 1 would have given."""
+    center = next(c for c in ("center_0", "center_1", "center_2")
+                  if any(e["box"] for e in json.loads(
+                      (phantoms / c / "datalist.json").read_text()).get("validation", [])))
+    site = site_for(phantoms, center, tmp_path)
+    network, _ = task.build(cfg["network"], seed=cfg["seed"])
+    weights = to_arrays(network.state_dict())
+    call(site, instruction(MessageType.TRAIN, cfg, 1, weights))
+    separate = dict(call(site, instruction(MessageType.EVALUATE, cfg, 1, weights)).content["metrics"])
+    msg = instruction(MessageType.TRAIN, cfg, 2, weights)
+    msg.content["config"]["evaluate-received"] = True
+    reply = call(site, msg)
+    assert set(reply.content.keys()) == {"arrays", "metrics", "center", "evaluate-metrics"}
+    assert dict(reply.content["evaluate-metrics"]) == separate and "cpm" in separate
+    assert reply.content["metrics"]["evaluate/seconds"] > 0
+    assert read_audit(site.audit_file)[-1]["metrics"] == sorted(
+        [*reply.content["metrics"], *separate])
+
+
 def test_a_center_evaluates_the_global_model_on_its_validation_split(
         phantoms: Path, cfg: dict, tmp_path: Path) -> None:
     for center in ("center_0", "center_1", "center_2"):

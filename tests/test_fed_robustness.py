@@ -128,6 +128,8 @@ def test_a_center_killed_mid_round_and_a_killed_coordinator_resuming(phantoms: P
     # Round 2, run by the resumed coordinator: center_2 is back.
     assert second["aggregated"] and second["train"]["accepted"] == list(CENTERS)
     assert [g["round"] for g in metrics["global"]] == [1, 2]
+    # Round 1's model was scored by the resumed coordinator's round-2 train message.
+    assert first["evaluate"]["in_round"] == 2 and not first["evaluate"]["pending"]
     assert json.loads((out / "model" / "model.json").read_text())["provenance"]["rounds"] == 2
     leftovers = [p.info for p in psutil.process_iter(["pid", "cmdline"])
                  if any(str(tmp_path) in part for part in (p.info["cmdline"] or []))]

@@ -64,14 +64,20 @@ def test_simulation_leaves_a_model_package_metrics_audit_logs_and_an_mlflow_run(
         assert record["aggregated"] and record["train"]["accepted"] == CENTERS
         assert record["train"]["rejected"] == [] and record["train"]["failed"] == []
         assert sorted(record["evaluate"]["centers"]) == CENTERS
+        assert not record["evaluate"]["pending"]
         for center in CENTERS:
             assert record["train"]["centers"][center]["num-examples"] >= 1
+    # One exchange a round: round 1's model is scored inside round 2's train message; the
+    # last model in an evaluate message of its own.
+    assert [r["evaluate"]["in_round"] for r in metrics["rounds"]] == [2, 2]
+    # The updates were spooled to disk as they arrived (fed.stream_aggregation); none is left.
+    assert not (federated / "server" / "spool").exists()
     # Bytes each center sent = the sum of its audit log; an update is about one fp32 model.
     for center in CENTERS:
         audit = read_audit(federated / "audit" / f"{center}.jsonl")
-        assert [(a["round"], a["kind"]) for a in audit] == [(1, "train"), (1, "evaluate"),
-                                                            (2, "train"), (2, "evaluate"),
-                                                            (2, "cross-site")]
+        assert [(a["round"], a["kind"]) for a in audit] == [(1, "train"), (2, "train"),
+                                                            (2, "evaluate"), (2, "cross-site")]
+        assert "n_nodules" in audit[1]["metrics"]  # the scores rode in the train reply
         assert metrics["bytes_per_center"][center]["sent"] == sum(a["bytes"] for a in audit)
         for a in audit:
             if a["kind"] == "train":
@@ -158,7 +164,7 @@ def test_no_phi_and_no_image_data_in_any_outbound_payload(federated: Path,
             assert hashlib.sha256(data).hexdigest() == entry["sha256"]
             assert len(data) == entry["bytes"]
             payloads.append(data)
-    assert len(payloads) == 3 * (4 + 1)  # per center: 2 rounds × 2, 1 cross-site evaluation
+    assert len(payloads) == 3 * (2 + 1 + 1)  # per center: 2 train, 1 evaluate, 1 cross-site
 
     def leaked(needle: bytes) -> bool:
         return any(needle in p for p in payloads)
@@ -198,6 +204,29 @@ def test_no_phi_and_no_image_data_in_any_outbound_payload(federated: Path,
     runs = [r for r in runs if len(set(r)) > 8]  # a constant run proves nothing either way
     assert len(runs) > 50 and all(len(r) == 64 for r in runs)
     assert not any(leaked(r) for r in runs)
+
+
+def test_a_separate_evaluate_exchange_gives_the_same_scores_and_model(
+        federated: Path, phantoms: Path, tmp_path: Path) -> None:
+    """fed.evaluate_with_train=false: an evaluate exchange after each round's training. The
+    scores and the trained model must be those of the default (scores in the next train
+    message): evaluating first must not change what a center trains."""
+    out = tmp_path / "FED"
+    res = federate(f"data.root={phantoms}", "fed.rounds=2", f"out_dir={out}",
+                   "fed.cross_site=false", "fed.evaluate_with_train=false")
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    a = json.loads((federated / "metrics.json").read_text())
+    b = json.loads((out / "metrics.json").read_text())
+    assert b["global"] == a["global"] and any("cpm" in g for g in b["global"])
+    assert [r["evaluate"]["in_round"] for r in b["rounds"]] == [1, 2]
+    for center in CENTERS:
+        audit = read_audit(out / "audit" / f"{center}.jsonl")
+        assert [(x["round"], x["kind"]) for x in audit] == [(1, "train"), (1, "evaluate"),
+                                                            (2, "train"), (2, "evaluate")]
+    straight = torch.load(federated / "model" / "weights.pt", weights_only=True)
+    separate = torch.load(out / "model" / "weights.pt", weights_only=True)
+    for key in straight:
+        torch.testing.assert_close(separate[key], straight[key], rtol=0, atol=0)
 
 
 @pytest.mark.long
@@ -243,10 +272,11 @@ def test_adapter_only_fine_tuning_exchanges_a_tenth_of_the_model_after_round_1(
     metrics = json.loads((out / "metrics.json").read_text())
     first, second = (r["bytes"] for r in metrics["rounds"])
     for center in CENTERS:
-        # Round 1 brings the whole model, round 2 only the adapters and the classification
-        # conv (3.7% of the tiny detector's weights; each message also carries ~6 kB of task
-        # spec), both ways; a center's replies never carry what it keeps frozen.
-        assert second[center]["received"] <= 0.08 * first[center]["received"]
+        # Round 1 brings the whole model (one train message), round 2 only the adapters and
+        # the classification conv (3.7% of the tiny detector's weights; each message also
+        # carries ~6 kB of task spec) in two messages (train, and the last model's evaluate),
+        # both ways; a center's replies never carry what it keeps frozen.
+        assert second[center]["received"] <= 2 * 0.08 * first[center]["received"]
         assert second[center]["sent"] <= 0.08 * metrics["model_bytes_fp32"]
         assert first[center]["sent"] <= 0.08 * metrics["model_bytes_fp32"]
     weights = torch.load(out / "model" / "weights.pt", weights_only=True)

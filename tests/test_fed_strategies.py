@@ -212,6 +212,92 @@ def test_float16_updates_are_aggregated_in_float32_in_center_order() -> None:
     assert len(half.data) < 0.55 * len(full.data)
 
 
+# --- streaming aggregation (medfound.fed.spool) -----------------------------------------------
+
+
+def _spooled(replies: list[Message], folder: Path):
+    from medfound.fed.spool import UpdateSpool
+
+    spool = UpdateSpool(folder)
+    return spool, [spool.take(m) for m in replies]
+
+
+def test_spooled_screening_rejects_what_in_memory_screening_rejects(tmp_path: Path) -> None:
+    def replies() -> list[Message]:
+        return [reply("good_1", 1.0), reply("good_2", 1.5), reply("c", 0.9), reply("big", 50.0),
+                reply("nan", {k: np.full(s, np.nan) for k, s in SHAPES.items()}),
+                reply("shape", {"conv.weight": np.ones((3, 2)), "conv.bias": np.ones(2)}),
+                reply("dtype", 1.0, dtype="float64"), error_reply(77, "train failed")]
+
+    memory = screen_updates(replies(), GLOBAL, transfer_dtype="float32", norm_factor=10.0)
+    spool, spooled = _spooled(replies(), tmp_path / "spool")
+    assert all("arrays" not in m.content.array_records for m in spooled if m.has_content())
+    disk = screen_updates(spooled, GLOBAL, transfer_dtype="float32", norm_factor=10.0,
+                          spool=spool)
+    assert ([m.content["center"]["name"] for m in disk.accepted]
+            == [m.content["center"]["name"] for m in memory.accepted] == ["c", "good_1", "good_2"])
+    assert disk.rejected == memory.rejected and len(disk.rejected) == 4
+    assert disk.failed == memory.failed and disk.update_norms == pytest.approx(memory.update_norms)
+    spool.close()
+    assert not (tmp_path / "spool").exists()
+
+
+@pytest.mark.parametrize("name", ["fedavg", "fedprox", "fedadam", "fedyogi"])
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_spooled_aggregation_gives_flowers_aggregate(name: str, dtype: str, tmp_path: Path) -> None:
+    """The array-by-array case-weighted mean from disk, and for FedAdam/FedYogi Flower's step
+    from it, equal Flower's aggregation of the replies held in memory."""
+    from medfound.fed.spool import aggregate_spooled
+
+    shapes = {**SHAPES, "bn.running_var": (2,)}
+    rng = np.random.default_rng(3)
+    start = {k: rng.normal(size=v).astype(np.float32) for k, v in shapes.items()}
+    updates = {c: {k: v + rng.normal(0, 0.1, v.shape) for k, v in start.items()}
+               for c in ("a", "b", "c")}
+
+    def replies() -> list[Message]:
+        return [reply(c, u, cases=n, dtype=dtype, loss=n / 10)
+                for (c, u), n in zip(updates.items(), (2, 5, 11), strict=True)]
+
+    def built():
+        s = build_strategy({"name": name}, min_centers=2, statistics=["bn.running_var"])
+        s.current_arrays = {k: v.copy() for k, v in start.items()}  # as configure_train sets it
+        return s
+
+    in_memory = built()
+    arrays, metrics = in_memory.aggregate_train(
+        2, screen_updates(replies(), start, transfer_dtype=dtype, norm_factor=10.0).accepted)
+    spool, spooled = _spooled(replies(), tmp_path / "spool")
+    accepted = screen_updates(spooled, start, transfer_dtype=dtype, norm_factor=10.0,
+                              spool=spool).accepted
+    streamed = built()
+    new, aggregate_metrics = aggregate_spooled(streamed, 2, spool, accepted, list(start))
+    expected = decode_arrays(arrays)
+    assert list(new) == list(start) and {a.dtype for a in new.values()} == {np.dtype(np.float32)}
+    for key in start:
+        np.testing.assert_allclose(new[key], expected[key], rtol=1e-6, atol=1e-7)
+    assert aggregate_metrics == pytest.approx(dict(metrics))
+    for attr in ("m_t", "v_t"):  # a server optimizer's moments, as Flower's own run left them
+        for key, value in (getattr(in_memory, attr, None) or {}).items():
+            np.testing.assert_allclose(getattr(streamed, attr)[key], value, rtol=1e-5, atol=1e-7)
+
+
+def test_which_runs_stream_their_aggregation() -> None:
+    from medfound.fed.spool import streams
+
+    base = yaml.safe_load((CONFIGS / "federate.yaml").read_text())
+
+    def settings(**fed) -> FedSettings:
+        return FedSettings.from_config({**base, "fed": {
+            **base["fed"], "centers": ["a", "b"], "strategy": {"name": "fedavg"}, **fed}})
+
+    assert streams(settings())
+    assert streams(settings(strategy={"name": "fedadam"}))
+    assert not streams(settings(stream_aggregation=False))
+    assert not streams(settings(strategy={"name": "fedmedian"}))  # coordinate-wise: all in memory
+    assert not streams(settings(privacy={"dp": "server"}))  # clips each update
+
+
 # --- federated evaluation and config errors ---------------------------------------------------
 
 

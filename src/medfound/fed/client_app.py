@@ -2,9 +2,12 @@
 
 For a "train" message a center loads the global weights into the detector and trains
 ``local_epochs`` epochs with the one training loop (`medfound.train.fit`) on its own training
-split, then replies with its weights and a few loss numbers (medfound.fed.protocol). For an
-"evaluate" message it scores the global weights on its own validation split (LUNA16 CPM); after
-the last round it scores the other centers' models the same way (medfound.fed.cross_site).
+split, then replies with its weights and a few loss numbers (medfound.fed.protocol). When the
+message asks ("evaluate-received", fed.evaluate_with_train) it first scores the weights it
+brought, the previous round's global model, as an evaluate message would, and the scores
+ride in the same reply. For an "evaluate" message it scores the global weights on its own
+validation split (LUNA16 CPM); after the last round it scores the other centers' models the
+same way (medfound.fed.cross_site).
 With ``task=pretrain`` (federated self-supervised pretraining of the foundation encoder) the
 same two jobs train and score the encoder's pretrainer on every volume of the modalities the
 center holds (medfound.train.pretrain), and the train reply adds ``volumes/<m>`` counts.
@@ -60,6 +63,8 @@ from medfound.fed.protocol import (
     CENTER,
     CONFIG,
     CROSS_SITE,
+    EVALUATE_RECEIVED,
+    EVALUATION,
     METRICS,
     NUM_EXAMPLES,
     ROUND,
@@ -133,6 +138,13 @@ def train_center(site: Site, msg: Message) -> Message:
 
     task = _received_task(msg)
     round_, run_tag = task["round"], str(task["run_tag"])
+    # fed.evaluate_with_train: the received weights are the previous round's global model;
+    # score them before training changes anything (one exchange a round instead of two).
+    scores, evaluate_s = None, {}
+    if msg.content[CONFIG].get(EVALUATE_RECEIVED, False):
+        started = time.perf_counter()
+        scores = _evaluation(site, {**task, "round": round_ - 1}, msg.content)[METRICS]
+        evaluate_s = {"evaluate/seconds": time.perf_counter() - started}
     seed = center_seed(task["seed"], site.center)
     job = (_pretrain_job if task_name(task) == "pretrain" else _detect_job)(site, task, seed)
     network, model = job["network"], job["model"]
@@ -166,13 +178,15 @@ def train_center(site: Site, msg: Message) -> Message:
     last = result.history[-1]
     metrics = MetricRecord({NUM_EXAMPLES: job["num_examples"], **job["shared"],
                             **{k: float(v) for k, v in last.items() if k.startswith("train/")},
-                            "train/seconds": time.perf_counter() - started})
+                            "train/seconds": time.perf_counter() - started, **evaluate_s})
     state = network.state_dict()
     if task.get("exchange") == "trainable":  # only what this center trained leaves it
         state = {k: state[k] for k, p in network.named_parameters() if p.requires_grad}
-    return Message(RecordDict({ARRAYS: to_arrays(state, task["transfer_dtype"]),
-                               METRICS: metrics, CENTER: ConfigRecord({"name": site.center})}),
-                   reply_to=msg)
+    content = RecordDict({ARRAYS: to_arrays(state, task["transfer_dtype"]), METRICS: metrics,
+                          CENTER: ConfigRecord({"name": site.center})})
+    if scores is not None:
+        content[EVALUATION] = scores
+    return Message(content, reply_to=msg)
 
 
 def _check_complete(network: torch.nn.Module, global_state: Mapping[str, torch.Tensor],
@@ -258,32 +272,39 @@ def evaluate_center(site: Site, msg: Message) -> Message:
     cross-site evaluation, of each model the message carries. Every model's metrics are also
     logged to the center's own MLflow run (``val/`` or ``cross_site/<model>/``, step = round)."""
     task = _received_task(msg)
+    return Message(RecordDict({**_evaluation(site, task, msg.content),
+                               CENTER: ConfigRecord({"name": site.center})}), reply_to=msg)
+
+
+def _evaluation(site: Site, task: Mapping[str, Any], content: RecordDict) -> dict[str, Any]:
+    """The MetricRecords an evaluate reply carries (by key) for the weights in `content`;
+    `task["round"]` is the round whose global model they are (the step of the center's log)."""
     if task_name(task) == "pretrain":
-        return _evaluate_pretrain(site, task, msg)
-    models = msg.content[CONFIG].get(CROSS_SITE)
+        return _evaluate_pretrain(site, task, content)
+    models = content[CONFIG].get(CROSS_SITE)
     if models is None:
-        weights = {"val": (METRICS, msg.content[ARRAYS])}
+        weights = {"val": (METRICS, content[ARRAYS])}
     else:
-        weights = {f"cross_site/{name}": (f"{METRICS}:{name}", msg.content[f"{ARRAYS}:{name}"])
+        weights = {f"cross_site/{name}": (f"{METRICS}:{name}", content[f"{ARRAYS}:{name}"])
                    for name in json.loads(str(models))}
     items = _validation_items(site)
     base = _latest_round_state(site.work_dir / "rounds" / str(task["run_tag"]),
                                before=int(task["round"]) + 1)
-    content, logged = {}, {}
+    records, logged = {}, {}
     for prefix, (key, arrays) in weights.items():
         metrics, ci = _evaluate_weights(task, arrays, items, site, base)
-        content[key] = MetricRecord(metrics)
+        records[key] = MetricRecord(metrics)
         if ci is not None:
             logged.update({f"{prefix}/{k}": float(v) for k, v in metrics.items()}
                           | {f"{prefix}/cpm_ci95_lo": ci[0], f"{prefix}/cpm_ci95_hi": ci[1]})
     if logged:
         with _center_run(site, task) as tracker:
             tracker.log_metrics(logged, step=int(task["round"]))
-    return Message(RecordDict({**content, CENTER: ConfigRecord({"name": site.center})}),
-                   reply_to=msg)
+    return records
 
 
-def _evaluate_pretrain(site: Site, task: Mapping[str, Any], msg: Message) -> Message:
+def _evaluate_pretrain(site: Site, task: Mapping[str, Any], content: RecordDict
+                       ) -> dict[str, Any]:
     """Validation losses (masked reconstruction, InfoNCE) of the global encoder on the site's
     validation volumes; a site without a validation split reports only its count (0)."""
     from medfound.data.pretrain import load_volume_list, pretrain_collate, pretrain_eval_transforms
@@ -295,7 +316,7 @@ def _evaluate_pretrain(site: Site, task: Mapping[str, Any], msg: Message) -> Mes
     metrics: dict[str, float] = {NUM_EXAMPLES: len(items)}
     if items:
         model = task_lib.build(t["encoder"], seed=task["seed"])
-        _load_global(model, from_arrays(msg.content[ARRAYS]))
+        _load_global(model, from_arrays(content[ARRAYS]))
         model.to(_device(task["trainer"]))
         transform = _cached(pretrain_eval_transforms(t), json.dumps(t, sort_keys=True))
         prepared, size = [transform(dict(it)) for it in items], int(t["batch_size"])
@@ -305,8 +326,7 @@ def _evaluate_pretrain(site: Site, task: Mapping[str, Any], msg: Message) -> Mes
         with _center_run(site, task) as tracker:
             tracker.log_metrics({f"val/{k}": v for k, v in metrics.items()},
                                 step=int(task["round"]))
-    return Message(RecordDict({METRICS: MetricRecord(metrics),
-                               CENTER: ConfigRecord({"name": site.center})}), reply_to=msg)
+    return {METRICS: MetricRecord(metrics)}
 
 
 def _evaluate_weights(task: Mapping[str, Any], arrays: Any, items: list[dict[str, Any]],

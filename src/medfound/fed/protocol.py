@@ -7,8 +7,10 @@ Coordinator → center, for "train" and "evaluate" messages (a Flower RecordDict
                             task group (name "detect" | "pretrain" and, for pretrain,
                             the encoder, loss and per-modality knobs), the
                             network / trainer / data knobs, seed, local_epochs, transfer_dtype,
-                            eval_bootstraps, run_tag), "versions" (JSON), and "proximal-mu"
-                            under FedProx
+                            eval_bootstraps, run_tag), "versions" (JSON), "proximal-mu"
+                            under FedProx, and in a train message "evaluate-received" (true:
+                            score the received weights on the validation split before
+                            training, fed.evaluate_with_train)
     with fed.exchange=trainable, "arrays" holds the whole model in round 1 and only the
     trainable weights (FPN, heads, adapters) after; a center keeps its frozen backbone between
     rounds in its own round state
@@ -19,9 +21,12 @@ Center → coordinator, everything that ever leaves a center:
 
     train     "arrays" (updated weights: same keys, shapes and dtype as received),
               "metrics" MetricRecord ("num-examples" = training cases, "train/loss", ...,
-              "train/seconds" = the local training's wall time; task=pretrain:
+              "train/seconds" = the local training's wall time, "evaluate/seconds" = the
+              scoring's when the message asked for it (below); task=pretrain:
               "num-examples" = training volumes and "volumes/<m>" per modality),
-              "center" ConfigRecord ({"name": the center's name in the federation})
+              "center" ConfigRecord ({"name": the center's name in the federation}),
+              and when the message asked for it "evaluate-metrics" (the evaluate reply's
+              "metrics" for the received weights, i.e. the previous round's global model)
     evaluate  "metrics" ("num-examples" = validation cases, "n_nodules", and "cpm",
               "froc/<fp rate>" when the validation cases hold nodules), "center";
               in a cross-site evaluation one "metrics:<model>" per model instead of "metrics";
@@ -48,6 +53,8 @@ CENTER = "center"
 NUM_EXAMPLES = "num-examples"  # the key Flower's strategies weight by
 ROUND = "server-round"
 PROXIMAL_MU = "proximal-mu"  # set by Flower's FedProx
+EVALUATE_RECEIVED = "evaluate-received"  # train config: score the received weights first
+EVALUATION = "evaluate-metrics"  # train reply: those scores (the coordinator pops them)
 CROSS_SITE = "cross-site-models"  # JSON list of the models a cross-site evaluation scores
 
 # data.* keys a center needs to prepare its studies like every other center; the rest

@@ -25,6 +25,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Message
 
 from medfound.fed.protocol import ARRAYS, METRICS, NUM_EXAMPLES, center_of
+from medfound.fed.spool import UpdateSpool
 
 __all__ = ["Screening", "screen_updates"]
 
@@ -41,12 +42,14 @@ class Screening:
 
 def screen_updates(replies: Iterable[Message], global_arrays: Mapping[str, np.ndarray], *,
                    transfer_dtype: str, norm_factor: float | None,
-                   known_centers: Mapping[int, str] | None = None) -> Screening:
+                   known_centers: Mapping[int, str] | None = None,
+                   spool: UpdateSpool | None = None) -> Screening:
     """Split `replies` into accepted / rejected / failed (see the module docstring).
 
     Memory: the checks go one array at a time, so beyond the replies themselves the
     coordinator holds about one array's temporaries (and, for float16 transfers, each
-    accepted reply's float32 copy, which replaces its float16 payload)."""
+    accepted reply's float32 copy, which replaces its float16 payload). With `spool`
+    (medfound.fed.spool) the updates are read from disk instead and stay there."""
     result = Screening([], [], [], {})
     candidates: list[tuple[str, Message]] = []
     for msg in replies:
@@ -54,7 +57,9 @@ def screen_updates(replies: Iterable[Message], global_arrays: Mapping[str, np.nd
         if msg.has_error():
             result.failed.append({"center": center, "reason": str(msg.error.reason)})
             continue
-        reason, norm = _check(msg, global_arrays, transfer_dtype)
+        arrays = (spool.arrays(msg) if spool is not None
+                  else msg.content.array_records.get(ARRAYS))
+        reason, norm = _check(msg, arrays, global_arrays, transfer_dtype)
         if reason:
             result.rejected.append({"center": center, "reason": reason})
             continue
@@ -73,7 +78,7 @@ def screen_updates(replies: Iterable[Message], global_arrays: Mapping[str, np.nd
                     "reason": f"update norm {norm:.4g} is more than {norm_factor:g}× the other "
                               f"centers' median {reference:.4g}"})
                 continue
-        if transfer_dtype != "float32":  # aggregation is float32: re-encode, array by array
+        if transfer_dtype != "float32" and spool is None:  # aggregation is float32: re-encode
             record: ArrayRecord = msg.content[ARRAYS]
             msg.content[ARRAYS] = ArrayRecord({k: Array(np.asarray(a.numpy(), dtype=np.float32))
                                                for k, a in record.items()})
@@ -82,11 +87,13 @@ def screen_updates(replies: Iterable[Message], global_arrays: Mapping[str, np.nd
     return result
 
 
-def _check(msg: Message, global_arrays: Mapping[str, np.ndarray], transfer_dtype: str
+def _check(msg: Message, record: Mapping[str, Any] | None,
+           global_arrays: Mapping[str, np.ndarray], transfer_dtype: str
            ) -> tuple[str | None, float]:
-    """(why the reply is rejected or None, its distance ‖w_center − w_global‖₂)."""
+    """(why the reply is rejected or None, its distance ‖w_center − w_global‖₂). `record`:
+    the reply's arrays (Flower `Array`s, or spooled ones: dtype, shape, numpy())."""
     content = msg.content
-    if ARRAYS not in content.array_records or METRICS not in content.metric_records:
+    if record is None or METRICS not in content.metric_records:
         return f"reply lacks '{ARRAYS}' or '{METRICS}'", math.nan
     metrics = content[METRICS]
     n = metrics.get(NUM_EXAMPLES)
@@ -96,7 +103,6 @@ def _check(msg: Message, global_arrays: Mapping[str, np.ndarray], transfer_dtype
         values = value if isinstance(value, list) else [value]
         if not all(math.isfinite(float(v)) for v in values):
             return f"metric '{key}' is not finite ({value!r})", math.nan
-    record: ArrayRecord = content[ARRAYS]
     missing = sorted(set(global_arrays) - set(record))
     extra = sorted(set(record) - set(global_arrays))
     if missing or extra:

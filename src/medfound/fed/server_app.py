@@ -8,7 +8,12 @@ Each round, in order:
    weighted by each center's training case count where the strategy weights at all. With
    fewer than ``fed.min_centers`` accepted updates the round keeps the previous weights;
 2. evaluate — every center scores the new global weights on its validation split; the global
-   metric is the case-weighted mean over the centers that could compute it;
+   metric is the case-weighted mean over the centers that could compute it. With
+   ``fed.evaluate_with_train`` (the default) this rides in the next round's train message:
+   each center scores the weights it receives before it trains, so a round is one exchange,
+   not two (Flower's per-message cost, a few seconds, is paid once). Round r's evaluate
+   record then stays ``pending`` until round r + 1's replies fill it; the last round's model
+   gets an evaluate message of its own. SecAgg+ runs keep the separate exchange;
 3. checkpoint — ``FED/server/state.pt`` (global weights, strategy state, round, history) is
    written atomically, then ``FED/metrics.json``, then the round's numbers go to MLflow.
 
@@ -28,7 +33,8 @@ goes to ``FED/encoder/``.
 
 FED/metrics.json: ``rounds`` (one record per round: duration_s, train_s (the training phase:
 weights out, updates back, screening, aggregation), train {centers, accepted,
-rejected, failed, update_norms, aggregate}, evaluate {global, centers, failed}, bytes
+rejected, failed, update_norms, aggregate}, evaluate {global, centers, failed, pending,
+in_round (the round whose messages carried the scores)}, bytes
 {center: {sent, received}} as the center sees it), ``global`` (per-round global metrics),
 ``bytes_per_center`` (totals, cross-site validation included) and ``round_durations_s``.
 """
@@ -39,7 +45,7 @@ import json
 import os
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +59,8 @@ from medfound.fed.params import decode_arrays, encode_arrays, payload_bytes, sha
 from medfound.fed.protocol import (
     ARRAYS,
     CENTER,
+    EVALUATE_RECEIVED,
+    EVALUATION,
     METRICS,
     NUM_EXAMPLES,
     center_of,
@@ -61,6 +69,7 @@ from medfound.fed.protocol import (
 )
 from medfound.fed.screening import screen_updates
 from medfound.fed.settings import FedSettings
+from medfound.fed.spool import UpdateSpool, aggregate_spooled, streams
 from medfound.fed.strategies import (
     build_strategy,
     dp_epsilons,
@@ -74,6 +83,7 @@ from medfound.fed.strategies import (
 __all__ = ["STATE_FILE", "make_server_app", "run_coordinator"]
 
 STATE_FILE = Path("server") / "state.pt"
+SPOOL_DIR = Path("server") / "spool"  # a round's updates while it aggregates (fed.stream_aggregation)
 METRICS_FILE = "metrics.json"
 _FORMAT = "medfound-fed-server/1"
 
@@ -144,8 +154,16 @@ def run_coordinator(grid: Grid, cfg: Mapping[str, Any], config_yaml: str = "") -
                           exchange=settings.exchange)
     versions_json = json.dumps(versions())
 
-    def instruction() -> ConfigRecord:  # a fresh one each time: strategies write the round in
-        return ConfigRecord({"task": task_json, "versions": versions_json})
+    def instruction(evaluate_received: bool = False) -> ConfigRecord:
+        """A fresh one each time: strategies write the round in."""
+        config = ConfigRecord({"task": task_json, "versions": versions_json})
+        if evaluate_received:
+            config[EVALUATE_RECEIVED] = True
+        return config
+
+    # fed.evaluate_with_train: round r's train message also asks each center to score the
+    # weights it receives (round r - 1's model); SecAgg+ keeps the evaluate exchange.
+    evaluate_with_train = settings.evaluate_with_train and not settings.privacy["secagg"]
 
     known: dict[int, str] = {}  # node id → center name, learnt from replies
     local_models: dict[str, dict[str, np.ndarray]] = {}  # the last round's accepted updates
@@ -159,13 +177,23 @@ def run_coordinator(grid: Grid, cfg: Mapping[str, Any], config_yaml: str = "") -
             cross_site_now = settings.cross_site and not pretrain and rnd == settings.rounds
             keep = local_models if cross_site_now else None
             sent = _exchanged(global_arrays, exchanged, whole=rnd == 1)
+            scored = (history[-1] if history and history[-1]["evaluate"].get("pending")
+                      and not settings.privacy["secagg"] else None)
             train, new = _train_round(grid, strategy, rnd, sent, instruction, settings, known,
-                                      traffic, seed=int(cfg["seed"]), keep=keep)
+                                      traffic, seed=int(cfg["seed"]), keep=keep,
+                                      evaluate_received=scored is not None,
+                                      spool_dir=out / SPOOL_DIR)
+            if scored is not None:  # the previous round's model, scored by this round's centers
+                scored["evaluate"] = train.pop("evaluated")
+                tracker.log_metrics(_flat_evaluate(scored["evaluate"]), step=scored["round"])
             global_arrays = {**global_arrays, **new}
             train_s = time.time() - started
-            evaluate = _evaluate_round(grid, strategy, rnd,
-                                       _exchanged(global_arrays, exchanged, whole=rnd == 1),
-                                       instruction, settings, known, traffic)
+            if evaluate_with_train and rnd < settings.rounds:
+                evaluate = {"global": {}, "centers": {}, "failed": [], "pending": True}
+            else:
+                evaluate = _evaluate_round(grid, strategy, rnd,
+                                           _exchanged(global_arrays, exchanged, whole=rnd == 1),
+                                           instruction, settings, known, traffic)
             record = {"round": rnd, "duration_s": round(time.time() - started, 3),
                       "train_s": round(train_s, 3),
                       "aggregated": train.pop("aggregated"), "train": train,
@@ -181,7 +209,7 @@ def run_coordinator(grid: Grid, cfg: Mapping[str, Any], config_yaml: str = "") -
                             out / STATE_FILE)
             write_metrics(out / METRICS_FILE, history, settings, model_bytes)
             tracker.log_metrics(_flat_round(record), step=rnd)
-            print(_round_summary(record, settings.rounds), flush=True)
+            print(_round_summary(record, settings.rounds, scored), flush=True)
 
         if not history:
             raise MedfoundError("the federation completed no round", path=out,
@@ -245,24 +273,48 @@ def _train_round(grid: Grid, strategy: Any, rnd: int, global_arrays: dict[str, n
                  instruction: Any, settings: FedSettings, known: dict[int, str],
                  traffic: _Traffic, seed: int = 0,
                  keep: dict[str, dict[str, np.ndarray]] | None = None,
+                 evaluate_received: bool = False, spool_dir: Path | None = None,
                  ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Send the global weights for training, screen the updates, aggregate the accepted ones.
 
     Returns the round's train record and the new global weights (the old ones when fewer
     than ``fed.min_centers`` updates were accepted). `keep`, when given, receives a float32
-    copy of each accepted update by center (for cross-site validation)."""
+    copy of each accepted update by center (for cross-site validation). With
+    `evaluate_received` the centers first score the weights they receive; the record's
+    "evaluated" is then the evaluate record of those weights (`_evaluate_round`'s).
+    `spool_dir`: aggregate from the updates spooled there (medfound.fed.spool), for the
+    strategies `streams` allows."""
     messages = strategy.configure_train(rnd, encode_arrays(global_arrays, "float32"),
-                                        instruction(), grid)
+                                        instruction(evaluate_received), grid)
     if settings.privacy["secagg"]:
         return _secure_train_round(grid, rnd, list(messages), global_arrays, settings, known,
                                    traffic)
-    replies = _exchange(grid, messages, settings, known, traffic)
+    if spool_dir is not None and streams(settings):
+        with UpdateSpool(spool_dir / f"{rnd:04d}") as spool:
+            return _train_round_from(grid, strategy, rnd, messages, global_arrays, settings,
+                                     known, traffic, seed, keep, evaluate_received, spool)
+    return _train_round_from(grid, strategy, rnd, messages, global_arrays, settings, known,
+                             traffic, seed, keep, evaluate_received, None)
+
+
+def _train_round_from(grid: Grid, strategy: Any, rnd: int, messages: Iterable[Message],
+                      global_arrays: dict[str, np.ndarray], settings: FedSettings,
+                      known: dict[int, str], traffic: _Traffic, seed: int,
+                      keep: dict[str, dict[str, np.ndarray]] | None, evaluate_received: bool,
+                      spool: UpdateSpool | None,
+                      ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """`_train_round` after the strategy made the messages: send, screen, aggregate."""
+    replies = _exchange(grid, messages, settings, known, traffic, spool)
+    # Flower's strategies take exactly one MetricRecord per reply: the scores come out first.
+    scores = {center_of(m, known): m.content.pop(EVALUATION) for m in replies
+              if m.has_content() and EVALUATION in m.content.metric_records}
     if replies and all(m.has_error() for m in replies):
         reasons = sorted({str(m.error.reason) for m in replies})
         raise MedfoundError(f"round {rnd}: no center could train ({'; '.join(reasons)})",
                             hint="read each center's log (its work folder's center.log)")
     screening = screen_updates(replies, global_arrays, transfer_dtype=settings.transfer_dtype,
-                               norm_factor=settings.reject_norm_factor, known_centers=known)
+                               norm_factor=settings.reject_norm_factor, known_centers=known,
+                               spool=spool)
     for item in screening.rejected:
         print(f"round {rnd}: rejected the update of {item['center']}: {item['reason']}", flush=True)
     for item in screening.failed:
@@ -274,20 +326,35 @@ def _train_round(grid: Grid, strategy: Any, rnd: int, global_arrays: dict[str, n
               "accepted": sorted(center_of(m, known) for m in screening.accepted),
               "rejected": screening.rejected, "failed": screening.failed,
               "update_norms": dict(sorted(screening.update_norms.items())), "aggregate": {}}
+    if evaluate_received:
+        centers = dict(sorted((c, _metric_dict(r)) for c, r in scores.items()))
+        record["evaluated"] = {
+            "global": weighted_mean(centers.values()), "centers": centers, "failed": [
+                {"center": center_of(m, known),
+                 "reason": str(m.error.reason) if m.has_error() else "no evaluation in its reply"}
+                for m in replies if center_of(m, known) not in scores],
+            "pending": False, "in_round": rnd}
     if keep is not None:
-        keep.update({center_of(m, known): decode_arrays(m.content[ARRAYS])
-                     for m in screening.accepted})
+        keep.update({center_of(m, known): spool.load(m) if spool is not None
+                     else decode_arrays(m.content[ARRAYS]) for m in screening.accepted})
     if len(screening.accepted) >= settings.min_centers:
         # Flower's DP noise draws from numpy's global RNG: seed it from (seed, round) so a
         # resumed run adds the noise an uninterrupted one would have.
         np.random.seed(np.random.SeedSequence([seed, rnd]).generate_state(1)[0])  # noqa: NPY002
-        # Flower's robust strategies consume the replies' arrays: nothing reads them after this.
-        new_arrays, metrics = strategy.aggregate_train(rnd, screening.accepted)
-        if new_arrays is not None:
-            global_arrays = {k: v.astype(np.float32) for k, v in decode_arrays(new_arrays).items()}
-            if settings.privacy["dp"] is not None:
-                _keep_variances_positive(global_arrays)
-            record.update(aggregated=True, aggregate=dict(metrics or {}))
+        if spool is not None:
+            new, metrics = aggregate_spooled(strategy, rnd, spool, screening.accepted,
+                                             global_arrays)
+            global_arrays = {**global_arrays, **new}
+            record.update(aggregated=True, aggregate=metrics)
+        else:
+            # Flower's robust strategies consume the replies' arrays: nothing reads them after.
+            new_arrays, metrics = strategy.aggregate_train(rnd, screening.accepted)
+            if new_arrays is not None:
+                global_arrays = {k: v.astype(np.float32)
+                                 for k, v in decode_arrays(new_arrays).items()}
+                if settings.privacy["dp"] is not None:
+                    _keep_variances_positive(global_arrays)
+                record.update(aggregated=True, aggregate=dict(metrics or {}))
     return record, global_arrays
 
 
@@ -374,7 +441,8 @@ def _evaluate_round(grid: Grid, strategy: Any, rnd: int, global_arrays: dict[str
     centers = dict(sorted((center_of(m, known), _metrics(m)) for m in replies if m.has_content()))
     return {"global": weighted_mean(centers.values()), "centers": centers,
             "failed": [{"center": center_of(m, known), "reason": str(m.error.reason)}
-                       for m in replies if m.has_error()]}
+                       for m in replies if m.has_error()],
+            "pending": False, "in_round": rnd}
 
 
 class _Traffic:
@@ -396,18 +464,22 @@ class _Traffic:
 
 
 def _send_and_receive(grid: Grid, messages: Iterable[Message], timeout: float,
-                     poll_s: float = 0.25) -> list[Message]:
-    """Push `messages`, then pull replies every `poll_s` until each has one or `timeout` passes.
+                      on_reply: Callable[[Message], Message], one_at_a_time: bool = False,
+                      poll_s: float = 0.25) -> list[Message]:
+    """Push `messages`, then pull replies every `poll_s` until each has one or `timeout` passes;
+    each reply goes through `on_reply` as it arrives.
 
     Flower's `Grid.send_and_receive` waits 3 s between pulls: 1.5 s per exchange on average,
-    a round's train and evaluate exchanges included, for nothing."""
+    for nothing. `one_at_a_time`: pull each reply alone, and hand it to `on_reply` before the
+    next is pulled (streaming aggregation: only one is ever in memory whole)."""
     pending = set(grid.push_messages(messages))
     end = time.monotonic() + timeout
     replies: list[Message] = []
     while pending:
-        got = list(grid.pull_messages(pending))
-        replies.extend(got)
-        pending.difference_update(m.metadata.reply_to_message_id for m in got)
+        for batch in ([{mid} for mid in sorted(pending)] if one_at_a_time else [set(pending)]):
+            for reply in grid.pull_messages(batch):
+                pending.discard(reply.metadata.reply_to_message_id)
+                replies.append(on_reply(reply))
         if not pending or time.monotonic() >= end:
             break
         time.sleep(poll_s)
@@ -415,10 +487,12 @@ def _send_and_receive(grid: Grid, messages: Iterable[Message], timeout: float,
 
 
 def _exchange(grid: Grid, messages: Iterable[Message], settings: FedSettings,
-              known: dict[int, str], traffic: _Traffic) -> list[Message]:
+              known: dict[int, str], traffic: _Traffic,
+              spool: UpdateSpool | None = None) -> list[Message]:
     """Put the weights in the transfer dtype, send, and wait up to ``fed.round_timeout_s``.
 
-    Learns node id → center name from the replies and counts the bytes both ways."""
+    Learns node id → center name from the replies and counts the bytes both ways. With
+    `spool` each reply's arrays go to disk as it arrives (medfound.fed.spool)."""
     messages = list(messages)
     sizes: dict[int, int] = {}
     for msg in messages:
@@ -431,28 +505,34 @@ def _exchange(grid: Grid, messages: Iterable[Message], settings: FedSettings,
         traffic.to_node[node] = traffic.to_node.get(node, 0) + sizes[id(content)]
     if not messages:
         return []
-    replies = _send_and_receive(grid, messages, timeout=settings.round_timeout_s)
-    # An error the SuperLink makes for a center that stopped answering (no heartbeat) comes
-    # from the SuperLink itself: re-address it as coming from the center's node.
     sent = {m.metadata.message_id: m for m in messages}
     nodes = {m.metadata.dst_node_id for m in messages}
-    replies = [Message(r.error, reply_to=sent[r.metadata.reply_to_message_id])
-               if r.has_error() and r.metadata.src_node_id not in nodes
-               and r.metadata.reply_to_message_id in sent else r for r in replies]
-    for msg in replies:
+
+    def received(msg: Message) -> Message:
+        # An error the SuperLink makes for a center that stopped answering (no heartbeat)
+        # comes from the SuperLink itself: re-address it as coming from the center's node.
+        if (msg.has_error() and msg.metadata.src_node_id not in nodes
+                and msg.metadata.reply_to_message_id in sent):
+            msg = Message(msg.error, reply_to=sent[msg.metadata.reply_to_message_id])
         if msg.has_content() and CENTER in msg.content.config_records:
             known[msg.metadata.src_node_id] = center_of(msg)
-    for msg in replies:
         center = center_of(msg, known)
         size = len(payload_bytes(msg.content)) if msg.has_content() else len(str(msg.error.reason))
         traffic.from_center[center] = traffic.from_center.get(center, 0) + size
-    return replies
+        return spool.take(msg) if spool is not None else msg
+
+    return _send_and_receive(grid, messages, timeout=settings.round_timeout_s, on_reply=received,
+                             one_at_a_time=spool is not None)
 
 
 def _metrics(msg: Message) -> dict[str, float]:
     if METRICS not in msg.content.metric_records:
         return {}
-    return {k: v for k, v in msg.content[METRICS].items() if not isinstance(v, list)}
+    return _metric_dict(msg.content[METRICS])
+
+
+def _metric_dict(record: Mapping[str, Any]) -> dict[str, float]:
+    return {k: v for k, v in record.items() if not isinstance(v, list)}
 
 
 def weighted_mean(per_center: Iterable[Mapping[str, float]]) -> dict[str, float]:
@@ -512,7 +592,8 @@ def write_metrics(path: Path, history: list[dict[str, Any]], settings: FedSettin
         "rounds_completed": len(history), "transfer_dtype": settings.transfer_dtype,
         "model_bytes_fp32": model_bytes,
         "privacy": privacy_report(history, settings),
-        "global": [{"round": r["round"], **r["evaluate"]["global"]} for r in history],
+        "global": [{"round": r["round"], **r["evaluate"]["global"]} for r in history
+                   if not r["evaluate"].get("pending")],
         "bytes_per_center": totals,
         "round_durations_s": [r["duration_s"] for r in history],
         "rounds": history,
@@ -531,29 +612,43 @@ def _flat_round(record: Mapping[str, Any]) -> dict[str, float]:
             "updates_accepted": len(record["train"]["accepted"]),
             "updates_rejected": len(record["train"]["rejected"]),
             "centers_failed": len(record["train"]["failed"])}
-    flat.update({f"global/{k}": v for k, v in record["evaluate"]["global"].items()})
     flat.update({f"aggregate/{k}": v for k, v in record["train"]["aggregate"].items()})
     for center, metrics in record["train"]["centers"].items():
         flat.update({f"{center}/{k}": v for k, v in metrics.items() if k != NUM_EXAMPLES})
-    for center, metrics in record["evaluate"]["centers"].items():
-        flat.update({f"{center}/val/{k}": v for k, v in metrics.items()})
     for center, b in record["bytes"].items():
         flat[f"{center}/bytes_sent"] = b["sent"]
         flat[f"{center}/bytes_received"] = b["received"]
+    return {**_finite(flat), **_flat_evaluate(record["evaluate"])}
+
+
+def _flat_evaluate(evaluate: Mapping[str, Any]) -> dict[str, float]:
+    """A round model's scores as MLflow metrics (step = that round, whenever they arrive)."""
+    flat = {f"global/{k}": v for k, v in evaluate["global"].items()}
+    for center, metrics in evaluate["centers"].items():
+        flat.update({f"{center}/val/{k}": v for k, v in metrics.items()})
+    return _finite(flat)
+
+
+def _finite(flat: Mapping[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in flat.items() if isinstance(v, (int, float)) and np.isfinite(v)}
 
 
-def _round_summary(record: Mapping[str, Any], rounds: int) -> str:
-    train, glob = record["train"], record["evaluate"]["global"]
+def _round_summary(record: Mapping[str, Any], rounds: int,
+                   scored: Mapping[str, Any] | None = None) -> str:
+    """One line per round; `scored`: the earlier round whose model this round's centers scored."""
+    train = record["train"]
     parts = [f"round {record['round']}/{rounds}",
              f"{len(train['accepted'])} updates accepted, {len(train['rejected'])} rejected, "
              f"{len(train['failed'])} failed" + ("" if record["aggregated"] else " (model kept)")]
     if "train/loss" in train["aggregate"]:
         parts.append(f"train/loss {train['aggregate']['train/loss']:.4g}")
-    if "cpm" in glob:
-        parts.append(f"global CPM {glob['cpm']:.3f}")
-    if "reconstruction" in glob:
-        parts.append(f"global reconstruction {glob['reconstruction']:.4f}")
+    for r in ([scored] if scored is not None else []) + [record]:
+        glob, which = r["evaluate"]["global"], ("global" if r is record else
+                                                f"round-{r['round']} model")
+        if "cpm" in glob:
+            parts.append(f"{which} CPM {glob['cpm']:.3f}")
+        if "reconstruction" in glob:
+            parts.append(f"{which} reconstruction {glob['reconstruction']:.4f}")
     parts.append(f"{record['duration_s']:.1f} s")
     return "  ".join(parts)
 

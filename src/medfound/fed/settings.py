@@ -46,6 +46,8 @@ class FedSettings:
     deployment: dict[str, Any] = dataclasses.field(default_factory=dict)
     privacy: dict[str, Any] = dataclasses.field(default_factory=dict)
     exchange: str = "all"  # "all" | "trainable" (see configs/federate.yaml)
+    evaluate_with_train: bool = True  # score round r's model in round r+1's train message
+    stream_aggregation: bool = True  # spool updates to disk, average array by array
     task: str = "detect"  # task.name: "detect" (the nodule detector) | "pretrain" (the encoder)
 
     @property
@@ -91,6 +93,8 @@ class FedSettings:
              "must be an integer >= 1")
         for key in ("audit_payloads", "cross_site"):
             need(isinstance(fed.get(key), bool), key, "must be true or false")
+        for key in ("evaluate_with_train", "stream_aggregation"):
+            need(isinstance(fed.get(key, True), bool), key, "must be true or false")
         strategy = dict(fed.get("strategy") or {})
         if strategy.get("name") not in STRATEGIES:
             raise MedfoundError(f"config key 'fed.strategy.name' = {strategy.get('name')!r} is not "
@@ -151,7 +155,9 @@ class FedSettings:
                    audit_payloads=fed["audit_payloads"], cross_site=fed["cross_site"],
                    strategy=strategy,
                    simulation=simulation, deployment=deployment, privacy=privacy,
-                   exchange=exchange, task=task)
+                   exchange=exchange, task=task,
+                   evaluate_with_train=fed.get("evaluate_with_train", True),
+                   stream_aggregation=fed.get("stream_aggregation", True))
 
 
 # fed.privacy keys and their defaults (configs/federate.yaml explains each).
