@@ -37,7 +37,7 @@ venv: $(STAMP)
 demo: $(STAMP)
 	rm -rf $(DEMO_OUT)/phantoms $(DEMO_OUT)/run $(DEMO_OUT)/eval $(DEMO_OUT)/fed \
 	    $(DEMO_OUT)/local $(DEMO_OUT)/compare $(DEMO_OUT)/exp $(DEMO_OUT)/new_site $(DEMO_OUT)/findings
-	$(BIN)/medfound phantoms --out $(DEMO_OUT)/phantoms --centers 3 --cases 4 --seed 0 --size small
+	$(BIN)/medfound phantoms --out $(DEMO_OUT)/phantoms --centers 3 --cases 6 --seed 0 --size small
 	for c in $(DEMO_OUT)/phantoms/center_*; do $(BIN)/medfound center card $$c --quiet; echo; done
 	$(BIN)/medfound run train_detector data.root=$(DEMO_OUT)/phantoms \
 	    'data.train_centers=[center_0,center_1]' 'data.val_centers=[center_2]' \
