@@ -41,6 +41,7 @@ in_round (the round whose messages carried the scores)}, bytes
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -289,73 +290,59 @@ def _train_round(grid: Grid, strategy: Any, rnd: int, global_arrays: dict[str, n
     if settings.privacy["secagg"]:
         return _secure_train_round(grid, rnd, list(messages), global_arrays, settings, known,
                                    traffic)
-    if spool_dir is not None and streams(settings):
-        with UpdateSpool(spool_dir / f"{rnd:04d}") as spool:
-            return _train_round_from(grid, strategy, rnd, messages, global_arrays, settings,
-                                     known, traffic, seed, keep, evaluate_received, spool)
-    return _train_round_from(grid, strategy, rnd, messages, global_arrays, settings, known,
-                             traffic, seed, keep, evaluate_received, None)
+    streaming = spool_dir is not None and streams(settings)
+    with (UpdateSpool(spool_dir / f"{rnd:04d}") if streaming else contextlib.nullcontext()
+          ) as spool:
+        replies = _exchange(grid, messages, settings, known, traffic, spool)
+        # Flower's strategies take exactly one MetricRecord per reply: the scores come out first.
+        scores = {center_of(m, known): m.content.pop(EVALUATION) for m in replies
+                  if m.has_content() and EVALUATION in m.content.metric_records}
+        if replies and all(m.has_error() for m in replies):
+            reasons = sorted({str(m.error.reason) for m in replies})
+            raise MedfoundError(f"round {rnd}: no center could train ({'; '.join(reasons)})",
+                                hint="read each center's log (its work folder's center.log)")
+        screening = screen_updates(replies, global_arrays, transfer_dtype=settings.transfer_dtype,
+                                   norm_factor=settings.reject_norm_factor, known_centers=known,
+                                   spool=spool)
+        for item in screening.rejected:
+            print(f"round {rnd}: rejected the update of {item['center']}: {item['reason']}", flush=True)
+        for item in screening.failed:
+            print(f"round {rnd}: no update from {item['center']}: {item['reason']}", flush=True)
 
-
-def _train_round_from(grid: Grid, strategy: Any, rnd: int, messages: Iterable[Message],
-                      global_arrays: dict[str, np.ndarray], settings: FedSettings,
-                      known: dict[int, str], traffic: _Traffic, seed: int,
-                      keep: dict[str, dict[str, np.ndarray]] | None, evaluate_received: bool,
-                      spool: UpdateSpool | None,
-                      ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """`_train_round` after the strategy made the messages: send, screen, aggregate."""
-    replies = _exchange(grid, messages, settings, known, traffic, spool)
-    # Flower's strategies take exactly one MetricRecord per reply: the scores come out first.
-    scores = {center_of(m, known): m.content.pop(EVALUATION) for m in replies
-              if m.has_content() and EVALUATION in m.content.metric_records}
-    if replies and all(m.has_error() for m in replies):
-        reasons = sorted({str(m.error.reason) for m in replies})
-        raise MedfoundError(f"round {rnd}: no center could train ({'; '.join(reasons)})",
-                            hint="read each center's log (its work folder's center.log)")
-    screening = screen_updates(replies, global_arrays, transfer_dtype=settings.transfer_dtype,
-                               norm_factor=settings.reject_norm_factor, known_centers=known,
-                               spool=spool)
-    for item in screening.rejected:
-        print(f"round {rnd}: rejected the update of {item['center']}: {item['reason']}", flush=True)
-    for item in screening.failed:
-        print(f"round {rnd}: no update from {item['center']}: {item['reason']}", flush=True)
-
-    record = {"aggregated": False,
-              "centers": dict(sorted((center_of(m, known), _metrics(m))
-                                     for m in replies if m.has_content())),
-              "accepted": sorted(center_of(m, known) for m in screening.accepted),
-              "rejected": screening.rejected, "failed": screening.failed,
-              "update_norms": dict(sorted(screening.update_norms.items())), "aggregate": {}}
-    if evaluate_received:
-        centers = dict(sorted((c, _metric_dict(r)) for c, r in scores.items()))
-        record["evaluated"] = {
-            "global": weighted_mean(centers.values()), "centers": centers, "failed": [
-                {"center": center_of(m, known),
-                 "reason": str(m.error.reason) if m.has_error() else "no evaluation in its reply"}
-                for m in replies if center_of(m, known) not in scores],
-            "pending": False, "in_round": rnd}
-    if keep is not None:
-        keep.update({center_of(m, known): spool.load(m) if spool is not None
-                     else decode_arrays(m.content[ARRAYS]) for m in screening.accepted})
-    if len(screening.accepted) >= settings.min_centers:
-        # Flower's DP noise draws from numpy's global RNG: seed it from (seed, round) so a
-        # resumed run adds the noise an uninterrupted one would have.
-        np.random.seed(np.random.SeedSequence([seed, rnd]).generate_state(1)[0])  # noqa: NPY002
-        if spool is not None:
-            new, metrics = aggregate_spooled(strategy, rnd, spool, screening.accepted,
-                                             global_arrays)
-            global_arrays = {**global_arrays, **new}
-            record.update(aggregated=True, aggregate=metrics)
-        else:
-            # Flower's robust strategies consume the replies' arrays: nothing reads them after.
-            new_arrays, metrics = strategy.aggregate_train(rnd, screening.accepted)
-            if new_arrays is not None:
-                global_arrays = {k: v.astype(np.float32)
-                                 for k, v in decode_arrays(new_arrays).items()}
-                if settings.privacy["dp"] is not None:
-                    _keep_variances_positive(global_arrays)
-                record.update(aggregated=True, aggregate=dict(metrics or {}))
-    return record, global_arrays
+        record = {"aggregated": False,
+                  "centers": dict(sorted((center_of(m, known), _metrics(m))
+                                         for m in replies if m.has_content())),
+                  "accepted": sorted(center_of(m, known) for m in screening.accepted),
+                  "rejected": screening.rejected, "failed": screening.failed,
+                  "update_norms": dict(sorted(screening.update_norms.items())), "aggregate": {}}
+        if evaluate_received:
+            record["evaluated"] = _evaluate_record(
+                {c: _metric_dict(r) for c, r in scores.items()},
+                [{"center": center_of(m, known),
+                  "reason": str(m.error.reason) if m.has_error() else "no evaluation in its reply"}
+                 for m in replies if center_of(m, known) not in scores], rnd)
+        if keep is not None:
+            keep.update({center_of(m, known): spool.load(m) if spool is not None
+                         else decode_arrays(m.content[ARRAYS]) for m in screening.accepted})
+        if len(screening.accepted) >= settings.min_centers:
+            # Flower's DP noise draws from numpy's global RNG: seed it from (seed, round) so a
+            # resumed run adds the noise an uninterrupted one would have.
+            np.random.seed(np.random.SeedSequence([seed, rnd]).generate_state(1)[0])  # noqa: NPY002
+            if spool is not None:
+                new, metrics = aggregate_spooled(strategy, rnd, spool, screening.accepted,
+                                                 global_arrays)
+                global_arrays = {**global_arrays, **new}
+                record.update(aggregated=True, aggregate=metrics)
+            else:
+                # Flower's robust strategies consume the replies' arrays: nothing reads them after.
+                new_arrays, metrics = strategy.aggregate_train(rnd, screening.accepted)
+                if new_arrays is not None:
+                    global_arrays = {k: v.astype(np.float32)
+                                     for k, v in decode_arrays(new_arrays).items()}
+                    if settings.privacy["dp"] is not None:
+                        _keep_variances_positive(global_arrays)
+                    record.update(aggregated=True, aggregate=dict(metrics or {}))
+        return record, global_arrays
 
 
 def _secure_train_round(grid: Grid, rnd: int, messages: list[Message],
@@ -438,11 +425,18 @@ def _evaluate_round(grid: Grid, strategy: Any, rnd: int, global_arrays: dict[str
     messages = strategy.configure_evaluate(rnd, encode_arrays(global_arrays, "float32"),
                                            instruction(), grid)
     replies = _exchange(grid, messages, settings, known, traffic)
-    centers = dict(sorted((center_of(m, known), _metrics(m)) for m in replies if m.has_content()))
-    return {"global": weighted_mean(centers.values()), "centers": centers,
-            "failed": [{"center": center_of(m, known), "reason": str(m.error.reason)}
-                       for m in replies if m.has_error()],
-            "pending": False, "in_round": rnd}
+    return _evaluate_record({center_of(m, known): _metrics(m) for m in replies if m.has_content()},
+                            [{"center": center_of(m, known), "reason": str(m.error.reason)}
+                             for m in replies if m.has_error()], rnd)
+
+
+def _evaluate_record(centers: Mapping[str, dict[str, float]], failed: list[dict[str, str]],
+                     in_round: int) -> dict[str, Any]:
+    """A round model's evaluate record: each center's scores (sorted by center), their
+    case-weighted mean, the centers that gave none, and the round whose replies carried them."""
+    centers = dict(sorted(centers.items()))
+    return {"global": weighted_mean(centers.values()), "centers": centers, "failed": failed,
+            "pending": False, "in_round": in_round}
 
 
 class _Traffic:
