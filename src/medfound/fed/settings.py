@@ -93,8 +93,9 @@ class FedSettings:
              "must be an integer >= 1")
         for key in ("audit_payloads", "cross_site"):
             need(isinstance(fed.get(key), bool), key, "must be true or false")
-        for key in ("evaluate_with_train", "stream_aggregation"):
-            need(isinstance(fed.get(key, True), bool), key, "must be true or false")
+        switches = {key: fed.get(key, True) for key in ("evaluate_with_train", "stream_aggregation")}
+        for key, value in switches.items():
+            need(isinstance(value, bool), key, "must be true or false")
         strategy = dict(fed.get("strategy") or {})
         if strategy.get("name") not in STRATEGIES:
             raise MedfoundError(f"config key 'fed.strategy.name' = {strategy.get('name')!r} is not "
@@ -155,9 +156,7 @@ class FedSettings:
                    audit_payloads=fed["audit_payloads"], cross_site=fed["cross_site"],
                    strategy=strategy,
                    simulation=simulation, deployment=deployment, privacy=privacy,
-                   exchange=exchange, task=task,
-                   evaluate_with_train=fed.get("evaluate_with_train", True),
-                   stream_aggregation=fed.get("stream_aggregation", True))
+                   exchange=exchange, task=task, **switches)
 
 
 # fed.privacy keys and their defaults (configs/federate.yaml explains each).

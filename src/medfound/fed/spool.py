@@ -31,17 +31,16 @@ from flwr.app import Array, ArrayRecord, Message, Metadata, MetricRecord, Record
 from flwr.serverapp.strategy.fedopt import FedOpt
 
 from medfound.fed.protocol import ARRAYS, METRICS, NUM_EXAMPLES
+from medfound.fed.strategies import MEAN_STRATEGIES
 
 __all__ = ["SpooledArray", "UpdateSpool", "aggregate_spooled", "streams"]
 
-# fed=<name> whose aggregate is the case-weighted mean of the updates (module docstring).
-STREAMING_STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi")
 
 
 def streams(settings: Any) -> bool:
     """Whether a run's rounds aggregate from the spool (`FedSettings`: fed.stream_aggregation
     and a strategy, task and privacy setting it serves)."""
-    return bool(settings.stream_aggregation and settings.strategy_name in STREAMING_STRATEGIES
+    return bool(settings.stream_aggregation and settings.strategy_name in MEAN_STRATEGIES
                 and settings.task == "detect" and settings.privacy["dp"] is None
                 and not settings.privacy["secagg"])
 

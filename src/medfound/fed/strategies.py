@@ -60,7 +60,7 @@ from flwr.serverapp.strategy.fedopt import FedOpt
 from medfound.errors import MedfoundError
 from medfound.fed.protocol import NUM_EXAMPLES
 
-__all__ = ["GROUP_WEIGHT_PREFIX", "aggregate_by_group", "build_strategy", "dp_noise_stdev", "group_of",
+__all__ = ["GROUP_WEIGHT_PREFIX", "MEAN_STRATEGIES", "aggregate_by_group", "build_strategy", "dp_noise_stdev", "group_of",
            "restore_strategy_state", "running_statistics", "strategy_state", "with_privacy"]
 
 GROUP_WEIGHT_PREFIX = "volumes/"  # a reply's metric "volumes/<group>": its weight for that group
@@ -75,7 +75,10 @@ _STRATEGIES: dict[str, tuple[type, dict[str, Any]]] = {
     "trimmed_mean": (flwr_strategy.FedTrimmedAvg, {"beta": 0.2}),
     "krum": (flwr_strategy.Krum, {"num_malicious_nodes": 0}),
 }
-_GROUPABLE = ("fedavg", "fedprox", "fedadam", "fedyogi")
+# The strategies whose aggregate is the case-weighted mean of the updates (then, for FedAdam
+# and FedYogi, a server optimizer's step from it): they have a per-group form, and can average
+# from the coordinator's spool (medfound.fed.spool).
+MEAN_STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi")
 # Attributes holding a strategy's state between rounds (FedOpt's first and second moments).
 _STATE_ATTRS = ("m_t", "v_t")
 
@@ -194,9 +197,9 @@ def build_strategy(spec: Mapping[str, Any], min_centers: int, group_by_modality:
     if name == "krum":
         params["num_malicious_nodes"] = int(params["num_malicious_nodes"])
     if group_by_modality:
-        if name not in _GROUPABLE:
+        if name not in MEAN_STRATEGIES:
             raise MedfoundError(f"fed={name} cannot aggregate per modality group (task=pretrain)",
-                                hint=f"use fed=<one of {', '.join(_GROUPABLE)}>")
+                                hint=f"use fed=<one of {', '.join(MEAN_STRATEGIES)}>")
         cls = _grouped(cls)
     if issubclass(cls, FedOpt):
         cls = _statistics_averaged(cls)
