@@ -34,6 +34,7 @@ benchmarks/results/federation.json and .md.
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import os
@@ -74,19 +75,16 @@ def free_port() -> int:
     raise RuntimeError("no block of free ports")
 
 
-CENTER_THREADS = 1  # set from --center-threads
-
-
-def deployment(data: Path, out: Path, *overrides: str, join_args: str = "") -> dict:
+def run_deployment(data: Path, out: Path, *overrides: str, join_args: str = "",
+                   threads: int = 1) -> dict:
     """Run scripts/local_federation.sh; its metrics.json, and each center's audit records.
 
-    Every process it starts gets ``CENTER_THREADS`` OpenMP/MKL threads: three centers on one
+    Every process it starts gets `threads` OpenMP/MKL threads: three centers on one
     small machine otherwise run 3 × cores threads, and torch's spinning OpenMP threads then
     slow whichever center overlaps another far more than time-sharing would."""
     shutil.rmtree(out, ignore_errors=True)
-    threads = str(CENTER_THREADS)
     env = {**os.environ, "PORT": str(free_port()), "JOIN_ARGS": join_args,
-           "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "CENTER_THREADS": threads,
+           **dict.fromkeys(("OMP_NUM_THREADS", "MKL_NUM_THREADS", "CENTER_THREADS"), str(threads)),
            "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")}
     started = time.time()
     res = subprocess.run([str(REPO / "scripts" / "local_federation.sh"), str(data), str(out),
@@ -251,10 +249,8 @@ def main() -> int:
                     help="local epochs per round of the longer-round runs (none: skip them)")
     ap.add_argument("--skip-no-worker", action="store_true", help="leave the --no-worker arm out")
     ap.add_argument("--center-threads", type=int, default=1,
-                    help="OpenMP threads of each process of the federation (see `deployment`)")
+                    help="OpenMP threads of each process of the federation (see `run_deployment`)")
     args = ap.parse_args()
-    global CENTER_THREADS
-    CENTER_THREADS = args.center_threads
 
     work = HERE / "_data" / "fed_runs"
     memory = [coordinator_memory(), coordinator_memory(spool_dir=work / "spool")]
@@ -268,6 +264,7 @@ def main() -> int:
         make_phantoms(data, centers=3, cases=args.cases, seed=0, size="small")
     rounds_args = (f"fed.rounds={args.rounds}", f"fed.local_epochs={args.local_epochs}",
                    f"data.num_patches_per_image={args.patches}")
+    deployment = functools.partial(run_deployment, threads=args.center_threads)
     arms = {"default": deployment(data, work / "fp32", *rounds_args),
             "separate_evaluate": deployment(data, work / "separate", *rounds_args,
                                             "fed.evaluate_with_train=false")}
