@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from medfound import __version__
-from medfound.errors import MedfoundError
+from medfound.errors import MedfoundError, as_disk_error
 
 
 def _print_json(obj) -> None:
@@ -190,24 +190,27 @@ def cmd_export(args) -> int:
 
 
 def cmd_infer(args) -> int:
+    from tqdm.auto import tqdm
+
     from medfound.infer.study import run_studies
 
-    summary = run_studies(args.model, args.studies, args.out, providers=args.provider,
-                          threads=args.threads, precision="int8" if args.int8 else "fp32",
-                          trt_cache=args.trt_cache, fp16=args.fp16,
-                          threshold=args.threshold,
-                          max_findings=args.max_findings, sr=not args.no_sr,
-                          progress=not args.quiet)
-    for rec in summary["studies"]:
+    def report(rec: dict) -> None:  # one line per study, above the progress bar
         if rec["status"] == "ok":
             t = rec["timings_s"]
             found = (f"{rec['n_findings']} finding(s)" if "n_findings" in rec
                      else f"{rec['n_regions']} nodule region(s)")
-            print(f"{rec['study']}: {found} → {rec['out']}/ "
-                  f"(read {t['read']:.2f} s, preprocess {t['preprocess']:.2f} s, "
-                  f"network {t['network']:.2f} s, postprocess {t['postprocess']:.2f} s)")
+            tqdm.write(f"{rec['study']}: {found} → {rec['out']}/ "
+                       f"(read {t['read']:.2f} s, preprocess {t['preprocess']:.2f} s, "
+                       f"network {t['network']:.2f} s, postprocess {t['postprocess']:.2f} s)")
         else:
-            print(f"FAILED: {rec['error']}")
+            tqdm.write(f"failed: {rec['error']}", file=sys.stderr)
+
+    summary = run_studies(args.model, args.studies, args.out, providers=args.provider,
+                          threads=args.threads, precision="int8" if args.int8 else "fp32",
+                          trt_cache=args.trt_cache, fp16=args.fp16,
+                          threshold=args.threshold, series_uid=args.series,
+                          max_findings=args.max_findings, sr=not args.no_sr,
+                          progress=not args.quiet, report=report)
     print(f"{summary['n_ok']} ok, {summary['n_failed']} failed; summary in "
           f"{Path(args.out) / 'summary.json'} (providers: {', '.join(summary['model']['providers'])})")
     return 1 if summary["n_failed"] else 0
@@ -232,6 +235,9 @@ def cmd_run(args) -> int:
             f"no recipe named '{args.recipe}'", path=folder,
             hint=("recipes here: " + ", ".join(known)) if known else
             "run from a medfound checkout (pip install -e .) or set MEDFOUND_RECIPES")
+    from medfound.preflight import check_recipe
+
+    check_recipe(recipe, args.overrides)  # the common mistakes, before torch is imported
     # A recipe is a Hydra app: it parses key=value overrides, -m sweeps and --cfg itself.
     return subprocess.call([sys.executable, str(recipe), *args.overrides])
 
@@ -357,7 +363,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a DICOM series folder, or a .nii/.nii.gz/.mhd/.mha file")
     s.add_argument("--model", type=Path, required=True, metavar="EXP",
                    help="the export folder (model.onnx + model_card.json)")
-    s.add_argument("--out", type=Path, required=True, metavar="OUT", help="output folder")
+    s.add_argument("--out", type=Path, required=True, metavar="OUT",
+                   help="output folder, apart from every STUDY and the model; it may exist, but "
+                        "nothing in it is replaced (a name it holds gets a _2 suffix)")
+    s.add_argument("--series", metavar="UID",
+                   help="the SeriesInstanceUID to read in a STUDY folder holding several series")
     s.add_argument("--threshold", type=float, default=0.5,
                    help="report findings with probability ≥ this (default 0.5)")
     s.add_argument("--max-findings", type=int, default=20, help="at most this many per study")
@@ -493,6 +503,12 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    except OSError as err:
+        line = as_disk_error(err)
+        if line is None:
+            raise
+        print(f"error: {line}", file=sys.stderr)
+        return line.exit_code
 
 
 if __name__ == "__main__":

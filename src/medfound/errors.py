@@ -27,7 +27,8 @@ class MedfoundError(Exception):
 
 def exit_on_user_error(fn):
     """Decorate an entry point (a CLI command, a Hydra recipe's main) so that a MedfoundError
-    ends the process with its one-line message on stderr, not a traceback."""
+    — or an OSError of a full, read-only or unwritable disk — ends the process with its
+    one-line message on stderr, not a traceback."""
     import functools
     import sys
 
@@ -38,8 +39,24 @@ def exit_on_user_error(fn):
         except MedfoundError as err:
             print(f"error: {err}", file=sys.stderr)
             sys.exit(err.exit_code)
+        except OSError as err:
+            line = as_disk_error(err)
+            if line is None:
+                raise
+            print(f"error: {line}", file=sys.stderr)
+            sys.exit(line.exit_code)
 
     return wrapper
+
+
+def as_disk_error(err: BaseException) -> MedfoundError | None:
+    """`err` as the one-line error of a full, read-only or unwritable disk, or None when it is
+    something else (a bug, which keeps its traceback)."""
+    from medfound.outputs import disk_error, is_disk_error
+
+    if not is_disk_error(err):
+        return None
+    return disk_error(err, getattr(err, "filename", None) or ".")
 
 
 def read_json(path, what: str | None = None):

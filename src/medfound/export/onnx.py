@@ -19,10 +19,10 @@ core reproduces what torch actually does.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import platform
+import shutil
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -36,6 +36,15 @@ from medfound import __version__
 from medfound.errors import MedfoundError
 from medfound.infer.engine import CARD_FORMAT, sha256_of
 from medfound.models.detection import DetectorConfig, build_detector, build_network, size_divisible
+from medfound.outputs import (
+    DiskError,
+    atomic_write,
+    check_output_folder,
+    disk_error,
+    is_disk_error,
+    writable_folder,
+    write_json,
+)
 from medfound.train.package import load_weights, read_model_json
 
 __all__ = [
@@ -116,9 +125,50 @@ def export_model_package(model_dir: str | Path, out_dir: str | Path, opset: int 
     CPM is at most `max_cpm_drop` (default INT8_MAX_CPM_DROP) below fp32's; needs `data_root`.
     A rejected INT8 model is renamed model.int8.onnx.rejected and MedfoundError is raised after
     parity.json and the card are written (the fp32 model stays valid).
+
+    `out_dir` must be new or empty (an export never replaces files). Any other failure — a full
+    or read-only disk, an exporter error — removes everything the export wrote, so no folder
+    with a model.onnx but no card is ever left; a failed gate leaves only its evidence
+    (parity.json, model.onnx.rejected), never a model_card.json.
     """
     model_dir, out_dir = Path(model_dir), Path(out_dir)
-    meta = read_model_json(model_dir)
+    check_output_folder(out_dir, [model_dir])
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        raise MedfoundError("the export folder is not empty", path=out_dir,
+                            hint="choose a new --out folder (an export never replaces files)")
+    created = not out_dir.exists()
+    meta = read_model_json(model_dir)  # before anything is written: a bad package leaves nothing
+    writable_folder(out_dir, "export folder")
+    try:
+        return _export(meta, model_dir, out_dir, opset=opset, dynamic=dynamic,
+                       parity_patches=parity_patches, seed=seed, rtol=rtol, data_root=data_root,
+                       int8=int8, calibration=calibration, calibration_patches=calibration_patches,
+                       max_cpm_drop=max_cpm_drop)
+    except MedfoundError as err:
+        if isinstance(err, DiskError) or not (out_dir / "parity.json").is_file():
+            _remove_export(out_dir, created)
+        raise
+    except BaseException as err:
+        _remove_export(out_dir, created)
+        if is_disk_error(err):
+            raise disk_error(err, out_dir) from err
+        raise
+
+
+def _remove_export(out_dir: Path, created: bool) -> None:
+    """Remove what a failed export wrote: `out_dir` was empty or absent when it began."""
+    for entry in out_dir.iterdir() if out_dir.is_dir() else ():
+        shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+    if created:
+        with contextlib.suppress(OSError):
+            out_dir.rmdir()
+
+
+def _export(meta: dict[str, Any], model_dir: Path, out_dir: Path, *, opset: int | None,
+            dynamic: bool, parity_patches: int, seed: int, rtol: float,
+            data_root: str | Path | None, int8: bool, calibration: str | Path | None,
+            calibration_patches: int, max_cpm_drop: float | None) -> dict[str, Any]:
+    """The body of `export_model_package` (arguments as there), into the folder it prepared."""
     if meta.get("task") == "nodule_segmentation":
         from medfound.export.segmentation import export_segmenter_package
 
@@ -188,9 +238,7 @@ INT8_FILE = "model.int8.onnx"
 
 
 def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(json.dumps(data, indent=2, allow_nan=True) + "\n")
-    tmp.replace(path)
+    write_json(path, data, allow_nan=True)
 
 
 def export_and_gate(network: nn.Module, cfg: Any, divisible: Sequence[int], out_dir: Path, names: list[str], *,
@@ -236,8 +284,8 @@ def reject(out_dir: Path) -> None:
 
 def write_card(out_dir: Path, card: dict[str, Any]) -> None:
     """model_card.json and MODEL_CARD.md in `out_dir`."""
-    _write_json(out_dir / "model_card.json", card)
-    (out_dir / "MODEL_CARD.md").write_text(card_markdown(card))
+    atomic_write(out_dir / "MODEL_CARD.md", card_markdown(card))
+    _write_json(out_dir / "model_card.json", card)  # last: a card means the export is whole
 
 
 def _cpm_parity(meta: dict[str, Any], cfg: DetectorConfig, detector: Any, out_dir: Path,
@@ -355,7 +403,7 @@ def check_parity(network: nn.Module, onnx_path: str | Path, shapes: Sequence[Seq
         "onnx_sha256": sha256_of(onnx_path),
     }
     if out_json is not None:
-        Path(out_json).write_text(json.dumps(report, indent=2, allow_nan=True) + "\n")
+        _write_json(Path(out_json), report)
     if not report["passed"]:
         bad = max(worst, key=lambda n: worst[n]["max_rel"])
         raise MedfoundError(
@@ -404,6 +452,9 @@ def _export_network(network: nn.Module, channels: int, example_size: Sequence[in
                               output_names=names, opset_version=opset, dynamic_shapes=dynamic_shapes,
                               external_data=False, optimize=True, verbose=False)
     except Exception as err:
+        if is_disk_error(err):
+            needed = sum(p.numel() * p.element_size() for p in network.parameters())
+            raise disk_error(err, path.parent, needed=needed) from err
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise MedfoundError(f"torch.onnx.export failed ({type(err).__name__}: {first})", path=path.parent,
                             hint="try dynamic=False (medfound export --fixed-shape) or another --opset") from err

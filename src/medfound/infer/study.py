@@ -14,19 +14,19 @@ nodule region: volume, centre, equivalent diameter), ``mask.nii.gz`` (the labels
 own grid), ``segmentation.dcm`` (a binary DICOM Segmentation over the source series a PACS can
 show; DICOM sources only; medfound.io.seg) and ``overview.png`` with the labels drawn in.
 
-A study's folder appears only when all its files are written (they are made in
-``<series_uid>.partial`` first).
-A study that fails is recorded in ``OUT/summary.json`` with its error and skipped; the others
-go on. Nothing here imports torch or MONAI.
+Nothing is removed or replaced: OUT may not overlap a study or the model; a study's results
+are made in a fresh hidden folder and renamed into place only when all its files are written,
+under its series UID, or with ``_2``, ``_3``, … when OUT already holds that name; an OUT that
+holds an earlier run's ``summary.json`` is refused. A study that fails is recorded in
+``OUT/summary.json`` with its error and skipped; the others go on. A full or read-only disk ends
+the run with one line (the summary records the studies done). Nothing here imports torch or
+MONAI.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,17 @@ from medfound.infer.engine import OnnxDetector, load_model_card
 from medfound.infer.preprocess import preprocess
 from medfound.infer.segment import OnnxSegmenter
 from medfound.io.volume import Volume, canonical_axes, voxel_boxes_to_world
+from medfound.outputs import (
+    DiskError,
+    check_output_folder,
+    disk_error,
+    is_disk_error,
+    publish_dir,
+    staged_dir,
+    unique_name,
+    writable_folder,
+    write_json,
+)
 
 __all__ = ["FINDINGS_FORMAT", "SEGMENTS_FORMAT", "detect_study", "findings_from_boxes",
            "render_overview", "run_studies", "segment_study"]
@@ -72,14 +83,16 @@ def findings_from_boxes(boxes: np.ndarray, scores: np.ndarray, input_affine: np.
 
 
 def detect_study(detector: OnnxDetector, study: str | Path, *, threshold: float = 0.5,
-                 max_findings: int = 20) -> tuple[Volume, list[dict[str, Any]], dict[str, Any]]:
-    """Read one study and detect nodules in it: (volume as read, findings, facts).
+                 max_findings: int = 20, series_uid: str | None = None
+                 ) -> tuple[Volume, list[dict[str, Any]], dict[str, Any]]:
+    """Read one study (the series `series_uid` of a folder holding several) and detect nodules
+    in it: (volume as read, findings, facts).
 
     facts: ``timings_s`` (read, preprocess, network, postprocess), ``n_candidates`` (detections
     before the threshold) and ``input_shape`` (the network input's (i, j, k)).
     """
     t0 = time.perf_counter()
-    volume = _read_study(study, detector.card)
+    volume = _read_study(study, detector.card, series_uid)
     t1 = time.perf_counter()
     image, input_affine = preprocess(volume.array, volume.affine, detector.card)
     t2 = time.perf_counter()
@@ -94,17 +107,18 @@ def detect_study(detector: OnnxDetector, study: str | Path, *, threshold: float 
     return volume, findings, facts
 
 
-def segment_study(segmenter: OnnxSegmenter, study: str | Path
+def segment_study(segmenter: OnnxSegmenter, study: str | Path, series_uid: str | None = None
                   ) -> tuple[Volume, np.ndarray, list[dict[str, Any]], dict[str, Any]]:
-    """Read one study and label its nodule voxels: (volume as read, labels on the volume's
-    grid (uint8, 1 = nodule), nodule regions, facts).
+    """Read one study (the series `series_uid` of a folder holding several) and label its
+    nodule voxels: (volume as read, labels on the volume's grid (uint8, 1 = nodule), nodule
+    regions, facts).
 
     The regions (`medfound.io.seg.nodule_components`) are measured on the network's grid, where
     the labels were made; facts as for `detect_study` (``n_regions`` for ``n_candidates``)."""
     from medfound.io.seg import labels_on_grid, nodule_components
 
     t0 = time.perf_counter()
-    volume = _read_study(study, segmenter.card)
+    volume = _read_study(study, segmenter.card, series_uid)
     t1 = time.perf_counter()
     image, input_affine = preprocess(volume.array, volume.affine, segmenter.card)
     t2 = time.perf_counter()
@@ -119,11 +133,11 @@ def segment_study(segmenter: OnnxSegmenter, study: str | Path
     return volume, on_study, regions, facts
 
 
-def _read_study(study: str | Path, card: dict[str, Any]) -> Volume:
+def _read_study(study: str | Path, card: dict[str, Any], series_uid: str | None = None) -> Volume:
     """The study as read, refused with a clear error if the model reads another modality."""
     from medfound.io.reader import read_volume
 
-    volume = read_volume(study, progress=False)
+    volume = read_volume(study, series_uid=series_uid, progress=False)
     expected = str(card["input"].get("modality", "")).upper()
     if expected in ("CT", "MR", "PT", "US") and volume.modality not in (expected, "OT"):
         raise MedfoundError(f"study modality is {volume.modality}; this model reads {expected}",
@@ -202,47 +216,31 @@ def _is_dicom_source(study: Path) -> bool:
     return not study.name.lower().endswith((".nii", ".nii.gz", ".mhd", ".mha"))
 
 
-def _safe_name(text: str) -> str:
-    keep = "".join(c if c.isalnum() or c in "._-" else "_" for c in text)
-    return keep.strip("._") or "study"
-
-
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def _one_study(net: OnnxDetector | OnnxSegmenter, study: Path, out: Path, model: dict[str, Any],
-               threshold: float, max_findings: int, sr: bool, used: set[str]) -> dict[str, Any]:
+               threshold: float, max_findings: int, sr: bool, used: set[str],
+               series_uid: str | None) -> dict[str, Any]:
     labels = None
     if isinstance(net, OnnxSegmenter):
-        volume, labels, findings, facts = segment_study(net, study)
+        volume, labels, findings, facts = segment_study(net, study, series_uid)
     else:
         volume, findings, facts = detect_study(net, study, threshold=threshold,
-                                               max_findings=max_findings)
-
-    def write(work: Path) -> dict[str, str]:
-        if labels is not None:
-            return _write_segments(work, study, volume, labels, findings, model, sr)
-        return _write_outputs(work, study, volume, findings, facts, model, threshold, sr)
-
-    name = _safe_name(volume.series_uid or study.name)
-    while name in used:
-        name += "_1"
-    used.add(name)
+                                               max_findings=max_findings, series_uid=series_uid)
     t0 = time.perf_counter()
-    work = out / f"{name}.partial"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
     try:
-        outputs = write(work)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)  # no half-written study folder
+        with staged_dir(out) as work:
+            if labels is not None:
+                outputs = _write_segments(work, study, volume, labels, findings, model, sr)
+            else:
+                outputs = _write_outputs(work, study, volume, findings, facts, model, threshold, sr)
+            name = unique_name(out, volume.series_uid or study.name, used, reserved=(SUMMARY,))
+            final = publish_dir(work, out / name)
+    except MedfoundError:
         raise
-    final = out / name
-    shutil.rmtree(final, ignore_errors=True)
-    work.rename(final)
+    except Exception as err:  # e.g. matplotlib or pydicom meeting a full disk
+        if is_disk_error(err):
+            raise disk_error(err, out) from err
+        raise
+    used.add(name)
     facts["timings_s"]["write"] = time.perf_counter() - t0
     counts = ({"n_regions": len(findings)} if isinstance(net, OnnxSegmenter) else
               {"n_findings": len(findings), "n_candidates": facts["n_candidates"]})
@@ -259,7 +257,7 @@ def _write_outputs(work: Path, study: Path, volume: Volume, findings: list[dict[
               "spacing_mm": [round(s, 4) for s in volume.spacing], "model": model,
               "threshold": threshold, "n_candidates": facts["n_candidates"],
               "findings": findings}
-    _write_json(work / "findings.json", record)
+    write_json(work / "findings.json", record)
     outputs = {"findings": "findings.json"}
     if sr and _is_dicom_source(study):
         from medfound.io.sr import read_source_headers, write_nodule_sr
@@ -285,7 +283,7 @@ def _write_segments(work: Path, study: Path, volume: Volume, labels: np.ndarray,
               "spacing_mm": [round(s, 4) for s in volume.spacing], "model": model,
               "labels": {"0": "background", "1": "nodule"},
               "nodule_voxels": int((labels == 1).sum()), "regions": regions}
-    _write_json(work / "segments.json", record)
+    write_json(work / "segments.json", record)
     write_labels_nifti(labels, volume.affine, work / "mask.nii.gz")
     outputs = {"segments": "segments.json", "mask": "mask.nii.gz"}
     if seg and _is_dicom_source(study):
@@ -306,11 +304,18 @@ def run_studies(model: str | Path, studies: Sequence[str | Path], out: str | Pat
                 providers: Sequence[str] | str | None = None, threads: int | None = None,
                 precision: str = "fp32", trt_cache: str | Path | None = None, fp16: bool = False,
                 threshold: float = 0.5, max_findings: int = 20, sr: bool = True,
-                progress: bool = True) -> dict[str, Any]:
+                series_uid: str | None = None, progress: bool = True,
+                report: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Run the exported detector or segmenter `model` on every study; write per-study outputs
     and ``OUT/summary.json`` (rewritten after each study, so an interrupted run keeps what it
-    did). `sr`: also the DICOM SR (detector) or DICOM Segmentation (segmenter) of DICOM studies;
-    `threshold`, `max_findings`, `precision`, `trt_cache` and `fp16` are the detector's.
+    did; ``finished`` is true only once every study was tried). `sr`: also the DICOM SR
+    (detector) or DICOM Segmentation (segmenter) of DICOM studies; `series_uid`: the series to
+    read in folders holding several; `threshold`, `max_findings`, `precision`, `trt_cache` and
+    `fp16` are the detector's. `report` is called with each study's record as it finishes
+    (the CLI prints it; the progress bar stays below).
+
+    OUT may exist, but not overlap a study or the model, and not hold an earlier run's
+    summary.json: nothing already there is removed or replaced.
 
     Returns the summary: ``studies`` (one record per study: ``status`` "ok" or "failed",
     ``error`` for a failure, timings and outputs for a success), ``n_ok``, ``n_failed``.
@@ -322,7 +327,10 @@ def run_studies(model: str | Path, studies: Sequence[str | Path], out: str | Pat
     if not 0.0 <= threshold <= 1.0:
         raise MedfoundError(f"threshold must be in [0, 1], got {threshold}", hint="e.g. --threshold 0.5")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    check_output_folder(out, [*studies, model])
+    if (out / SUMMARY).exists():
+        raise MedfoundError(f"holds the {SUMMARY} of an earlier run", path=out,
+                            hint="choose a new --out folder (nothing in an existing one is replaced)")
     net: OnnxDetector | OnnxSegmenter
     if "segmentation" in load_model_card(model)[1]:
         if precision != "fp32":
@@ -334,13 +342,15 @@ def run_studies(model: str | Path, studies: Sequence[str | Path], out: str | Pat
         net = OnnxDetector(model, providers=providers, threads=threads, precision=precision,
                            trt_cache=trt_cache, fp16=fp16)
         sha256 = net.sha256
+    writable_folder(out)
     card = net.card
     model_info = {"name": f"medfound-{card.get('task') or 'detector'}",
                   "version": str(card.get("versions", {}).get("medfound", "")),
                   "sha256": sha256, "precision": precision, "export": str(Path(model)),
                   "providers": net.providers}
     summary: dict[str, Any] = {"model": model_info, "threshold": threshold, "studies": [],
-                               "n_ok": 0, "n_failed": 0}
+                               "n_studies": len(studies), "n_ok": 0, "n_failed": 0,
+                               "finished": False}
     used: set[str] = set()
     bar = tqdm(studies, desc="infer", unit="study", disable=not progress)
     for study in bar:
@@ -348,19 +358,25 @@ def run_studies(model: str | Path, studies: Sequence[str | Path], out: str | Pat
         t0 = time.perf_counter()
         try:
             rec = {"study": str(study), "status": "ok",
-                   **_one_study(net, study, out, model_info, threshold, max_findings, sr, used)}
+                   **_one_study(net, study, out, model_info, threshold, max_findings, sr, used,
+                                series_uid)}
             summary["n_ok"] += 1
+        except DiskError:
+            raise  # a full or read-only OUT: every study after this one would fail too
         except MedfoundError as err:
             rec = {"study": str(study), "status": "failed", "error": str(err)}
             summary["n_failed"] += 1
         except Exception as err:  # a reader or library failure on one study must not stop the rest
+            first = (str(err).strip().splitlines() or [""])[0][:300]
             rec = {"study": str(study), "status": "failed",
-                   "error": f"{study}: {type(err).__name__}: {err}"}
+                   "error": f"{study}: cannot be processed ({type(err).__name__}: {first})"}
             summary["n_failed"] += 1
         rec["seconds"] = round(time.perf_counter() - t0, 3)
         summary["studies"].append(rec)
-        if rec["status"] == "failed":
-            bar.write(f"failed: {rec['error']}")
+        if report is not None:
+            report(rec)
         bar.set_postfix(ok=summary["n_ok"], failed=summary["n_failed"])
-        _write_json(out / SUMMARY, summary)
+        write_json(out / SUMMARY, summary)
+    summary["finished"] = True
+    write_json(out / SUMMARY, summary)
     return summary

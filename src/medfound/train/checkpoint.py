@@ -7,6 +7,7 @@ keys). It holds only tensors, numbers, strings and lists/dicts/tuples of them, s
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 from collections.abc import Callable, Iterable, Mapping
@@ -30,15 +31,25 @@ __all__ = [
 
 
 def save_checkpoint(state: Mapping[str, Any], path: str | Path) -> Path:
-    """Write `state` to `path` atomically: a crash mid-write leaves the previous file intact."""
+    """Write `state` to `path` atomically: a crash mid-write leaves the previous file intact,
+    and a full or read-only disk is a one-line `MedfoundError` (the temporary file removed)."""
+    from medfound.outputs import disk_error, is_disk_error
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        torch.save(dict(state), f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            torch.save(dict(state), f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as err:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if is_disk_error(err):
+            raise disk_error(err, path) from err
+        raise
     return path
 
 
