@@ -128,3 +128,22 @@ def test_bad_geometry_and_names_are_refused(tmp_path) -> None:
         write_series(values(), np.eye(4), tmp_path, "XA")
     with pytest.raises(ValueError, match="file_names"):
         write_series(values(), np.eye(4), tmp_path, "CT", file_names="sorted")
+
+
+def test_type2_attributes_of_each_modality_are_present_unless_given(tmp_path) -> None:
+    """PS3.3 type 2 attributes must be present (maybe empty): a PET series needs CollimatorType
+    and the NM/PET Patient Orientation sequences, an MR one its sequence parameters; an
+    ultrasound cine, which has no ImageOrientationPatient, needs PatientOrientation (2C)."""
+    pet = pydicom.dcmread(write_series(values(), np.eye(4), tmp_path / "pt", "PT",
+                                       {"CollimatorType": "NONE"})[0])
+    assert pet.CollimatorType == "NONE"
+    for kw in ("PatientOrientationCodeSequence", "PatientGantryRelationshipCodeSequence",
+               "RadiopharmaceuticalInformationSequence"):
+        assert kw in pet and len(pet[kw].value) == 0, kw
+    assert "CorrectedImage" in pet and "ActualFrameDuration" in pet
+    mr = pydicom.dcmread(write_series(values(), np.eye(4), tmp_path / "mr", "MR")[0])
+    assert all(kw in mr for kw in ("ScanOptions", "MRAcquisitionType", "EchoTime", "EchoTrainLength"))
+    assert "CollimatorType" not in mr
+    cine = pydicom.dcmread(write_multiframe(np.zeros((8, 6, 3)), tmp_path / "us.dcm"))
+    assert "PatientOrientation" in cine and cine.PatientOrientation == ""
+    assert "ImageOrientationPatient" not in cine

@@ -409,7 +409,7 @@ def _write_pet(folder: Path, pat: Patient, prof: dict, phi: dict, key, size: str
         "ContentDate": start.strftime("%Y%m%d"), "ContentTime": start.strftime("%H%M%S.00"),
         "Manufacturer": prof["pet"][0], "ManufacturerModelName": prof["pet"][1],
         "StudyDescription": "PET CT WHOLE BODY FDG", "SeriesDescription": "PET AC",
-        "BodyPartExamined": "CHEST", "PatientPosition": "HFS", "SeriesNumber": 4,
+        "BodyPartExamined": "CHEST", "SeriesNumber": 4,
         "ImageType": ["ORIGINAL", "PRIMARY"],
         "SeriesType": ["WHOLE BODY", "IMAGE"], "Units": "BQML", "CountsSource": "EMISSION",
         "DecayCorrection": "START", "CorrectedImage": ["DECY", "ATTN", "SCAT", "DTIM", "RAN", "NORM"],
@@ -422,16 +422,26 @@ def _write_pet(folder: Path, pat: Patient, prof: dict, phi: dict, key, size: str
             "RadiopharmaceuticalStartDateTime": injected.strftime("%Y%m%d%H%M%S.00"),
             "RadionuclideTotalDose": dose, "RadionuclideHalfLife": F18_HALF_LIFE_S,
             "RadionuclidePositronFraction": 0.9673,
-            "RadionuclideCodeSequence": [{"CodeValue": "C-111A1", "CodingSchemeDesignator": "SRT",
-                                          "CodeMeaning": "^18^Fluorine"}],
-            "RadiopharmaceuticalCodeSequence": [{"CodeValue": "C-B1031",
-                                                 "CodingSchemeDesignator": "SRT",
-                                                 "CodeMeaning": "Fluorodeoxyglucose F^18^"}],
+            "RadionuclideCodeSequence": [_code("77004003", "^18^Fluorine")],  # CID 4020
+            "RadiopharmaceuticalCodeSequence": [_code("35321007", "Fluorodeoxyglucose F^18^")],  # CID 4021
         }],
+        # A 3D scanner without septa; the patient lies supine, head first into the gantry. PET
+        # says so with these codes instead of PatientPosition, which may not be sent beside
+        # PatientOrientationCodeSequence (PS3.3 C.7.3.1).
+        "CollimatorType": "NONE",
+        "PatientOrientationCodeSequence": [{  # CID 19, its modifier CID 20
+            **_code("102538003", "recumbent"),
+            "PatientOrientationModifierCodeSequence": [_code("40199007", "supine")]}],
+        "PatientGantryRelationshipCodeSequence": [_code("102540008", "headfirst")],  # CID 21
     }
     write_series(bqml.T, affine, folder, "PT", attrs, rescale="per_slice", dtype="int16",
                  study_uid=_uid(key, "pet", "study"), series_uid=_uid(key, "pet", "series"),
                  frame_of_reference_uid=_uid(key, "pet", "for"), file_names=prof["file_names"])
+
+
+def _code(value: str, meaning: str) -> dict:
+    """A SNOMED CT code sequence item (designator SCT; SRT is retired, PS3.16 8.2)."""
+    return {"CodeValue": value, "CodingSchemeDesignator": "SCT", "CodeMeaning": meaning}
 
 
 def _write_us(folder: Path, prof: dict, phi: dict, key, size: str) -> None:

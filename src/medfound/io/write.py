@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import pydicom
 from pydicom.charset import convert_encodings
+from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
@@ -58,6 +59,16 @@ SOP_CLASS = {
 US_MULTIFRAME = UID("1.2.840.10008.5.1.4.1.1.3.1")  # Ultrasound Multi-frame Image Storage
 
 _UNCOMPRESSED = {ExplicitVRLittleEndian, ImplicitVRLittleEndian}
+# Type 2 attributes of each modality's image and series modules (PS3.3 C.8.2.1 CT Image, C.8.3.1
+# MR Image, C.8.9.1 PET Series, C.8.9.4 PET Image, C.8.4.6 NM/PET Patient Orientation): written
+# empty unless `attrs` gives them a value, so a series is valid without knowing the scanner.
+_TYPE2 = {
+    "CT": ("KVP",),
+    "MR": ("ScanOptions", "MRAcquisitionType", "EchoTime", "EchoTrainLength"),
+    "PT": ("CorrectedImage", "CollimatorType", "RadiopharmaceuticalInformationSequence",
+           "PatientOrientationCodeSequence", "PatientGantryRelationshipCodeSequence",
+           "AcquisitionDate", "AcquisitionTime", "ActualFrameDuration"),
+}
 _IMPLEMENTATION_VERSION = f"MEDFOUND_{__version__}"[:16]
 
 
@@ -224,6 +235,9 @@ def write_multiframe(
     ds.CineRate = int(round(1000.0 / frame_time_ms))
     ds.FrameIncrementPointer = pydicom.tag.Tag("FrameTime")
     ds.ImageType = ["ORIGINAL", "PRIMARY", "ABDOMINAL", "0001"]
+    # Type 2C in the General Image module for images without ImageOrientationPatient: an
+    # ultrasound probe's direction relative to the patient is not known, so it stays empty.
+    ds.PatientOrientation = ""
     region = Dataset()
     region.RegionSpatialFormat = 1  # 2D
     region.RegionDataType = 1  # tissue
@@ -305,8 +319,8 @@ def _base_dataset(modality: str, sop_class: UID, dtype: np.dtype, rows: int, col
     ds.BitsAllocated = ds.BitsStored = dtype.itemsize * 8
     ds.HighBit = ds.BitsStored - 1
     ds.PixelRepresentation = 1 if dtype.kind == "i" else 0
-    if modality == "CT":
-        ds.KVP = ""
+    for kw in _TYPE2.get(modality, ()):
+        setattr(ds, kw, DicomSequence() if dictionary_VR(kw) == "SQ" else "")
     return ds
 
 
