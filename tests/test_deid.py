@@ -14,7 +14,7 @@ import re
 import stat
 import subprocess
 import sys
-from datetime import date
+from datetime import date, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +27,13 @@ from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian
 
 from medfound.errors import MedfoundError
-from medfound.io.deid import REPORT_NAME, date_shift_days, deidentify, keyed_uid
+from medfound.io.deid import (
+    REPORT_NAME,
+    date_shift_days,
+    deidentify,
+    keyed_uid,
+    patient_shift,
+)
 from medfound.io.deid_profile import ACTION_CODES, BASIC_PROFILE, action_for
 
 KEY_HEX = "3f1c9a0b7d2e4f6a8c1b3d5e7f9a0c2e4b6d8f1a3c5e7b9d0f2a4c6e8b1d3f5a"
@@ -206,7 +212,7 @@ def test_profile_table_is_table_e1_1():
     for tag in BASIC_PROFILE:
         assert keyword_for_tag(tag), f"{tag:08X} is not a DICOM attribute"
     expected = {
-        "PatientName": "Z", "PatientID": "Z", "PatientBirthDate": "Z", "AccessionNumber": "Z",
+        "PatientName": "Z", "PatientID": "Z/D", "PatientBirthDate": "Z", "AccessionNumber": "Z",
         "ReferringPhysicianName": "Z", "StudyDate": "Z", "PatientAddress": "X",
         "OtherPatientIDsSequence": "X", "RequestAttributesSequence": "X",
         "InstitutionName": "X/Z/D", "ReferencedStudySequence": "X/Z",
@@ -352,26 +358,42 @@ def test_same_key_same_bytes_other_key_other_uids(center, tmp_path, key_file):
         pydicom.dcmread(center / rel).SeriesInstanceUID, bytes.fromhex(KEY_HEX))
 
 
-def test_dates_shift_per_patient_keeping_intervals(center, tmp_path, key_file):
+def as_instant(da: str, tm: str = "000000") -> datetime:
+    tm = tm.split(".")[0].ljust(6, "0")
+    return datetime(int(da[:4]), int(da[4:6]), int(da[6:8]), int(tm[:2]), int(tm[2:4]),
+                    int(tm[4:6]))
+
+
+def test_dates_and_times_shift_per_patient_keeping_intervals(center, tmp_path, key_file):
     run(center, tmp_path / "out", key_file)
     outputs = dicom_outputs(tmp_path / "out")
     key = bytes.fromhex(KEY_HEX)
     for rel, ds in outputs.items():
         original = pydicom.dcmread(center / rel)
         days = date_shift_days(original.PatientID, key)
-        assert -365 <= days <= -1
-        for field in ("StudyDate", "SeriesDate", "AcquisitionDate", "ContentDate",
-                      "InstanceCreationDate"):
+        shift = patient_shift(original.PatientID, key)
+        assert -365 <= days <= -1 and timedelta(days=-366) < shift <= timedelta(days=-1)
+        assert shift.total_seconds() % 86400  # the time of day moves too
+        for field in ("AcquisitionDate", "ContentDate", "InstanceCreationDate"):  # no time
             assert (as_date(ds[field].value) - as_date(original[field].value)).days == days
-        assert ds.AcquisitionDateTime[8:] == original.AcquisitionDateTime[8:]  # time kept
-        assert (as_date(ds.AcquisitionDateTime) - as_date(original.AcquisitionDateTime)).days \
-            == days
-        assert ds.StudyTime == original.StudyTime and ds.SeriesTime == original.SeriesTime
+        for prefix in ("Study", "Series"):  # a date and its time move as one instant
+            moved = as_instant(ds[prefix + "Date"].value, ds[prefix + "Time"].value)
+            assert moved - as_instant(original[prefix + "Date"].value,
+                                      original[prefix + "Time"].value) \
+                == shift
+            assert ds[prefix + "Time"].value != original[prefix + "Time"].value
+        assert ds.SeriesTime.endswith(".5")  # the fraction of a second is kept
+        dt, dt0 = ds.AcquisitionDateTime, original.AcquisitionDateTime
+        assert as_instant(dt[:8], dt[8:]) - as_instant(dt0[:8], dt0[8:]) == shift
+        assert dt.endswith(".250000")
 
-    jane1 = outputs["case01/study1/series1/s0.dcm"].StudyDate
-    jane2 = outputs["case01/study2/series1/s0.dcm"].StudyDate
-    assert (as_date(jane2) - as_date(jane1)).days == 10  # the interval within a patient
-    assert jane1 != "20230301"
+    def study_instant(rel: str) -> datetime:
+        return as_instant(outputs[rel].StudyDate, outputs[rel].StudyTime)
+
+    jane1 = study_instant("case01/study1/series1/s0.dcm")
+    jane2 = study_instant("case01/study2/series1/s0.dcm")
+    assert jane2 - jane1 == timedelta(days=10)  # the interval within a patient, to the second
+    assert outputs["case01/study1/series1/s0.dcm"].StudyDate != "20230301"
 
 
 def test_remove_dates_empties_dates_and_times(center, tmp_path, key_file):

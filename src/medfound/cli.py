@@ -63,12 +63,13 @@ def cmd_deid(args) -> int:
 
     report = deidentify(args.input, args.output, key_file=args.key_file,
                         remove_dates=args.remove_dates, pseudonym_map=args.pseudonym_map,
-                        progress=not args.quiet)
+                        progress=not args.quiet, options=args.option)
     _warn(report.get("warnings", []))
     print(f"de-identified {report['files_written']} files into {args.output}"
-          f" ({report['files_skipped']} skipped, {len(report['burned_in_risk'])} flagged for"
-          f" burned-in text); report: {Path(args.output) / 'deid_report.json'}")
-    return 0
+          f" ({report['files_skipped']} skipped, {report['files_failed']} failed,"
+          f" {len(report['burned_in_risk'])} flagged for burned-in text); report:"
+          f" {Path(args.output) / 'deid_report.json'}")
+    return 1 if report["files_failed"] else 0
 
 
 def cmd_phantoms(args) -> int:
@@ -168,7 +169,8 @@ def cmd_export(args) -> int:
 
     card = export_model_package(args.model_dir, args.out, opset=args.opset,
                                 dynamic=not args.fixed_shape, data_root=args.data, int8=args.int8,
-                                calibration=args.calibration, calibration_patches=args.calibration_patches)
+                                calibration=args.calibration, calibration_patches=args.calibration_patches,
+                                min_cpm=args.min_cpm, allow_unvalidated=args.allow_unvalidated)
     parity = card["parity"]
     print(f"wrote {Path(args.out) / 'model.onnx'} (sha256 {card['onnx']['sha256'][:12]}…), "
           f"model_card.json, MODEL_CARD.md; onnxruntime vs torch: max relative error "
@@ -182,6 +184,9 @@ def cmd_export(args) -> int:
         print(f"Dice on {q['n_studies']} validation studies: torch {q['dice_torch']:.4f}, "
               f"onnx {q['dice_onnx']:.4f} (|diff| ≤ {q['tolerance']}, passed); labels agree on "
               f"{100 * q['label_agreement']:.3f}% of voxels")
+    v = card.get("validation")
+    if v:
+        print(f"validation: {v['status'].upper()} — {v['reason']}")
     if "int8" in card:
         d = card["int8"]
         print(f"INT8 accepted: {Path(args.out) / d['file']}, CPM {d['cpm_int8']:.4f} "
@@ -287,6 +292,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--pseudonym-map", type=Path, metavar="FILE",
                    help="write the original→pseudonym map (PatientID, UIDs) to FILE, which "
                    "must stay at the center (refused inside OUT)")
+    s.add_argument("--option", action="append", metavar="NAME",
+                   help="a PS3.15 E.3 option, repeatable: clean-descriptors, clean-graphics, "
+                   "clean-structured-content, retain-device-identity, retain-uids, "
+                   "retain-patient-characteristics, retain-institution-identity, "
+                   "retain-longitudinal-full-dates (default: retain-longitudinal-modified-dates)")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_deid)
 
@@ -346,6 +356,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: the model's first training center under --data)")
     s.add_argument("--calibration-patches", type=int, default=16, metavar="N",
                    help="calibration windows (default 16)")
+    s.add_argument("--min-cpm", type=float, default=0.5, metavar="CPM",
+                   help="a detector whose validation CPM (measured on --data, else the training "
+                        "run's) is below this is not exported (default 0.5)")
+    s.add_argument("--allow-unvalidated", action="store_true",
+                   help="export it anyway, marked 'not validated' in its card; infer then says "
+                        "so on every run, in findings.json and in the SR")
     s.set_defaults(func=cmd_export)
 
     s = sub.add_parser(
