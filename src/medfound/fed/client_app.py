@@ -23,6 +23,14 @@ Each center keeps its own MLflow run per federation (``work_dir/mlruns``, experi
 center's epoch count) and every round's validation metrics (step = round), reopened each
 round. It stays at the center; the coordinator's run gets only what the replies carry.
 
+The coordinator is not trusted with the center's file system: every field of a message is
+checked before use (medfound.fed.protocol.read_task: the run tag and round become folder names,
+so they come from a strict alphabet and range), every folder the center writes or deletes is
+resolved and checked to lie inside ``work_dir`` (`inside`), and only round folders medfound
+names itself are ever deleted (`_prune_rounds`). A message that breaks the contract gets an
+error reply naming the field, is recorded in the audit log like every reply, and the center
+serves the next message as before.
+
 Privacy at the boundary:
 - every outbound reply passes the audit mod, which appends a line to the center's audit log
   (medfound.fed.audit) before the reply leaves;
@@ -38,6 +46,7 @@ module-level ``app`` is the ClientApp to point the SuperNode at.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import shutil
@@ -63,19 +72,22 @@ from medfound.fed.protocol import (
     CENTER,
     CONFIG,
     CROSS_SITE,
-    EVALUATE_RECEIVED,
     EVALUATION,
+    MAX_ROUND,
     METRICS,
     NUM_EXAMPLES,
     ROUND,
+    RUN_TAG,
+    InvalidMessage,
     VersionMismatch,
+    check_round,
+    check_run_tag,
     check_versions,
     read_task,
 )
 from medfound.fed.secagg import is_secagg, secagg_reply, stage_of
 
-__all__ = ["Site", "app", "evaluate_center", "make_client_app", "train_center"]
-
+__all__ = ["Site", "app", "evaluate_center", "inside", "make_client_app", "train_center"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,6 +137,13 @@ def make_client_app(sites: Sequence[Site] | None = None) -> ClientApp:
         site = site_of(context)
         return _reply_privately(msg, site, lambda: evaluate_center(site, msg))
 
+    @client.query()
+    def query(msg: Message, context: Context) -> Message:
+        """Who this center is: its name, so that a coordinator can name a node before its first
+        reply (and when it dies mid-round). Nothing else leaves."""
+        site = site_of(context)
+        return Message(RecordDict({CENTER: ConfigRecord({"name": site.center})}), reply_to=msg)
+
     return client
 
 
@@ -137,11 +156,12 @@ def train_center(site: Site, msg: Message) -> Message:
     from medfound.train.loop import TrainerConfig, fit
 
     task = _received_task(msg)
-    round_, run_tag = task["round"], str(task["run_tag"])
+    round_, run_tag = check_round(task["round"]), check_run_tag(task["run_tag"])
+    rounds_dir = _rounds_dir(site, run_tag)
     # fed.evaluate_with_train: the received weights are the previous round's global model;
     # score them before training changes anything (one exchange a round instead of two).
     scores, evaluate_s = None, {}
-    if msg.content[CONFIG].get(EVALUATE_RECEIVED, False):
+    if task.get("evaluate_received", False):
         started = time.perf_counter()
         scores = _evaluation(site, {**task, "round": round_ - 1}, msg.content)[METRICS]
         evaluate_s = {"evaluate/seconds": time.perf_counter() - started}
@@ -150,7 +170,6 @@ def train_center(site: Site, msg: Message) -> Message:
     network, model = job["network"], job["model"]
     global_state = from_arrays(msg.content[ARRAYS])
 
-    rounds_dir = site.work_dir / "rounds" / run_tag
     previous = _latest_round_state(rounds_dir, before=round_)
     _check_complete(network, global_state, previous, site)
     start_state, epochs_done = None, 0
@@ -169,8 +188,9 @@ def train_center(site: Site, msg: Message) -> Message:
         step = _proximal(step, network, global_state, task["proximal_mu"])
     started = time.perf_counter()
     with _center_run(site, task) as tracker:
-        result = fit(model, job["loader"], step, trainer, rounds_dir / f"{round_:04d}",
-                     start_state=start_state, tracker=tracker)
+        out = inside(site.work_dir, rounds_dir / _round_name(round_))
+        result = fit(model, job["loader"], step, trainer, out, start_state=start_state,
+                     tracker=tracker)
         tracker.log_metrics({"round": float(round_), **job["logged"]},
                             step=epochs_done + int(task["local_epochs"]))
     _prune_rounds(site.work_dir / "rounds", run_tag, keep_from=round_ - 1)
@@ -281,14 +301,14 @@ def _evaluation(site: Site, task: Mapping[str, Any], content: RecordDict) -> dic
     `task["round"]` is the round whose global model they are (the step of the center's log)."""
     if task_name(task) == "pretrain":
         return _evaluate_pretrain(site, task, content)
-    models = content[CONFIG].get(CROSS_SITE)
+    models = task.get("cross_site_models")
     if models is None:
         weights = {"val": (METRICS, content[ARRAYS])}
     else:
         weights = {f"cross_site/{name}": (f"{METRICS}:{name}", content[f"{ARRAYS}:{name}"])
-                   for name in json.loads(str(models))}
+                   for name in models}
     items = _validation_items(site)
-    base = _latest_round_state(site.work_dir / "rounds" / str(task["run_tag"]),
+    base = _latest_round_state(_rounds_dir(site, check_run_tag(task["run_tag"])),
                                before=int(task["round"]) + 1)
     records, logged = {}, {}
     for prefix, (key, arrays) in weights.items():
@@ -364,10 +384,10 @@ def _center_run(site: Site, task: Mapping[str, Any]) -> Any:
     """The center's own MLflow run for this federation (created on first use, then reopened)."""
     from medfound.train.tracking import Tracker
 
-    run_tag = str(task["run_tag"])
+    run_tag = check_run_tag(task["run_tag"])
     return Tracker({"uri": str(site.work_dir / "mlruns"), "experiment": "medfound-center",
                     "run_name": f"{site.center} {run_tag}"},
-                   out_dir=site.work_dir / "mlflow" / run_tag, resume=True,
+                   out_dir=inside(site.work_dir, site.work_dir / "mlflow" / run_tag), resume=True,
                    config={"center": site.center, "run_tag": run_tag,
                            **{k: task.get(k) for k in ("task", "network", "trainer", "data",
                                                        "seed", "local_epochs", "transfer_dtype")}})
@@ -386,6 +406,8 @@ def _received_task(msg: Message) -> dict[str, Any]:
     try:
         theirs = json.loads(str(config["versions"]))
     except (KeyError, ValueError):
+        theirs = {}
+    if not isinstance(theirs, dict):
         theirs = {}
     check_versions(theirs)
     return read_task(config)
@@ -460,21 +482,63 @@ def _validation_items(site: Site) -> list[dict[str, Any]]:
     return load_datalist(site.data_dir.parent, [site.data_dir.name], "validation")
 
 
+def inside(root: Path, path: Path) -> Path:
+    """`path`, if it resolves (symbolic links followed) to `root` or below it; otherwise a
+    `MedfoundError`: nothing a message makes a center write or delete may lie elsewhere."""
+    base, target = Path(root).resolve(), Path(path).resolve()
+    if target != base and base not in target.parents:
+        raise MedfoundError("refused a folder outside the center's work folder", path=root,
+                            hint="the work folder's rounds/ and mlflow/ must not be links "
+                                 "out of it")
+    return target
+
+
+def _rounds_dir(site: Site, run_tag: str) -> Path:
+    """WORK/rounds/<run_tag>, the run's round states, checked to lie inside the work folder."""
+    return inside(site.work_dir, site.work_dir / "rounds" / check_run_tag(run_tag))
+
+
+def _round_name(round_: int) -> str:
+    return f"{round_:04d}"
+
+
+def _round_of(folder: Path) -> int | None:
+    """The round a round-state folder holds, or None for anything medfound did not name so
+    (and for links: a round folder is always a real folder)."""
+    name = folder.name
+    if not (name.isascii() and name.isdigit() and 4 <= len(name) <= 6) or folder.is_symlink():
+        return None
+    n = int(name)
+    return n if n <= MAX_ROUND and name == _round_name(n) and folder.is_dir() else None
+
+
 def _latest_round_state(rounds_dir: Path, before: int) -> Path | None:
-    done = [int(p.name) for p in rounds_dir.glob("*") if p.name.isdigit() and int(p.name) < before
+    done = [n for p in rounds_dir.glob("*") if (n := _round_of(p)) is not None and n < before
             and (p / "checkpoints" / "last.pt").is_file()]
-    return rounds_dir / f"{max(done):04d}" / "checkpoints" / "last.pt" if done else None
+    return rounds_dir / _round_name(max(done)) / "checkpoints" / "last.pt" if done else None
 
 
 def _prune_rounds(root: Path, run_tag: str, keep_from: int) -> None:
     """Drop other runs' state and this run's rounds before `keep_from` (a resumed coordinator
-    may re-send round keep_from + 1, which starts from round keep_from's state)."""
-    for run in root.glob("*"):
+    may re-send round keep_from + 1, which starts from round keep_from's state).
+
+    Only what medfound itself names is deleted: round folders (``0001``...) in run folders
+    named like run tags, under `root`, never through a link; a run folder goes once empty."""
+    base = root.resolve()
+    if not root.is_dir() or root.is_symlink():
+        return
+    for run in root.iterdir():
+        if run.is_symlink() or not run.is_dir() or not RUN_TAG.fullmatch(run.name):
+            continue
+        for folder in run.iterdir():
+            n = _round_of(folder)
+            if n is None or (run.name == run_tag and n >= keep_from):
+                continue
+            if folder.resolve().parent.parent == base:
+                shutil.rmtree(folder, ignore_errors=True)
         if run.name != run_tag:
-            shutil.rmtree(run, ignore_errors=True)
-    for p in (root / run_tag).glob("*"):
-        if p.name.isdigit() and int(p.name) < keep_from:
-            shutil.rmtree(p, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                run.rmdir()  # only if empty: anything else in it is not medfound's
 
 
 def _device(trainer: Mapping[str, Any]) -> torch.device:
@@ -495,8 +559,8 @@ def _reply_privately(msg: Message, site: Site, job: Callable[[], Message]) -> Me
         with open(site.work_dir / "center.log", "a") as log:
             log.write(f"{datetime.now(timezone.utc).isoformat()} {kind} failed:\n{detail}\n")
         print(f"center {site.center}: {kind} failed: {err}", file=sys.stderr, flush=True)
-        if isinstance(err, VersionMismatch):
-            reason = f"center {site.center} refused: {err}"
+        if isinstance(err, (VersionMismatch, InvalidMessage)):
+            reason = f"center {site.center} refused the {kind[:20]} message: {err}"
         else:
             reason = (f"{kind} failed at center {site.center}: {type(err).__name__} "
                       "(details stay in the center's log)")
@@ -539,8 +603,9 @@ def _audit_mod(site_of: Callable[[Context], Site]) -> Callable:
         site = site_of(context)
         config = msg.content.config_records.get(CONFIG) if msg.has_content() else None
         group = msg.metadata.group_id  # SecAgg+ steps carry the round only there
-        round_ = (int(config.get(ROUND, 0)) if config is not None
-                  else int(group) if group.isdigit() else 0)
+        round_ = _audit_round(config.get(ROUND, 0) if config is not None
+                              else int(group) if group.isascii() and group.isdigit()
+                              and len(group) <= 6 else 0)
         if reply.has_error():
             payload, kind, names = str(reply.error.reason).encode(), "error", []
         else:
@@ -554,6 +619,15 @@ def _audit_mod(site_of: Callable[[Context], Site]) -> Callable:
         return reply
 
     return audit
+
+
+def _audit_round(value: Any) -> int:
+    """The round an audit record names: the message's round, or -1 when it is not a valid one
+    (a refused message is recorded too)."""
+    try:
+        return check_round(value)
+    except InvalidMessage:
+        return -1
 
 
 # The ClientApp a Flower SuperNode loads (its node config names the center and folders).
