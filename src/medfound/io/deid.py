@@ -438,8 +438,9 @@ def _clean_temporal(ds: Dataset, tag: int, code: str | None, run: _Run, f: _File
 
 
 def _scrub_text(text: str, identifiers: tuple[str, ...]) -> str:
-    for ident in identifiers:
-        text = re.sub(re.escape(ident), SCRUBBED, text, flags=re.IGNORECASE)
+    for ident in identifiers:  # whole words only: "Lee" is taken out of "Lee^Ann", not "Sleep"
+        text = re.sub(rf"(?<![^\W_]){re.escape(ident)}(?![^\W_])", SCRUBBED, text,
+                      flags=re.IGNORECASE)
     return text
 
 
@@ -499,7 +500,13 @@ def _clean_dataset(ds: Dataset, run: _Run, f: _File, top: bool, scrub: bool = Fa
 
     scrub: also clean (C) the strings the table does not list, as inside an SR content tree.
     """
-    done: set = set()  # times already moved with their date
+    done: set = set()  # dates and times already handled (a time moved with its date)
+    dated_times = {}  # time tag → its date tag, so a pair moves once whichever comes first
+    for tag in list(ds.keys()):
+        if not tag.is_private and ds[tag].VR == "DA":
+            partner = _time_partner(ds, tag)
+            if partner is not None:
+                dated_times[partner] = tag
     for tag in list(ds.keys()):
         if tag in done or tag not in ds:
             continue
@@ -525,6 +532,12 @@ def _clean_dataset(ds: Dataset, run: _Run, f: _File, top: bool, scrub: bool = Fa
                     _scrub(elem, f, run)
             continue
         if vr in TEMPORAL_VRS:
+            date_tag = dated_times.get(tag)
+            if date_tag is not None and date_tag not in done and date_tag in ds:
+                done.add(date_tag)
+                _clean_temporal(ds, date_tag, action_for(date_tag, run.options), run, f, done)
+                if tag in done or tag not in ds:
+                    continue  # moved with its date
             _clean_temporal(ds, tag, code, run, f, done)
             continue
         name = _name(tag)
@@ -593,8 +606,7 @@ def _identifiers(ds: Dataset) -> tuple[str, ...]:
             if not text:
                 continue
             found.add(text)
-            if keyword.endswith(("Name", "Names", "Physician", "PhysiciansOfRecord",
-                                 "NameOfPhysiciansReadingStudy")):
+            if pydicom.datadict.dictionary_VR(keyword) == "PN":  # each part of a person's name
                 found.update(p for p in re.split(r"[\^=\s,]+", text) if len(p) >= 2)
     for item in ds.get("OtherPatientIDsSequence", None) or []:
         found.add(str(item.get("PatientID", "") or "").strip())
