@@ -100,3 +100,19 @@ def test_unknown_or_unsupported_option_is_refused_in_one_line(tmp_path, key_file
         lines = done.stderr.strip().splitlines()
         assert done.returncode == 2 and len(lines) == 1 and message in lines[0], done.stderr
         assert not (tmp_path / "out").exists()
+
+
+def test_cli_options_by_name_are_applied_and_recorded(tmp_path, key_file):
+    write_ct_slice(tmp_path / "in" / "s0.dcm", JANE, 1, 1, 0, "20230301")
+    done = _cli(str(tmp_path / "in"), str(tmp_path / "out"), "--key-file", str(key_file),
+                "--option", "clean-descriptors", "--option", "retain-device-identity")
+    assert done.returncode == 0, done.stderr
+    ds = pydicom.dcmread(tmp_path / "out" / "s0.dcm")
+    assert ds.StudyDescription == "CT CHEST ANONYMIZED FOLLOWUP"  # the name taken out
+    assert ds.SeriesDescription == "AX LUNG 1.25"
+    assert ds.StationName == "CTSCAN-ROOM7"  # device identity kept
+    assert [c.CodeValue for c in ds.DeidentificationMethodCodeSequence] == [
+        "113100", "113105", "113107", "113109"]
+    report = json.loads((tmp_path / "out" / REPORT_NAME).read_text())
+    assert report["profile_options"] == ["clean-descriptors", "retain-longitudinal-modified-dates",
+                                         "retain-device-identity"]
