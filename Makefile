@@ -58,7 +58,8 @@ demo: $(STAMP)
 	$(BIN)/python scripts/compare_cpm.py "federated (3 centers)=$(DEMO_OUT)/compare/federated" \
 	    "pooled (center_0 + center_1)=$(DEMO_OUT)/compare/pooled" \
 	    "local (center_2 alone)=$(DEMO_OUT)/compare/local"
-	$(BIN)/medfound export $(DEMO_OUT)/fed/model --out $(DEMO_OUT)/exp --data $(DEMO_OUT)/phantoms
+	$(BIN)/medfound export $(DEMO_OUT)/fed/model --out $(DEMO_OUT)/exp --data $(DEMO_OUT)/phantoms \
+	    --allow-unvalidated
 	$(BIN)/medfound phantoms --out $(DEMO_OUT)/new_site --centers 1 --cases 1 --seed 42 --size small
 	$(BIN)/medfound infer --model $(DEMO_OUT)/exp $(DEMO_OUT)/new_site/center_0/case_000/ct \
 	    --out $(DEMO_OUT)/findings --threshold 0.05

@@ -36,7 +36,7 @@ def _package(path: Path) -> Path:
 def exported(tmp_path_factory) -> tuple[Path, Path, dict]:
     root = tmp_path_factory.mktemp("export")
     model_dir = _package(root / "run" / "model")
-    card = export_model_package(model_dir, root / "exp")
+    card = export_model_package(model_dir, root / "exp", allow_unvalidated=True)
     return model_dir, root / "exp", card
 
 
@@ -88,12 +88,30 @@ def test_export_refuses_a_folder_that_is_not_a_package(tmp_path):
         export_model_package(tmp_path, tmp_path / "exp")
 
 
+def test_a_detector_below_min_cpm_is_not_exported_as_validated(exported, tmp_path):
+    model_dir, _, _ = exported  # its package records a validation CPM of 0.25
+    with pytest.raises(MedfoundError, match="below min_cpm 0.5"):
+        export_model_package(model_dir, tmp_path / "refused", parity_patches=1)
+    refused = tmp_path / "refused"
+    assert not (refused / "model_card.json").exists() and not (refused / "model.onnx").exists()
+    assert json.loads((refused / "parity.json").read_text())["validation"]["status"] == "not validated"
+    # Allowed, it is exported and says so; at a lower bar it is validated.
+    card = export_model_package(model_dir, tmp_path / "allowed", parity_patches=1, allow_unvalidated=True)
+    assert card["validation"]["status"] == "not validated"
+    card = export_model_package(model_dir, tmp_path / "ok", parity_patches=1, min_cpm=0.2)
+    v = card["validation"]
+    assert v["status"] == "validated" and v["cpm"] == 0.25 and v["froc"] == {"0.125": 0.1}
+    assert "Research use" in card["intended_use"] and len(card["limitations"]) >= 2
+    text = (tmp_path / "ok" / "MODEL_CARD.md").read_text()
+    assert "## Intended use" in text and "## Limitations" in text and "**validated**" in text
+
+
 def test_failed_parity_leaves_no_model_onnx(exported, tmp_path):
     model_dir, _, _ = exported
     pkg = shutil.copytree(model_dir, tmp_path / "model")
     # An impossible bound makes the real gate fail on the real export.
     with pytest.raises(MedfoundError, match="parity failed"):
-        export_model_package(pkg, tmp_path / "exp", rtol=0.0, parity_patches=1)
+        export_model_package(pkg, tmp_path / "exp", rtol=0.0, parity_patches=1, allow_unvalidated=True)
     assert not (tmp_path / "exp" / "model.onnx").exists()
     assert (tmp_path / "exp" / "model.onnx.rejected").is_file()
     assert json.loads((tmp_path / "exp" / "parity.json").read_text())["passed"] is False
@@ -103,7 +121,7 @@ def test_export_command_writes_the_files_and_refuses_a_non_package(exported, tmp
     from medfound.cli import main
 
     model_dir, _, _ = exported
-    assert main(["export", str(model_dir), "--out", str(tmp_path / "exp")]) == 0
+    assert main(["export", str(model_dir), "--out", str(tmp_path / "exp"), "--allow-unvalidated"]) == 0
     assert {p.name for p in (tmp_path / "exp").iterdir()} >= {
         "model.onnx", "model_card.json", "MODEL_CARD.md", "parity.json"}
     assert json.loads((tmp_path / "exp" / "parity.json").read_text())["passed"] is True
@@ -151,7 +169,7 @@ def test_cpm_parity_and_int8_follow_the_rule(phantom_package, tmp_path):
 
     package, data = phantom_package
     card = export_model_package(package, tmp_path / "exp", data_root=data, int8=True,
-                                calibration_patches=4, parity_patches=1)
+                                calibration_patches=4, parity_patches=1, allow_unvalidated=True)
     parity = json.loads((tmp_path / "exp" / "parity.json").read_text())
     q = parity["cpm"]
     assert q["passed"] and q["n_scans"] >= 1 and q["n_nodules"] >= 1
@@ -180,7 +198,8 @@ def test_rejected_int8_leaves_only_the_fp32_model(phantom_package, tmp_path):
     package, data = phantom_package
     with pytest.raises(MedfoundError, match="INT8 rejected"):
         export_model_package(package, tmp_path / "exp", data_root=data, int8=True,
-                             calibration_patches=2, parity_patches=1, max_cpm_drop=-1.0)
+                             calibration_patches=2, parity_patches=1, max_cpm_drop=-1.0,
+                             allow_unvalidated=True)
     out = tmp_path / "exp"
     assert not (out / "model.int8.onnx").exists() and (out / "model.int8.onnx.rejected").is_file()
     assert json.loads((out / "parity.json").read_text())["int8"]["accepted"] is False

@@ -47,7 +47,7 @@ def setup(tmp_path_factory) -> dict:
     package = save_model_package(root / "model", network, task="lung_nodule_detection",
                                  model_config=CFG.to_dict(),
                                  preprocessing={"spacing_mm": CFG.spacing_mm, "hu_window": CFG.hu_window})
-    export_model_package(package, root / "exp", parity_patches=1)
+    export_model_package(package, root / "exp", parity_patches=1, allow_unvalidated=True)
     items = load_datalist(phantoms, None, "all")
     return {"root": root, "exp": root / "exp", "network": network.eval(), "items": items}
 
@@ -150,6 +150,30 @@ def test_sr_is_a_tid1500_report_referencing_the_source_series(run):
                           np.asarray(src.ImageOrientationPatient[3:], float))
         dist = abs(float(np.dot(np.asarray(finding["center_lps_mm"]) - np.asarray(src.ImagePositionPatient, float), normal)))
         assert dist <= float(src.SliceThickness) / 2 + 1e-3
+
+
+def test_an_unvalidated_model_says_so_on_the_run_in_findings_and_in_the_sr(run, setup, tmp_path):
+    from pydicom.sr.codedict import codes
+
+    from medfound.io.sr import read_source_headers, write_nodule_sr
+
+    assert "NOT VALIDATED" in run["proc"].stderr  # the export was allowed unvalidated
+    summary = json.loads((run["out"] / "summary.json").read_text())
+    rec = summary["studies"][0]
+    findings = json.loads((Path(rec["out"]) / "findings.json").read_text())
+    assert findings["model"]["validation"]["status"] == "not validated"
+    assert "NOT VALIDATED" in findings["model"]["validation"]["use"]
+    sr = pydicom.dcmread(Path(rec["out"]) / "findings_sr.dcm")
+    assert "NOT VALIDATED" in sr.SeriesDescription
+    # With nothing found, only a validated model's SR says "Absent".
+    headers = read_source_headers(sorted(run["studies"][0].iterdir()))
+    values = {}
+    for validated in (False, True):
+        path = write_nodule_sr([], headers, tmp_path / f"{validated}.dcm", algorithm_name="m",
+                               algorithm_version="1", validated=validated)
+        text = str(pydicom.dcmread(path))
+        values[validated] = [c for c in (codes.SCT.Absent, codes.SCT.Indeterminate) if c.value in text]
+    assert values == {False: [codes.SCT.Indeterminate], True: [codes.SCT.Absent]}
 
 
 def test_findings_equal_the_torch_detector_on_the_same_study(run, setup):

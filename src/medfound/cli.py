@@ -210,6 +210,13 @@ def cmd_infer(args) -> int:
         else:
             tqdm.write(f"failed: {rec['error']}", file=sys.stderr)
 
+    from medfound.infer.engine import load_model_card
+    from medfound.infer.study import model_validation
+
+    validation = model_validation(load_model_card(args.model)[1])
+    if validation["status"] != "validated":
+        print(f"warning: this model is NOT VALIDATED ({validation['reason']}); its findings are "
+              "for research use only and say so", file=sys.stderr)
     summary = run_studies(args.model, args.studies, args.out, providers=args.provider,
                           threads=args.threads, precision="int8" if args.int8 else "fp32",
                           trt_cache=args.trt_cache, fp16=args.fp16,

@@ -49,6 +49,7 @@ from medfound.train.package import load_weights, read_model_json
 
 __all__ = [
     "FP32_RTOL",
+    "MIN_CPM",
     "INT8_FILE",
     "ListOutputNetwork",
     "check_parity",
@@ -59,6 +60,18 @@ __all__ = [
 INPUT_NAME = "image"
 FP32_RTOL = 1e-4  # the issue's parity bound for fp32: max |onnx - torch| / max |torch| per output
 _TASK_MODALITY = {"lung_nodule_detection": "CT"}
+MIN_CPM = 0.5  # the validation CPM below which a detector is not deployed as validated
+
+INTENDED_USE = ("Research use: candidate lung nodules on chest CT, for a reader to review. Not a "
+                "diagnosis; not cleared as a medical device. A study without findings is not "
+                "evidence that it has no nodule.")
+LIMITATIONS = [
+    "Validated only on the centers, scans and nodules listed under validation; scanners, "
+    "protocols and populations unlike them may score lower.",
+    "The validation CPM's 95% interval reflects the number of validation nodules; with few "
+    "nodules it is wide.",
+    "When the validation centers also chose the checkpoint, the figure is optimistic.",
+]
 
 
 class ListOutputNetwork(nn.Module):
@@ -104,7 +117,8 @@ def export_model_package(model_dir: str | Path, out_dir: str | Path, opset: int 
                          rtol: float = FP32_RTOL, data_root: str | Path | None = None,
                          int8: bool = False, calibration: str | Path | None = None,
                          calibration_patches: int = 16,
-                         max_cpm_drop: float | None = None) -> dict[str, Any]:
+                         max_cpm_drop: float | None = None, min_cpm: float = MIN_CPM,
+                         allow_unvalidated: bool = False) -> dict[str, Any]:
     """Export a model package's network to `out_dir`; return the model card (parity included).
 
     `dynamic`: batch and spatial axes of the ONNX input are symbolic (spatial sizes must stay
@@ -126,24 +140,31 @@ def export_model_package(model_dir: str | Path, out_dir: str | Path, opset: int 
     A rejected INT8 model is renamed model.int8.onnx.rejected and MedfoundError is raised after
     parity.json and the card are written (the fp32 model stays valid).
 
+    Only a validated detector is deployed as one: its validation CPM — measured through the
+    deployed path on `data_root`'s validation studies when given, else the training run's
+    figure from the package — must be at least `min_cpm`, or the export is rejected (like a
+    failed gate) unless `allow_unvalidated`; then the card's ``validation.status`` is "not
+    validated", which `medfound infer` repeats on every run, in findings.json and in the SR.
+
     `out_dir` must be new or empty (an export never replaces files). Any other failure — a full
     or read-only disk, an exporter error — removes everything the export wrote, so no folder
     with a model.onnx but no card is ever left; a failed gate leaves only its evidence
     (parity.json, model.onnx.rejected), never a model_card.json.
     """
     model_dir, out_dir = Path(model_dir), Path(out_dir)
+    meta = read_model_json(model_dir)  # before anything is written: a bad package leaves nothing
     check_output_folder(out_dir, [model_dir])
     if out_dir.is_dir() and any(out_dir.iterdir()):
         raise MedfoundError("the export folder is not empty", path=out_dir,
                             hint="choose a new --out folder (an export never replaces files)")
     created = not out_dir.exists()
-    meta = read_model_json(model_dir)  # before anything is written: a bad package leaves nothing
     writable_folder(out_dir, "export folder")
     try:
         return _export(meta, model_dir, out_dir, opset=opset, dynamic=dynamic,
                        parity_patches=parity_patches, seed=seed, rtol=rtol, data_root=data_root,
                        int8=int8, calibration=calibration, calibration_patches=calibration_patches,
-                       max_cpm_drop=max_cpm_drop)
+                       max_cpm_drop=max_cpm_drop, min_cpm=min_cpm,
+                       allow_unvalidated=allow_unvalidated)
     except MedfoundError as err:
         if isinstance(err, DiskError) or not (out_dir / "parity.json").is_file():
             _remove_export(out_dir, created)
@@ -167,7 +188,8 @@ def _remove_export(out_dir: Path, created: bool) -> None:
 def _export(meta: dict[str, Any], model_dir: Path, out_dir: Path, *, opset: int | None,
             dynamic: bool, parity_patches: int, seed: int, rtol: float,
             data_root: str | Path | None, int8: bool, calibration: str | Path | None,
-            calibration_patches: int, max_cpm_drop: float | None) -> dict[str, Any]:
+            calibration_patches: int, max_cpm_drop: float | None, min_cpm: float,
+            allow_unvalidated: bool) -> dict[str, Any]:
     """The body of `export_model_package` (arguments as there), into the folder it prepared."""
     if meta.get("task") == "nodule_segmentation":
         from medfound.export.segmentation import export_segmenter_package
@@ -200,17 +222,19 @@ def _export(meta: dict[str, Any], model_dir: Path, out_dir: Path, *, opset: int 
         stale.unlink(missing_ok=True)
 
     card = _model_card(meta, cfg, detector, onnx_path, names, dynamic, parity)
-    write_card(out_dir, card)
     if data_root is None:
+        _validate(out_dir, parity, card, detection_validation(meta, None, min_cpm), allow_unvalidated)
         return card
     from medfound.export.quality import CPM_TOL, INT8_MAX_CPM_DROP, validation_items
 
+    write_card(out_dir, card)
     items = validation_items(meta, data_root)
     quality = _cpm_parity(meta, cfg, detector, out_dir, items)
     record_quality_gate(out_dir, parity, card, "cpm", quality,
                         f"CPM parity failed: onnx {quality['cpm_onnx']:.4f} vs torch "
                         f"{quality['cpm_torch']:.4f} (bound {CPM_TOL})",
                         hint="do not deploy; compare preprocessing and the card's detector settings")
+    _validate(out_dir, parity, card, detection_validation(meta, quality, min_cpm), allow_unvalidated)
     if int8:
         from medfound.export.quantize import calibration_items
 
@@ -276,6 +300,54 @@ def record_quality_gate(out_dir: Path, parity: dict[str, Any], card: dict[str, A
     write_card(out_dir, card)
 
 
+def detection_validation(meta: dict[str, Any], quality: dict[str, Any] | None,
+                         min_cpm: float) -> dict[str, Any]:
+    """The card's ``validation`` section of a detector: the validation set, CPM with its 95%
+    interval and operating points, and whether CPM reaches `min_cpm` ("validated")."""
+    prov = meta.get("provenance", {})
+    if quality is not None:
+        m = quality.get("deployed_metrics") or {}
+        source = "measured at export through the deployed path (medfound.infer) on --data"
+        cpm = quality.get("cpm_onnx")
+    else:
+        m = meta.get("metrics") or {}
+        source = "the training run's final validation (model package metrics)"
+        cpm = m.get("cpm")
+    record: dict[str, Any] = {
+        "source": source, "min_cpm": float(min_cpm),
+        "centers": list(prov.get("val_centers") or []), "split": prov.get("val_split"),
+        "n_scans": m.get("n_scans"), "n_nodules": m.get("n_nodules"),
+        "cpm": None if cpm is None else float(cpm), "cpm_ci95": m.get("cpm_ci95"),
+        "froc": m.get("froc"),
+        "checkpoint_selected_on_validation": bool(prov.get("val_centers")),
+    }
+    if cpm is None or not math.isfinite(float(cpm)):
+        record.update(status="not validated", reason="no validation CPM recorded")
+    elif float(cpm) < min_cpm:
+        record.update(status="not validated",
+                      reason=f"validation CPM {float(cpm):.3f} is below min_cpm {min_cpm:g}")
+    else:
+        record.update(status="validated", reason=f"validation CPM {float(cpm):.3f} ≥ min_cpm {min_cpm:g}")
+    return record
+
+
+def _validate(out_dir: Path, parity: dict[str, Any], card: dict[str, Any],
+              validation: dict[str, Any], allow: bool) -> None:
+    """Record `validation` in the card; reject an export that is not validated unless `allow`."""
+    card["intended_use"] = INTENDED_USE
+    card["limitations"] = LIMITATIONS
+    card["validation"] = validation
+    write_card(out_dir, card)
+    if validation["status"] == "validated" or allow:
+        return
+    parity["validation"] = validation
+    _write_json(out_dir / "parity.json", parity)
+    reject(out_dir)
+    raise MedfoundError(f"not exported as validated: {validation['reason']}", path=out_dir,
+                        hint="train a better model, export with --data ROOT to measure it, or pass "
+                             "--allow-unvalidated (the card and every finding then say so)")
+
+
 def reject(out_dir: Path) -> None:
     """A model.onnx that failed a quality gate becomes model.onnx.rejected, without its card."""
     (out_dir / "model.onnx").replace(out_dir / "model.onnx.rejected")
@@ -301,12 +373,14 @@ def _cpm_parity(meta: dict[str, Any], cfg: DetectorConfig, detector: Any, out_di
     torch_metrics, _ = evaluate(detector, items, transform, n_bootstraps=1)
     rows = onnx_predictions(OnnxDetector(out_dir, providers="cpu"), items)
     onnx_metrics = evaluate_luna16(rows, annotations_of(items), [it["seriesuid"] for it in items],
-                                   n_bootstraps=1)
+                                   n_bootstraps=1000)
     diff = abs(float(onnx_metrics["cpm"]) - float(torch_metrics["cpm"]))
+    deployed = {k: onnx_metrics[k] for k in ("cpm", "cpm_ci95", "froc", "n_scans", "n_nodules")
+                if k in onnx_metrics}
     return {"passed": bool(diff <= CPM_TOL), "cpm_torch": float(torch_metrics["cpm"]),
             "cpm_onnx": float(onnx_metrics["cpm"]), "cpm_abs_diff": diff, "tolerance": CPM_TOL,
             "n_scans": len(items), "n_nodules": int(onnx_metrics["n_nodules"]),
-            "studies": [it["seriesuid"] for it in items]}
+            "deployed_metrics": deployed, "studies": [it["seriesuid"] for it in items]}
 
 
 def _int8(network: nn.Module, cfg: DetectorConfig, out_dir: Path, card: dict[str, Any],
@@ -610,6 +684,29 @@ def _task_lines(card: dict[str, Any]) -> list[str]:
             *[f"- FROC {k} FP/scan: {v}" for k, v in (metrics.get("froc") or {}).items()]]
 
 
+def _use_lines(card: dict[str, Any]) -> list[str]:
+    """Intended use, limitations and the validation set with its CPM, at the top of the card."""
+    v = card.get("validation")
+    if not v:
+        return []
+    ci = v.get("cpm_ci95")
+    cpm = "not recorded" if v.get("cpm") is None else (
+        f"{v['cpm']:.3f}" + (f" (95% CI {ci[0]:.2f}–{ci[1]:.2f})" if ci else ""))
+    points = ", ".join(f"{k} FP/scan: {float(x):.2f}" for k, x in (v.get("froc") or {}).items())
+    if "cpm" not in v:  # a task gated by another figure (the segmenter's Dice)
+        return ["## Validation", f"- status: **{v['status']}** — {v['reason']}",
+                f"- centers {v.get('centers') or 'none'}", ""]
+    return ["## Intended use", card.get("intended_use", ""), "",
+            "## Limitations", *[f"- {x}" for x in card.get("limitations", [])], "",
+            "## Validation", f"- status: **{v['status']}** — {v['reason']}",
+            f"- set: centers {v['centers'] or 'none'} ({v.get('split') or 'n/a'} split), "
+            f"{v.get('n_scans')} scans, {v.get('n_nodules')} nodules; {v['source']}",
+            f"- CPM: {cpm}",
+            *([f"- sensitivity at {points}"] if points else []),
+            *(["- the checkpoint was chosen on these validation centers: the figure is optimistic"]
+              if v.get("checkpoint_selected_on_validation") else []), ""]
+
+
 def card_markdown(card: dict[str, Any]) -> str:
     """MODEL_CARD.md: the model card for people (any task)."""
     inp, onx = card["input"], card["onnx"]
@@ -617,6 +714,7 @@ def card_markdown(card: dict[str, Any]) -> str:
     lines = [
         f"# Model card — {card['task']}",
         "",
+        *_use_lines(card),
         "## Input",
         f"- modality: {inp['modality']}",
         f"- spacing: {inp['spacing_mm']} mm (i, j, k), orientation {inp['orientation']}",

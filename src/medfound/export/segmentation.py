@@ -64,6 +64,9 @@ def export_segmenter_package(meta: dict[str, Any], model_dir: Path, out_dir: Pat
         "sw_sigma_scale": _SIGMA_SCALE,
         "sw_batch_size": int(cfg.sw_batch_size),
     }
+    card["validation"] = {"status": "not validated", "centers": list(meta.get("provenance", {}).get("val_centers") or []),
+                          "reason": "medfound sets no validation bar for the segmenter (Dice is reported, not gated)",
+                          "dice": (meta.get("metrics") or {}).get("dice")}
     write_card(out_dir, card)
     if data_root is None:
         return card

@@ -50,7 +50,7 @@ from medfound.outputs import (
 )
 
 __all__ = ["FINDINGS_FORMAT", "SEGMENTS_FORMAT", "detect_study", "findings_from_boxes",
-           "render_overview", "run_studies", "segment_study"]
+           "model_validation", "render_overview", "run_studies", "segment_study"]
 
 FINDINGS_FORMAT = "medfound-findings/1"
 SEGMENTS_FORMAT = "medfound-segments/1"
@@ -206,6 +206,18 @@ def render_overview(volume: Volume, findings: Sequence[dict[str, Any]], path: st
     return path
 
 
+def model_validation(card: dict[str, Any]) -> dict[str, Any]:
+    """What the export said of the model's validation: ``status`` ("validated" or "not
+    validated"), ``reason``, ``use`` (the wording findings carry) and the CPM measured."""
+    v = card.get("validation") or {}
+    status = v.get("status", "not validated")
+    return {"status": status,
+            "reason": v.get("reason", "the export records no validation"),
+            "cpm": v.get("cpm"), "cpm_ci95": v.get("cpm_ci95"),
+            "use": ("research use only; " if status == "validated" else
+                    "NOT VALIDATED, research use only; ") + "findings are for a reader to review"}
+
+
 def _study_files(study: Path) -> list[Path]:
     if study.is_file():
         return [study]
@@ -265,7 +277,9 @@ def _write_outputs(work: Path, study: Path, volume: Volume, findings: list[dict[
         headers = read_source_headers(_study_files(study), volume.series_uid)
         write_nodule_sr(findings, headers, work / "findings_sr.dcm",
                         algorithm_name=model["name"], algorithm_version=model["version"],
-                        model_sha256=model["sha256"])
+                        model_sha256=model["sha256"],
+                        validated=model["validation"]["status"] == "validated",
+                        use_note=model["validation"]["use"])
         outputs["sr"] = "findings_sr.dcm"
     render_overview(volume, findings, work / "overview.png",
                     title=f"{volume.series_uid[-24:]}: {len(findings)} finding(s) at p ≥ {threshold:g}")
@@ -347,7 +361,7 @@ def run_studies(model: str | Path, studies: Sequence[str | Path], out: str | Pat
     model_info = {"name": f"medfound-{card.get('task') or 'detector'}",
                   "version": str(card.get("versions", {}).get("medfound", "")),
                   "sha256": sha256, "precision": precision, "export": str(Path(model)),
-                  "providers": net.providers}
+                  "providers": net.providers, "validation": model_validation(card)}
     summary: dict[str, Any] = {"model": model_info, "threshold": threshold, "studies": [],
                                "n_studies": len(studies), "n_ok": 0, "n_failed": 0,
                                "finished": False}

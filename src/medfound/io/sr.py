@@ -80,33 +80,39 @@ def _region_on_nearest_slice(centre: np.ndarray, radius_mm: float, pos, row_dir,
     return n, np.array([[column, row], [column + r, row]], dtype=np.float32)
 
 
-def _no_nodule_group(hd: Any, codes: Any, algorithm: Any) -> Any:
-    """TID 1501 group "Nodule: Absent" for a study the detector found nothing in."""
+def _no_nodule_group(hd: Any, codes: Any, algorithm: Any, validated: bool) -> Any:
+    """TID 1501 group for a study the detector found nothing in: "Nodule: Absent" from a
+    validated model, "Nodule: Indeterminate" from one that is not (its silence proves nothing)."""
     return hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier="no nodule found"),
         finding_type=codes.SCT.Nodule, algorithm_id=algorithm,
         finding_sites=[hd.sr.FindingSite(anatomic_location=codes.SCT.Lung)],
-        qualitative_evaluations=[hd.sr.QualitativeEvaluation(name=codes.SCT.Nodule,
-                                                             value=codes.SCT.Absent)])
+        qualitative_evaluations=[hd.sr.QualitativeEvaluation(
+            name=codes.SCT.Nodule, value=codes.SCT.Absent if validated else codes.SCT.Indeterminate)])
 
 
 def write_nodule_sr(findings: Sequence[dict[str, Any]], source_headers: Sequence[Dataset],
                     out_path: str | Path, *, algorithm_name: str, algorithm_version: str,
-                    model_sha256: str = "", series_number: int = 9901) -> Path:
+                    model_sha256: str = "", series_number: int = 9901, validated: bool = False,
+                    use_note: str = "research use only") -> Path:
     """Write a TID 1500 Comprehensive 3D SR of `findings` referencing `source_headers`.
 
     findings: dicts with ``center_lps_mm`` (x, y, z), ``diameter_mm`` and ``probability``
     (0–1), as `medfound.infer.study` writes them to findings.json. A study without findings
-    gets an SR that says so (one group "Nodule: Absent"), which a PACS shows as a result with
-    no marks rather than as a missing result.
+    gets an SR that says so, which a PACS shows as a result with no marks rather than as a
+    missing result: "Nodule: Absent" only when `validated` (the export's validation passed),
+    else "Nodule: Indeterminate". `use_note` ("research use only", and "NOT VALIDATED" when not
+    validated) is carried in the algorithm's parameters and the series description.
     """
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
     pos, row_dir, col_dir, spacing = _slice_geometry(source_headers)
+    status = "validated" if validated else "not validated"
     algorithm = hd.sr.AlgorithmIdentification(
         name=algorithm_name, version=algorithm_version,
-        parameters=[f"onnx sha256 {model_sha256}"] if model_sha256 else None)
+        parameters=[f"validation: {status}; {use_note}"]
+        + ([f"onnx sha256 {model_sha256}"] if model_sha256 else []))
     groups = []
     for number, finding in enumerate(findings, start=1):
         centre = np.asarray(finding["center_lps_mm"], dtype=np.float64)
@@ -139,12 +145,13 @@ def write_nodule_sr(findings: Sequence[dict[str, Any]], source_headers: Sequence
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
         procedure_reported=codes.LN.CTUnspecifiedBodyRegion,
-        imaging_measurements=groups or [_no_nodule_group(hd, codes, algorithm)])
+        imaging_measurements=groups or [_no_nodule_group(hd, codes, algorithm, validated)])
     sr = hd.sr.Comprehensive3DSR(
         evidence=list(source_headers), content=report[0],
         series_instance_uid=hd.UID(), series_number=series_number,
         sop_instance_uid=hd.UID(), instance_number=1,
-        manufacturer="medfound", series_description=f"{algorithm_name} CAD findings",
+        manufacturer="medfound",
+        series_description=f"{algorithm_name} CAD findings{'' if validated else ' NOT VALIDATED'}"[:64],
         is_complete=True)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
