@@ -197,3 +197,19 @@ def test_de_identification_adds_no_iod_error(study, rel):
     assert (root / "in" / rel).is_file()
     new = validator_errors(root / "out" / rel) - validator_errors(root / "in" / rel)
     assert not new, new
+
+
+@pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dciodvfy (dicom3tools) not installed")
+def test_removing_dates_keeps_the_sr_valid(study, tmp_path):
+    """ContentDate and ContentTime are Type 1 in an SR: without dates they get dummies (their
+    action is Z/D), never an empty value."""
+    root, _, _ = study
+    report = deidentify(root / "in" / "sr", tmp_path / "out", key_file=root / "center.key",
+                        remove_dates=True, progress=False)
+    assert report["files_written"] == 1
+    path = tmp_path / "out" / "findings_sr.dcm"
+    sr = pydicom.dcmread(path)
+    assert (sr.ContentDate, sr.ContentTime, sr.StudyDate) == ("19000101", "000000", "")
+    assert findings_of(sr) == findings_of(pydicom.dcmread(root / "in" / "sr" / "findings_sr.dcm"))
+    new = validator_errors(path) - validator_errors(root / "in" / "sr" / "findings_sr.dcm")
+    assert not new, new

@@ -23,8 +23,9 @@ Longitudinal Temporal Information with Modified Dates), at every depth of nested
   instant; a date without a time moves by the whole days, a time without a date by the seconds
   (modulo a day). Intervals within a patient survive. Attributes the option does not cover
   (GPS Time Stamp, the birth date) get their basic action. Full Dates keeps them;
-  ``remove_dates`` (no date option) removes or empties them (a dummy where the table only
-  allows D, e.g. the Date of an SR DATE item);
+  ``remove_dates`` (no date option) removes or empties them as the basic profile says, with a
+  dummy (19000101, 000000) where the action allows D, so that a Type 1 date (an SR's
+  ContentDate, the Date of an SR DATE item) stays valid;
 - an action that asks a sequence for a dummy value (D, X/D, Z/D, X/Z/D) keeps its items with
   every value replaced by a dummy of its VR (UIDs remapped, standard UIDs kept), so a Type 1
   sequence stays valid and says nothing. An SR content tree (Content Sequence, whose action is
@@ -368,9 +369,9 @@ def _temporal_op(code: str | None, run: _Run) -> str:
         return KEEP if run.dates == "full" else SHIFT
     if code == "X":
         return REMOVE
-    if code == "D":
-        return REPLACE
-    return EMPTY  # Z, X/Z, X/D, Z/D, X/Z/D: zero length is what a reader takes as unknown
+    if code in ("Z", "X/Z"):
+        return EMPTY
+    return REPLACE  # D, X/D, Z/D, X/Z/D: a dummy date is valid whatever the attribute's type
 
 
 def _shift_element(ds: Dataset, tag: int, f: _File, run: _Run) -> None:
