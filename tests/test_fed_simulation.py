@@ -44,7 +44,7 @@ def phantoms(tmp_path_factory) -> Path:
 def federated(phantoms: Path, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("fed_run") / "FED"
     res = federate(f"data.root={phantoms}", "fed.rounds=2", "fed.audit_payloads=true",
-                   f"out_dir={out}")
+                   "fed.share_local_models=true", f"out_dir={out}")
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     return out
 

@@ -1,16 +1,19 @@
 """Cross-site validation at the end of a federation: which model works where.
 
-After the last round the coordinator holds the global model and, from that round, each
-center's own update: the weights the center trained locally from the previous global model
-(they already crossed, so evaluating them elsewhere reveals nothing new). Every one of these
-models is sent to every center, which scores it on its own validation split exactly as in
-a round (LUNA16 CPM); the result is a matrix, model × evaluating center:
+After the last round the coordinator sends the global model to every center, which scores
+it on its own validation split exactly as in a round (LUNA16 CPM). With
+``fed.share_local_models=true`` (off by default, refused under differential privacy or secure
+aggregation) it also sends each center's last local update — the weights that center trained
+from the previous global model — to every other center: a center's individual update then
+reaches the other centers, which the operator has to agree to. The result is a matrix, model
+× evaluating center:
 
 - ``FED/cross_site.csv``: one row per model (``global``, then ``local:<center>``), one column
   per evaluating center, the CPM in each cell; empty where a center cannot compute one (no
   validation nodules) or did not answer;
 - ``FED/cross_site.png``: the same matrix as a heatmap;
-- ``metrics.json["cross_site"]``: every metric of every cell, and the centers that failed.
+- ``metrics.json["cross_site"]``: every metric of every cell, the centers that failed, the
+  refused replies, and ``sent``: which models went to which center.
 
 The diagonal of the local rows is how a center's model does at home; the rest of its row is
 how it travels — the 15–20 point drop between hospitals that federated training addresses.
@@ -30,6 +33,7 @@ from flwr.serverapp import Grid
 
 from medfound.fed.params import encode_arrays
 from medfound.fed.protocol import ARRAYS, CONFIG, CROSS_SITE, METRICS, ROUND, center_of
+from medfound.fed.screening import reason_text
 
 __all__ = ["GLOBAL", "cross_site_evaluate", "local_name", "plot_cross_site", "read_cross_site",
            "write_cross_site"]
@@ -52,7 +56,8 @@ def cross_site_evaluate(grid: Grid, models: Mapping[str, Mapping[str, np.ndarray
     deployment starts a process per message, so one message is much cheaper than one per
     model); the reply has one ``metrics:<model>`` record per model. `exchange` sends the
     messages and waits (the coordinator's, which counts the bytes).
-    Returns ``{"round", "models": {model: {center: metrics}}, "failed": [{center, reason}]}``.
+    Returns ``{"round", "models": {model: {center: metrics}}, "failed": [{center, reason}],
+    "sent": {center: [model]}}``.
     """
     config = instruction()
     config[ROUND] = rnd
@@ -61,13 +66,16 @@ def cross_site_evaluate(grid: Grid, models: Mapping[str, Mapping[str, np.ndarray
                                              for name, arrays in models.items()}})
     messages = [Message(content=content, dst_node_id=node, message_type="evaluate")
                 for node in sorted(grid.get_node_ids())]
+    # What each center was sent, by the name bound to its node when the models left.
+    sent = {known.get(m.metadata.dst_node_id, f"node-{m.metadata.dst_node_id}"): list(models)
+            for m in messages}
     replies = exchange(messages)
     matrix: dict[str, dict[str, dict[str, float]]] = {name: {} for name in models}
     failed = []
     for reply in replies:
         center = center_of(reply, known)
         if reply.has_error():
-            failed.append({"center": center, "reason": str(reply.error.reason)})
+            failed.append({"center": center, "reason": reason_text(reply.error.reason)})
             continue
         for name in models:
             key = f"{METRICS}:{name}"
@@ -75,7 +83,7 @@ def cross_site_evaluate(grid: Grid, models: Mapping[str, Mapping[str, np.ndarray
                 matrix[name][center] = {k: float(v) for k, v in reply.content[key].items()
                                         if not isinstance(v, list)}
     return {"round": rnd, "models": {m: dict(sorted(c.items())) for m, c in matrix.items()},
-            "failed": failed}
+            "failed": failed, "sent": dict(sorted(sent.items()))}
 
 
 def write_cross_site(out: Path, result: Mapping[str, Any], centers: list[str]) -> tuple[Path, Path]:

@@ -1,5 +1,12 @@
 """The ServerApp: the coordinator's loop over rounds, and everything it leaves in FED/.
 
+Every reply a center sends passes `medfound.fed.screening.ReplyGate` before any of it is
+read: its name must be the one bound to its node (``fed.nodes``, or the first name the node
+gave), its records, arrays, metric names and values, and case count what the message type
+allows; a refused reply is printed, recorded with its reason (the round's ``rejected``, and
+``rejected_replies`` in FED/metrics.json) and left out, and the round goes on with the others.
+The aggregation weights are the coordinator's record of each center's case count.
+
 Each round, in order:
 
 1. train — the strategy picks the centers (all connected ones, at least ``fed.min_centers``)
@@ -17,9 +24,12 @@ Each round, in order:
 3. checkpoint — ``FED/server/state.pt`` (global weights, strategy state, round, history) is
    written atomically, then ``FED/metrics.json``, then the round's numbers go to MLflow.
 
-After the last round (``fed.cross_site``), cross-site validation: the global model and each
-center's last local update are scored at every center (medfound.fed.cross_site →
-``FED/cross_site.csv``, ``FED/cross_site.png``, ``metrics.json["cross_site"]``).
+After the last round (``fed.cross_site``), cross-site validation: the global model is scored at
+every center, and with ``fed.share_local_models`` (off by default; refused with differential
+privacy or secure aggregation) each center's last local update too (medfound.fed.cross_site →
+``FED/cross_site.csv``, ``FED/cross_site.png``, ``metrics.json["cross_site"]``). No center is
+sent another center's individual update otherwise; ``metrics.json["privacy"]["flows"]`` states
+what left each center and what each one was sent.
 
 ``resume=true`` continues after the last round in ``FED/server/state.pt``: with the same seed
 on CPU the result equals an uninterrupted run's (the centers replay from their own per-round
@@ -36,7 +46,9 @@ weights out, updates back, screening, aggregation), train {centers, accepted,
 rejected, failed, update_norms, aggregate}, evaluate {global, centers, failed, pending,
 in_round (the round whose messages carried the scores)}, bytes
 {center: {sent, received}} as the center sees it), ``global`` (per-round global metrics),
-``bytes_per_center`` (totals, cross-site validation included) and ``round_durations_s``.
+``bytes_per_center`` (totals, cross-site validation included), ``round_durations_s``,
+``rejected_replies`` (every refused reply: round, exchange, node, the center bound to the node,
+the name it claimed, why) and ``privacy`` (`privacy_report`).
 """
 
 from __future__ import annotations
@@ -59,7 +71,6 @@ from medfound.errors import MedfoundError
 from medfound.fed.params import decode_arrays, encode_arrays, payload_bytes, shared_state
 from medfound.fed.protocol import (
     ARRAYS,
-    CENTER,
     EVALUATE_RECEIVED,
     EVALUATION,
     METRICS,
@@ -68,7 +79,7 @@ from medfound.fed.protocol import (
     task_spec,
     versions,
 )
-from medfound.fed.screening import screen_updates
+from medfound.fed.screening import ReplyGate, reason_text, screen_updates
 from medfound.fed.settings import FedSettings
 from medfound.fed.spool import UpdateSpool, aggregate_spooled, streams
 from medfound.fed.strategies import (
@@ -147,6 +158,7 @@ def run_coordinator(grid: Grid, cfg: Mapping[str, Any], config_yaml: str = "") -
         global_arrays = {k: v.numpy() for k, v in state["model"].items()}
         restore_strategy_state(strategy, state["strategy"])
         history, run_tag = list(state["history"]), state["run_tag"]
+        resumed_refusals = list(state.get("rejected_replies") or [])
         first_round = int(state["round"]) + 1
         print(f"resuming after round {state['round']} from {out / STATE_FILE}", flush=True)
     task_json = task_spec(cfg, local_epochs=settings.local_epochs,
@@ -166,7 +178,16 @@ def run_coordinator(grid: Grid, cfg: Mapping[str, Any], config_yaml: str = "") -
     # weights it receives (round r - 1's model); SecAgg+ keeps the evaluate exchange.
     evaluate_with_train = settings.evaluate_with_train and not settings.privacy["secagg"]
 
-    known: dict[int, str] = {}  # node id → center name, learnt from replies
+    # Every reply passes the gate first (medfound.fed.screening.ReplyGate): node id → center
+    # name (gate.known), each center's recorded case count, every refused reply.
+    gate = ReplyGate(settings.centers, max_cases=settings.max_cases,
+                     declared_cases=settings.declared_cases, nodes=settings.nodes,
+                     connected=grid.get_node_ids)
+    if cfg.get("resume"):
+        gate.restore(state.get("gate") or {})
+        gate.refused.extend(resumed_refusals)
+        gate.take_refused()
+    known = gate.known
     local_models: dict[str, dict[str, np.ndarray]] = {}  # the last round's accepted updates
     cross_site: dict[str, Any] | None = None
 
@@ -176,11 +197,11 @@ def run_coordinator(grid: Grid, cfg: Mapping[str, Any], config_yaml: str = "") -
             started = time.time()
             traffic = _Traffic()
             cross_site_now = settings.cross_site and not pretrain and rnd == settings.rounds
-            keep = local_models if cross_site_now else None
+            keep = local_models if cross_site_now and settings.share_local_models else None
             sent = _exchanged(global_arrays, exchanged, whole=rnd == 1)
             scored = (history[-1] if history and history[-1]["evaluate"].get("pending")
                       and not settings.privacy["secagg"] else None)
-            train, new = _train_round(grid, strategy, rnd, sent, instruction, settings, known,
+            train, new = _train_round(grid, strategy, rnd, sent, instruction, settings, gate,
                                       traffic, seed=int(cfg["seed"]), keep=keep,
                                       evaluate_received=scored is not None,
                                       spool_dir=out / SPOOL_DIR)
@@ -194,7 +215,7 @@ def run_coordinator(grid: Grid, cfg: Mapping[str, Any], config_yaml: str = "") -
             else:
                 evaluate = _evaluate_round(grid, strategy, rnd,
                                            _exchanged(global_arrays, exchanged, whole=rnd == 1),
-                                           instruction, settings, known, traffic)
+                                           instruction, settings, gate, traffic)
             record = {"round": rnd, "duration_s": round(time.time() - started, 3),
                       "train_s": round(train_s, 3),
                       "aggregated": train.pop("aggregated"), "train": train,
@@ -206,9 +227,11 @@ def run_coordinator(grid: Grid, cfg: Mapping[str, Any], config_yaml: str = "") -
                              "strategy_name": settings.strategy_name, "task": settings.task,
                              "transfer_dtype": settings.transfer_dtype,
                              "model": {k: torch.from_numpy(v) for k, v in global_arrays.items()},
-                             "strategy": strategy_state(strategy), "history": history},
+                             "strategy": strategy_state(strategy), "history": history,
+                             "gate": gate.state(), "rejected_replies": gate.refused},
                             out / STATE_FILE)
-            write_metrics(out / METRICS_FILE, history, settings, model_bytes)
+            write_metrics(out / METRICS_FILE, history, settings, model_bytes,
+                          rejected=gate.refused)
             tracker.log_metrics(_flat_round(record), step=rnd)
             print(_round_summary(record, settings.rounds, scored), flush=True)
 
@@ -219,20 +242,24 @@ def run_coordinator(grid: Grid, cfg: Mapping[str, Any], config_yaml: str = "") -
         if settings.cross_site and not pretrain:
             cross_site = _cross_site(grid, out, _exchanged(global_arrays, exchanged, whole=False),
                                      local_models, instruction,
-                                     settings, known, history[-1]["round"], tracker)
+                                     settings, gate, history[-1]["round"], tracker)
 
         # --- package the global model ---
         for name, value in shared_state(network.state_dict()).items():
             value.copy_(torch.from_numpy(global_arrays[name]))
         package = (_package_encoder if pretrain else _package)(
             out, network, cfg, config_yaml, settings, history, tracker.run_id)
-        write_metrics(out / METRICS_FILE, history, settings, model_bytes, cross_site)
+        write_metrics(out / METRICS_FILE, history, settings, model_bytes, cross_site,
+                      rejected=gate.refused)
         tracker.log_artifact(out / METRICS_FILE)
         tracker.log_artifacts(package, package.name)
-    eps = privacy_report(history, settings).get("epsilon")
+    eps = privacy_report(history, settings, cross_site).get("epsilon")
     if eps:
         print(f"differential privacy after {len(history)} rounds, δ = {settings.privacy['delta']:g}: "
               + ", ".join(f"{c} ε = {e:.3g}" for c, e in eps.items()), flush=True)
+    if settings.privacy["dp"] is not None or settings.privacy["secagg"]:
+        for flow in privacy_report(history, settings, cross_site)["flows"].values():
+            print(f"what left: {flow['summary']}", flush=True)
     final = history[-1]["evaluate"]["global"]
     if pretrain:
         rec = final.get("reconstruction")
@@ -271,7 +298,7 @@ def _check_resumable(state: Mapping[str, Any], settings: FedSettings, path: Path
 
 
 def _train_round(grid: Grid, strategy: Any, rnd: int, global_arrays: dict[str, np.ndarray],
-                 instruction: Any, settings: FedSettings, known: dict[int, str],
+                 instruction: Any, settings: FedSettings, gate: ReplyGate,
                  traffic: _Traffic, seed: int = 0,
                  keep: dict[str, dict[str, np.ndarray]] | None = None,
                  evaluate_received: bool = False, spool_dir: Path | None = None,
@@ -288,38 +315,45 @@ def _train_round(grid: Grid, strategy: Any, rnd: int, global_arrays: dict[str, n
     messages = strategy.configure_train(rnd, encode_arrays(global_arrays, "float32"),
                                         instruction(evaluate_received), grid)
     if settings.privacy["secagg"]:
-        return _secure_train_round(grid, rnd, list(messages), global_arrays, settings, known,
+        return _secure_train_round(grid, rnd, list(messages), global_arrays, settings, gate,
                                    traffic)
+    known = gate.known
     streaming = spool_dir is not None and streams(settings)
     with (UpdateSpool(spool_dir / f"{rnd:04d}") if streaming else contextlib.nullcontext()
           ) as spool:
-        replies = _exchange(grid, messages, settings, known, traffic, spool)
+        replies = _exchange(grid, messages, settings, gate, traffic, kind="train", rnd=rnd,
+                            arrays=global_arrays, spool=spool)
+        refused = _refusals(gate.take_refused())
         # Flower's strategies take exactly one MetricRecord per reply: the scores come out first.
         scores = {center_of(m, known): m.content.pop(EVALUATION) for m in replies
                   if m.has_content() and EVALUATION in m.content.metric_records}
-        if replies and all(m.has_error() for m in replies):
-            reasons = sorted({str(m.error.reason) for m in replies})
+        if replies and all(m.has_error() for m in replies) and not refused:
+            reasons = sorted({reason_text(m.error.reason) for m in replies})
             raise MedfoundError(f"round {rnd}: no center could train ({'; '.join(reasons)})",
                                 hint="read each center's log (its work folder's center.log)")
         screening = screen_updates(replies, global_arrays, transfer_dtype=settings.transfer_dtype,
                                    norm_factor=settings.reject_norm_factor, known_centers=known,
                                    spool=spool)
+        gate.weigh(screening.accepted)  # the weights: the coordinator's record of each count
+        rejected = refused + screening.rejected
         for item in screening.rejected:
             print(f"round {rnd}: rejected the update of {item['center']}: {item['reason']}", flush=True)
         for item in screening.failed:
             print(f"round {rnd}: no update from {item['center']}: {item['reason']}", flush=True)
 
         record = {"aggregated": False,
-                  "centers": dict(sorted((center_of(m, known), _metrics(m))
-                                         for m in replies if m.has_content())),
+                  "centers": dict(sorted(((center_of(m, known), _metrics(m))
+                                          for m in replies if m.has_content()),
+                                         key=lambda item: item[0])),
                   "accepted": sorted(center_of(m, known) for m in screening.accepted),
-                  "rejected": screening.rejected, "failed": screening.failed,
+                  "rejected": rejected, "failed": screening.failed,
                   "update_norms": dict(sorted(screening.update_norms.items())), "aggregate": {}}
         if evaluate_received:
             record["evaluated"] = _evaluate_record(
                 {c: _metric_dict(r) for c, r in scores.items()},
                 [{"center": center_of(m, known),
-                  "reason": str(m.error.reason) if m.has_error() else "no evaluation in its reply"}
+                  "reason": (reason_text(m.error.reason) if m.has_error()
+                             else "no evaluation in its reply")}
                  for m in replies if center_of(m, known) not in scores], rnd)
         if keep is not None:
             keep.update({center_of(m, known): spool.load(m) if spool is not None
@@ -347,22 +381,26 @@ def _train_round(grid: Grid, strategy: Any, rnd: int, global_arrays: dict[str, n
 
 def _secure_train_round(grid: Grid, rnd: int, messages: list[Message],
                         global_arrays: dict[str, np.ndarray], settings: FedSettings,
-                        known: dict[int, str], traffic: _Traffic,
+                        gate: ReplyGate, traffic: _Traffic,
                         ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """`_train_round` under fed.privacy.secagg (medfound.fed.secagg): the coordinator gets
     the case-weighted mean update and each center's shared metrics, never an update."""
     from medfound.fed.secagg import secure_mean
 
-    result = secure_mean(lambda batch: _exchange(grid, batch, settings, known, traffic),
+    known = gate.known
+    result = secure_mean(lambda batch: _exchange(grid, batch, settings, gate, traffic,
+                                                 kind="secagg", rnd=rnd),
                          messages, rnd, settings.privacy)
+    refused = _refusals(gate.take_refused())
     contributed = sorted(center_of(m, known) for m in result.replies)
-    failed = [{"center": known.get(node, f"node-{node}"), "reason": reason}
+    failed = [{"center": known.get(node, f"node-{node}"), "reason": reason_text(reason)}
               for node, reason in sorted(result.failed.items())]
     for item in failed:
         print(f"round {rnd}: no update from {item['center']}: {item['reason']}", flush=True)
-    centers = dict(sorted((center_of(m, known), _metrics(m)) for m in result.replies))
+    centers = dict(sorted(((center_of(m, known), _metrics(m)) for m in result.replies),
+                          key=lambda item: item[0]))
     record: dict[str, Any] = {
-        "aggregated": False, "centers": centers, "accepted": [], "rejected": [],
+        "aggregated": False, "centers": centers, "accepted": [], "rejected": refused,
         "failed": failed, "update_norms": {}, "aggregate": {},
         "secagg": {"halted_at": result.halted_at, "contributed": contributed}}
     if result.halted_at is not None:
@@ -385,17 +423,24 @@ def _secure_train_round(grid: Grid, rnd: int, messages: list[Message],
 
 def _cross_site(grid: Grid, out: Path, global_arrays: dict[str, np.ndarray],
                 local_models: Mapping[str, dict[str, np.ndarray]], instruction: Any,
-                settings: FedSettings, known: dict[int, str], rnd: int, tracker: Any,
+                settings: FedSettings, gate: ReplyGate, rnd: int, tracker: Any,
                 ) -> dict[str, Any]:
-    """Cross-site validation (medfound.fed.cross_site): FED/cross_site.csv and .png, to MLflow."""
+    """Cross-site validation (medfound.fed.cross_site): FED/cross_site.csv and .png, to MLflow.
+
+    Each center gets the global model and, only with fed.share_local_models, the other
+    centers' last local updates (`local_models` is empty otherwise)."""
     from medfound.fed.cross_site import GLOBAL, cross_site_evaluate, local_name, write_cross_site
 
+    known = gate.known
+    shared = local_models if settings.share_local_models else {}
     models = {GLOBAL: global_arrays,
-              **{local_name(c): local_models[c] for c in settings.centers if c in local_models}}
+              **{local_name(c): shared[c] for c in settings.centers if c in shared}}
     traffic = _Traffic()
     result = cross_site_evaluate(
         grid, models, instruction, rnd, known=known,
-        exchange=lambda messages: _exchange(grid, messages, settings, known, traffic))
+        exchange=lambda messages: _exchange(grid, messages, settings, gate, traffic,
+                                            kind="cross-site", rnd=rnd, models=list(models)))
+    result["rejected"] = _refusals(gate.take_refused())
     result["bytes"] = traffic.by_center(known)
     table, heatmap = write_cross_site(out, result, list(settings.centers))
     for item in result["failed"]:
@@ -419,15 +464,19 @@ def _keep_variances_positive(arrays: dict[str, np.ndarray], floor: float = 1e-5)
 
 
 def _evaluate_round(grid: Grid, strategy: Any, rnd: int, global_arrays: dict[str, np.ndarray],
-                    instruction: Any, settings: FedSettings, known: dict[int, str],
+                    instruction: Any, settings: FedSettings, gate: ReplyGate,
                     traffic: _Traffic) -> dict[str, Any]:
     """Every center scores the global weights; the round's evaluate record."""
+    known = gate.known
     messages = strategy.configure_evaluate(rnd, encode_arrays(global_arrays, "float32"),
                                            instruction(), grid)
-    replies = _exchange(grid, messages, settings, known, traffic)
-    return _evaluate_record({center_of(m, known): _metrics(m) for m in replies if m.has_content()},
-                            [{"center": center_of(m, known), "reason": str(m.error.reason)}
-                             for m in replies if m.has_error()], rnd)
+    replies = _exchange(grid, messages, settings, gate, traffic, kind="evaluate", rnd=rnd)
+    record = _evaluate_record(
+        {center_of(m, known): _metrics(m) for m in replies if m.has_content()},
+        [{"center": center_of(m, known), "reason": reason_text(m.error.reason)}
+         for m in replies if m.has_error()], rnd)
+    record["rejected"] = _refusals(gate.take_refused())
+    return record
 
 
 def _evaluate_record(centers: Mapping[str, dict[str, float]], failed: list[dict[str, str]],
@@ -458,10 +507,10 @@ class _Traffic:
 
 
 def _send_and_receive(grid: Grid, messages: Iterable[Message], timeout: float,
-                      on_reply: Callable[[Message], Message], one_at_a_time: bool = False,
+                      on_reply: Callable[[Message], Message | None], one_at_a_time: bool = False,
                       poll_s: float = 0.25) -> list[Message]:
     """Push `messages`, then pull replies every `poll_s` until each has one or `timeout` passes;
-    each reply goes through `on_reply` as it arrives.
+    each reply goes through `on_reply` as it arrives (None: leave it out).
 
     Flower's `Grid.send_and_receive` waits 3 s between pulls: 1.5 s per exchange on average,
     for nothing. `one_at_a_time`: pull each reply alone, and hand it to `on_reply` before the
@@ -473,7 +522,9 @@ def _send_and_receive(grid: Grid, messages: Iterable[Message], timeout: float,
         for batch in ([{mid} for mid in sorted(pending)] if one_at_a_time else [set(pending)]):
             for reply in grid.pull_messages(batch):
                 pending.discard(reply.metadata.reply_to_message_id)
-                replies.append(on_reply(reply))
+                kept = on_reply(reply)
+                if kept is not None:
+                    replies.append(kept)
         if not pending or time.monotonic() >= end:
             break
         time.sleep(poll_s)
@@ -481,12 +532,17 @@ def _send_and_receive(grid: Grid, messages: Iterable[Message], timeout: float,
 
 
 def _exchange(grid: Grid, messages: Iterable[Message], settings: FedSettings,
-              known: dict[int, str], traffic: _Traffic,
+              gate: ReplyGate, traffic: _Traffic, *, kind: str, rnd: int,
+              arrays: Mapping[str, np.ndarray] | None = None, models: Iterable[str] = (),
               spool: UpdateSpool | None = None) -> list[Message]:
     """Put the weights in the transfer dtype, send, and wait up to ``fed.round_timeout_s``.
 
-    Learns node id → center name from the replies and counts the bytes both ways. With
-    `spool` each reply's arrays go to disk as it arrives (medfound.fed.spool)."""
+    Each reply passes `gate` as it arrives (`kind`, `arrays`, `models`: what
+    `ReplyGate.admit` checks it against); a refused one is printed, recorded by the gate and
+    left out of the returned replies. Counts the bytes both ways. With `spool` each admitted
+    reply's arrays go to disk as it arrives (medfound.fed.spool)."""
+    known = gate.known
+    models = list(models)
     messages = list(messages)
     sizes: dict[int, int] = {}
     for msg in messages:
@@ -499,24 +555,43 @@ def _exchange(grid: Grid, messages: Iterable[Message], settings: FedSettings,
         traffic.to_node[node] = traffic.to_node.get(node, 0) + sizes[id(content)]
     if not messages:
         return []
-    sent = {m.metadata.message_id: m for m in messages}
     nodes = {m.metadata.dst_node_id for m in messages}
+    sent: dict[str, Message] = {}  # by message id, which pushing the messages sets
 
-    def received(msg: Message) -> Message:
+    def received(msg: Message) -> Message | None:
+        if not sent:
+            sent.update({m.metadata.message_id: m for m in messages})
         # An error the SuperLink makes for a center that stopped answering (no heartbeat)
         # comes from the SuperLink itself: re-address it as coming from the center's node.
         if (msg.has_error() and msg.metadata.src_node_id not in nodes
                 and msg.metadata.reply_to_message_id in sent):
             msg = Message(msg.error, reply_to=sent[msg.metadata.reply_to_message_id])
-        if msg.has_content() and CENTER in msg.content.config_records:
-            known[msg.metadata.src_node_id] = center_of(msg)
-        center = center_of(msg, known)
+        asked = sent.get(msg.metadata.reply_to_message_id)
+        if asked is not None and asked.metadata.dst_node_id != msg.metadata.src_node_id:
+            asked = None  # a reply to a message sent to another node
         size = len(payload_bytes(msg.content)) if msg.has_content() else len(str(msg.error.reason))
+        admitted = gate.admit(msg, sent=asked, kind=kind, rnd=rnd, arrays=arrays,
+                              transfer_dtype=settings.transfer_dtype, models=models)
+        center = known.get(msg.metadata.src_node_id, f"node-{msg.metadata.src_node_id}")
         traffic.from_center[center] = traffic.from_center.get(center, 0) + size
-        return spool.take(msg) if spool is not None else msg
+        for note in gate.notes:
+            print(f"round {rnd}: {note}", flush=True)
+        gate.notes.clear()
+        if admitted is None:
+            item = gate.refused[-1]
+            print(f"round {rnd}: refused a {kind} reply from {item['center']} (node "
+                  f"{item['node']}): {item['reason']}", flush=True)
+            return None
+        return spool.take(admitted) if spool is not None else admitted
 
     return _send_and_receive(grid, messages, timeout=settings.round_timeout_s, on_reply=received,
                              one_at_a_time=spool is not None)
+
+
+def _refusals(items: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Refused replies as a round record's ``rejected`` entries."""
+    return [{"center": i["center"], "reason": f"reply refused: {i['reason']}", "node": i["node"],
+             "claimed": i["claimed"]} for i in items]
 
 
 def _metrics(msg: Message) -> dict[str, float]:
@@ -548,11 +623,15 @@ def weighted_mean(per_center: Iterable[Mapping[str, float]]) -> dict[str, float]
     return out
 
 
-def privacy_report(history: list[dict[str, Any]], settings: FedSettings) -> dict[str, Any]:
+def privacy_report(history: list[dict[str, Any]], settings: FedSettings,
+                   cross_site: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The run's privacy settings, the noise std and, with DP, each center's (ε, δ) after the
     completed rounds (medfound.fed.strategies.dp_epsilons): with task=detect from each round's
     aggregation weights (shares of the accepted centers' cases), with task=pretrain from weight
-    1 (a stem a single center holds is that center's alone)."""
+    1 (a stem a single center holds is that center's alone).
+
+    ``flows``: what left each center and to whom, and what each center was sent, from the
+    round records and the cross-site record (`data_flows`)."""
     rounds = []
     for r in history:
         counts = {c: float(m.get(NUM_EXAMPLES, 0)) for c, m in r["train"]["centers"].items()
@@ -566,12 +645,65 @@ def privacy_report(history: list[dict[str, Any]], settings: FedSettings) -> dict
         report["epsilon"] = eps
         report["accounting"] = ("center-level: one center's clipped update vs none, aggregation weights "
                                 "fixed; rounds composed as Gaussian DP (tight conversion to (ε, δ))")
+    report["flows"] = data_flows(history, settings, cross_site)
     return report
 
 
+def data_flows(history: list[dict[str, Any]], settings: FedSettings,
+               cross_site: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Per center of fed.centers: ``sent`` (what left it, to the coordinator: the rounds
+    whose training reply reached the coordinator, in which form, and its metrics),
+    ``received`` (what the coordinator sent it: the rounds it got the global model in, and
+    the models of the cross-site validation) and ``summary``, the same in words.
+
+    Only the coordinator ever receives a center's reply; no center is sent another center's
+    individual update unless ``local_updates_of`` lists one (fed.share_local_models)."""
+    p = settings.privacy
+    if p["secagg"]:
+        form = "masked SecAgg+ shares of its update (the coordinator learns only the mean)"
+    elif p["dp"] == "client":
+        form = f"its update, clipped at the center to L2 norm {p['clipping_norm']:g}"
+    elif p["dp"] == "server":
+        form = (f"its update, not clipped (the coordinator clips it to L2 norm "
+                f"{p['clipping_norm']:g} before the noised aggregate)")
+    else:
+        form = "its updated weights, in clear"
+    flows: dict[str, Any] = {}
+    for center in settings.centers:
+        trained = [r["round"] for r in history if center in r["train"]["centers"]]
+        got_global = [r["round"] for r in history
+                      if r.get("bytes", {}).get(center, {}).get("received", 0) > 0]
+        models = list((cross_site or {}).get("sent", {}).get(center, []))
+        others = sorted(m.split(":", 1)[1] for m in models if m.startswith("local:"))
+        sent = {"to": "coordinator", "train_rounds": trained, "update": form,
+                "metrics": "training losses and case count each round; validation scores of "
+                           "the models it was sent"}
+        received = {"from": "coordinator", "global_model_rounds": got_global,
+                    "cross_site_models": models, "local_updates_of": others}
+        words = (f"{center} → coordinator: {form}, rounds {_rounds_text(trained)}, with its "
+                 f"metrics; coordinator → {center}: the global model, rounds "
+                 f"{_rounds_text(got_global)}")
+        if models:
+            words += ("; cross-site: " + (f"the global model and the local updates of "
+                                          f"{', '.join(others)}" if others else
+                                          "the global model only"))
+        flows[center] = {"sent": sent, "received": received, "summary": words}
+    return flows
+
+
+def _rounds_text(rounds: list[int]) -> str:
+    if not rounds:
+        return "none"
+    if rounds == list(range(rounds[0], rounds[-1] + 1)):
+        return str(rounds[0]) if len(rounds) == 1 else f"{rounds[0]}-{rounds[-1]}"
+    return ", ".join(map(str, rounds))
+
+
 def write_metrics(path: Path, history: list[dict[str, Any]], settings: FedSettings,
-                  model_bytes: int, cross_site: Mapping[str, Any] | None = None) -> None:
-    """FED/metrics.json from the round records and the cross-site validation (atomic:
+                  model_bytes: int, cross_site: Mapping[str, Any] | None = None,
+                  rejected: Iterable[Mapping[str, Any]] = ()) -> None:
+    """FED/metrics.json from the round records, the cross-site validation and `rejected`,
+    every reply the coordinator refused (medfound.fed.screening.ReplyGate) (atomic:
     temporary file, then rename)."""
     totals: dict[str, dict[str, int]] = {}
     exchanges = [r["bytes"] for r in history] + ([cross_site["bytes"]] if cross_site else [])
@@ -585,11 +717,12 @@ def write_metrics(path: Path, history: list[dict[str, Any]], settings: FedSettin
         "centers": list(settings.centers), "rounds_planned": settings.rounds,
         "rounds_completed": len(history), "transfer_dtype": settings.transfer_dtype,
         "model_bytes_fp32": model_bytes,
-        "privacy": privacy_report(history, settings),
+        "privacy": privacy_report(history, settings, cross_site),
         "global": [{"round": r["round"], **r["evaluate"]["global"]} for r in history
                    if not r["evaluate"].get("pending")],
         "bytes_per_center": totals,
         "round_durations_s": [r["duration_s"] for r in history],
+        "rejected_replies": list(rejected),
         "rounds": history,
     }
     if cross_site is not None:

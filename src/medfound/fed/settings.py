@@ -9,6 +9,7 @@ bad value is caught before Ray or Flower start.
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -24,6 +25,10 @@ EXCHANGES = ("all", "trainable")
 TASKS = ("detect", "pretrain")
 # fed.privacy.dp: where updates are clipped before the coordinator adds Gaussian noise.
 DP_MODES = ("client", "server")
+# fed.max_cases: the default cap on the training cases one center's reply may claim.
+MAX_CASES = 1_000_000
+# A center's name: what the coordinator accepts in a reply and puts in paths and metric names.
+CENTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +54,15 @@ class FedSettings:
     evaluate_with_train: bool = True  # score round r's model in round r+1's train message
     stream_aggregation: bool = True  # spool updates to disk, average array by array
     task: str = "detect"  # task.name: "detect" (the nodule detector) | "pretrain" (the encoder)
+    # cross-site validation also sends each center's last local update to every other center
+    # (never under differential privacy or secure aggregation)
+    share_local_models: bool = False
+    max_cases: int = MAX_CASES  # the most training cases a center's reply may claim
+    # {center: its case count from its data card}: a reply claiming more is rejected
+    declared_cases: dict[str, int] = dataclasses.field(default_factory=dict)
+    # {center: Flower node id} from `medfound fed register`: the only node that may answer
+    # as that center (unset: a name is bound to the first node that answers with it)
+    nodes: dict[str, int] = dataclasses.field(default_factory=dict)
 
     @property
     def strategy_name(self) -> str:
@@ -75,8 +89,9 @@ class FedSettings:
         need(fed.get("mode") in MODES, "mode", f"must be one of {', '.join(MODES)}")
         names = centers if centers is not None else fed.get("centers")
         need(isinstance(names, (list, tuple)) and len(names) > 0
-             and all(isinstance(c, str) and c for c in names), "centers",
-             "must be a non-empty list of center names, e.g. fed.centers=[center_0,center_1]")
+             and all(isinstance(c, str) and CENTER_NAME.fullmatch(c) for c in names), "centers",
+             "must be a non-empty list of center names (letters, digits, '_', '.', '-'; up to "
+             "64), e.g. fed.centers=[center_0,center_1]")
         need(len(set(names)) == len(names), "centers", "lists a center twice")
         for key in ("rounds", "local_epochs", "min_centers"):
             need(_int(fed.get(key)) and fed[key] >= 1, key, "must be an integer >= 1")
@@ -120,6 +135,22 @@ class FedSettings:
                                     "be true or false")
 
         privacy = _privacy(fed.get("privacy"))
+        share = fed.get("share_local_models", False)
+        need(isinstance(share, bool), "share_local_models", "must be true or false")
+        if share and (privacy["dp"] is not None or privacy["secagg"]):
+            raise MedfoundError(
+                "fed.share_local_models=true would send each center's un-noised update to every "
+                "other center, which fed.privacy." + ("dp" if privacy["dp"] else "secagg")
+                + " is there to prevent", hint="set fed.share_local_models=false (cross-site "
+                "validation then scores the global model only)")
+        max_cases = fed.get("max_cases", MAX_CASES)
+        need(_int(max_cases) and max_cases >= 1, "max_cases", "must be an integer >= 1")
+        declared = _center_ints(fed.get("declared_cases"), names, "declared_cases", minimum=1)
+        nodes = _center_ints(fed.get("nodes"), names, "nodes", minimum=1)
+        if len(set(nodes.values())) != len(nodes):
+            raise MedfoundError("config key 'fed.nodes' gives two centers the same node id",
+                                hint="each registered key has its own node id "
+                                     "(`medfound fed register` prints them)")
         exchange = fed.get("exchange", "all")
         need(exchange in EXCHANGES, "exchange", f"must be one of {', '.join(EXCHANGES)}")
         finetune = cfg.get("finetune") or {}
@@ -156,7 +187,8 @@ class FedSettings:
                    audit_payloads=fed["audit_payloads"], cross_site=fed["cross_site"],
                    strategy=strategy,
                    simulation=simulation, deployment=deployment, privacy=privacy,
-                   exchange=exchange, task=task, **switches)
+                   exchange=exchange, task=task, share_local_models=share,
+                   max_cases=int(max_cases), declared_cases=declared, nodes=nodes, **switches)
 
 
 # fed.privacy keys and their defaults (configs/federate.yaml explains each).
@@ -212,6 +244,25 @@ def parse_host_port(address: Any, what: str = "address") -> tuple[str, int]:
     if not host or not port.isdigit():
         raise MedfoundError(f"{what} = {address!r}: must be HOST:PORT, e.g. 127.0.0.1:9092")
     return host, int(port)
+
+
+def _center_ints(value: Any, centers: Any, key: str, minimum: int) -> dict[str, int]:
+    """`fed.<key>`: null, or a mapping from centers of fed.centers to integers >= `minimum`."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise MedfoundError(f"config key 'fed.{key}' = {value!r}: must be a mapping "
+                            f"{{center: integer}}, e.g. fed.{key}={{center_0:12}}")
+    out = {}
+    for center, n in dict(value).items():
+        if center not in centers:
+            raise MedfoundError(f"config key 'fed.{key}' names {center!r}, which is not in "
+                                "fed.centers", hint=f"fed.centers: {', '.join(centers)}")
+        if not (_int(n) and n >= minimum):
+            raise MedfoundError(f"config key 'fed.{key}.{center}' = {n!r}: must be an integer "
+                                f">= {minimum}")
+        out[str(center)] = int(n)
+    return out
 
 
 def _int(value: Any) -> bool:
