@@ -116,3 +116,26 @@ def test_cli_options_by_name_are_applied_and_recorded(tmp_path, key_file):
     report = json.loads((tmp_path / "out" / REPORT_NAME).read_text())
     assert report["profile_options"] == ["clean-descriptors", "retain-longitudinal-modified-dates",
                                          "retain-device-identity"]
+
+
+def test_pipes_and_broken_links_are_reported_not_opened(tmp_path, key_file):
+    """A named pipe would block the run forever if opened; it is counted as skipped."""
+    src = tmp_path / "in"
+    write_ct_slice(src / "s0.dcm", JANE, 1, 1, 0, "20230301")
+    os.mkfifo(src / "pipe.dcm")
+    (src / "gone.dcm").symlink_to(tmp_path / "nowhere.dcm")
+    report = deidentify(src, tmp_path / "out", key_file=key_file, progress=False)
+    assert report["files_written"] == 1 and report["files_skipped"] == 2
+    assert report["skipped_reasons"] == {
+        "not a regular file (pipe, socket, device or broken link)": 2}
+
+
+def test_options_are_found_by_the_names_the_standard_uses():
+    from medfound.io.deid_profile import select_options
+
+    chosen = select_options(["Retain Longitudinal Temporal Information with Modified Dates",
+                             "Clean Descriptors Option", "retain_device_identity"])
+    assert [opt.code for opt in chosen] == ["113105", "113107", "113109"]
+    assert [opt.code for opt in select_options(["Retain Longitudinal with Full Dates"])] == \
+        ["113106"]
+    assert [opt.code for opt in select_options([], remove_dates=True)] == []

@@ -778,10 +778,12 @@ def _atomic_write(path: Path, data: bytes, mode: int) -> None:
         raise
 
 
-def _input_files(src: Path, unreadable: list[str]) -> list[tuple[Path, str]]:
+def _input_files(src: Path, unreadable: list[str], others: list[str]) -> list[tuple[Path, str]]:
     """(file, relative path with "/") for IN, a file or a folder walked in sorted order.
 
-    Folders that cannot be listed are added to `unreadable` (IN-relative), not passed over.
+    Folders that cannot be listed are added to `unreadable`, entries that are not regular files
+    (pipes, sockets, devices, broken links; never opened, a pipe would block) to `others`, both
+    IN-relative, so that nothing is passed over in silence. Links to folders are not followed.
     """
     if src.is_file():
         return [(src, src.name)]
@@ -798,6 +800,8 @@ def _input_files(src: Path, unreadable: list[str]) -> list[tuple[Path, str]]:
             path = Path(folder) / name
             if path.is_file():
                 files.append((path, path.relative_to(src).as_posix()))
+            else:
+                others.append(path.relative_to(src).as_posix())
     return files
 
 
@@ -969,7 +973,8 @@ def deidentify(in_path: str | Path, out_path: str | Path, key_file: str | Path |
     key, key_source, key_warnings = _key(key_path)
 
     unreadable_folders: list[str] = []
-    files = _input_files(src, unreadable_folders)
+    not_files: list[str] = []
+    files = _input_files(src, unreadable_folders, not_files)
     try:
         dst.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -980,6 +985,8 @@ def deidentify(in_path: str | Path, out_path: str | Path, key_file: str | Path |
     run = _Run(key=key, options=chosen)
     for rel in unreadable_folders:
         _fail(run, rel, "folder could not be listed")
+    if not_files:
+        run.skipped["not a regular file (pipe, socket, device or broken link)"] = len(not_files)
     # pydicom logs malformed values verbatim (PHI into a log): they are counted instead.
     pydicom_log = logging.getLogger("pydicom")
     log_level = pydicom_log.level

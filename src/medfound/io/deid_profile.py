@@ -37,6 +37,7 @@ table on attributes that may identify the patient but that Table E.1-1 does not 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from medfound.errors import MedfoundError
@@ -89,6 +90,13 @@ FULL_DATES = OPTIONS_BY_NAME["retain-longitudinal-full-dates"]
 STRUCTURED_CONTENT = OPTIONS_BY_NAME["clean-structured-content"]
 
 
+def _words(text: str) -> str:
+    """An option's name reduced to its words: "Retain Longitudinal Temporal Information with
+    Modified Dates", its CID 7050 meaning and "retain-longitudinal-modified-dates" agree."""
+    words = re.findall(r"[a-z]+", text.lower())
+    return " ".join(w for w in words if w not in ("with", "option", "temporal", "information"))
+
+
 def select_options(names, remove_dates: bool = False) -> tuple[ProfileOption, ...]:
     """The options named in `names` (CLI names, or the meanings of CID 7050), in `OPTIONS` order.
 
@@ -98,10 +106,9 @@ def select_options(names, remove_dates: bool = False) -> tuple[ProfileOption, ..
     with `remove_dates`).
     """
     chosen = set()
-    by_meaning = {opt.meaning.lower(): opt for opt in OPTIONS}
+    by_words = {_words(text): opt for opt in OPTIONS for text in (opt.name, opt.meaning)}
     for raw in names or ():
-        key = str(raw).strip().lower().replace("_", "-")
-        opt = OPTIONS_BY_NAME.get(key) or by_meaning.get(str(raw).strip().lower())
+        opt = by_words.get(_words(str(raw)))
         if opt is None:
             raise MedfoundError(f"unknown de-identification option {raw!r}",
                                 hint="choose from " + ", ".join(
