@@ -118,16 +118,22 @@ def test_cli_options_by_name_are_applied_and_recorded(tmp_path, key_file):
                                          "retain-device-identity"]
 
 
-def test_pipes_and_broken_links_are_reported_not_opened(tmp_path, key_file):
-    """A named pipe would block the run forever if opened; it is counted as skipped."""
+def test_pipes_and_links_are_reported_not_opened(tmp_path, key_file):
+    """A named pipe would block the run forever if opened, a link may lead out of IN: both are
+    counted as skipped, not read."""
     src = tmp_path / "in"
     write_ct_slice(src / "s0.dcm", JANE, 1, 1, 0, "20230301")
     os.mkfifo(src / "pipe.dcm")
     (src / "gone.dcm").symlink_to(tmp_path / "nowhere.dcm")
+    write_ct_slice(tmp_path / "elsewhere" / "other.dcm", JANE, 2, 1, 0, "20230301")
+    (src / "link.dcm").symlink_to(tmp_path / "elsewhere" / "other.dcm")
+    (src / "inside.dcm").symlink_to(src / "s0.dcm")
     report = deidentify(src, tmp_path / "out", key_file=key_file, progress=False)
-    assert report["files_written"] == 1 and report["files_skipped"] == 2
+    assert report["files_written"] == 2 and report["files_skipped"] == 3
     assert report["skipped_reasons"] == {
-        "not a regular file (pipe, socket, device or broken link)": 2}
+        "link to a file outside IN (not read)": 2,  # one of them broken
+        "not a regular file (pipe, socket, device or broken link)": 1}
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.dcm")) == ["inside.dcm", "s0.dcm"]
 
 
 def test_options_are_found_by_the_names_the_standard_uses():

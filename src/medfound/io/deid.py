@@ -778,12 +778,14 @@ def _atomic_write(path: Path, data: bytes, mode: int) -> None:
         raise
 
 
-def _input_files(src: Path, unreadable: list[str], others: list[str]) -> list[tuple[Path, str]]:
+def _input_files(src: Path, unreadable: list[str], others: list[str], outside: list[str]
+                 ) -> list[tuple[Path, str]]:
     """(file, relative path with "/") for IN, a file or a folder walked in sorted order.
 
     Folders that cannot be listed are added to `unreadable`, entries that are not regular files
     (pipes, sockets, devices, broken links; never opened, a pipe would block) to `others`, both
-    IN-relative, so that nothing is passed over in silence. Links to folders are not followed.
+    IN-relative, so that nothing is passed over in silence; links to files outside IN go to
+    `outside` and are not read. Links to folders are not followed.
     """
     if src.is_file():
         return [(src, src.name)]
@@ -798,10 +800,13 @@ def _input_files(src: Path, unreadable: list[str], others: list[str]) -> list[tu
         dirs.sort()
         for name in sorted(names):
             path = Path(folder) / name
-            if path.is_file():
-                files.append((path, path.relative_to(src).as_posix()))
+            rel = path.relative_to(src).as_posix()
+            if path.is_symlink() and not path.resolve().is_relative_to(src):
+                outside.append(rel)  # IN is what the user chose to release, not what it links to
+            elif path.is_file():
+                files.append((path, rel))
             else:
-                others.append(path.relative_to(src).as_posix())
+                others.append(rel)
     return files
 
 
@@ -974,7 +979,8 @@ def deidentify(in_path: str | Path, out_path: str | Path, key_file: str | Path |
 
     unreadable_folders: list[str] = []
     not_files: list[str] = []
-    files = _input_files(src, unreadable_folders, not_files)
+    outside: list[str] = []
+    files = _input_files(src, unreadable_folders, not_files, outside)
     try:
         dst.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -987,6 +993,8 @@ def deidentify(in_path: str | Path, out_path: str | Path, key_file: str | Path |
         _fail(run, rel, "folder could not be listed")
     if not_files:
         run.skipped["not a regular file (pipe, socket, device or broken link)"] = len(not_files)
+    if outside:
+        run.skipped["link to a file outside IN (not read)"] = len(outside)
     # pydicom logs malformed values verbatim (PHI into a log): they are counted instead.
     pydicom_log = logging.getLogger("pydicom")
     log_level = pydicom_log.level
