@@ -48,7 +48,8 @@ ultrasound, secondary capture) are listed in the report for a person to review.
 Safety: IN is only read. OUT must be new or empty and may not contain IN or lie inside it; each
 file is written to a short hidden temporary name in its folder and renamed, so an interrupted
 run leaves whole files only (a killed process may leave a hidden *.partial file, never a half
-file under a real name). Files that are not DICOM are skipped and counted, never copied; a file
+file under a real name). Files that are not DICOM are skipped and counted, never copied, and
+so are entries that are not regular files and links to files outside IN (never opened); a file
 that cannot be read, de-identified or written is counted as failed with its reason, and the run
 goes on with the rest. OUT/deid_report.json says what was done; the pseudonym map (original →
 new) is written only where asked, outside OUT, for the center to keep.
