@@ -26,6 +26,17 @@ Node authentication (only registered centers may join), Flower's CLI-managed mod
 3. the center joins with ``--auth-key`` (``--auth-supernode-private-key``). A SuperNode whose
    key is not registered, or that has none, is refused and exits (Flower exit code 305).
 
+Restarts: the SuperLink keeps its state (registered keys, nodes, runs) in a database file,
+``$FLWR_HOME/superlink/HOST_PORT.db`` unless ``--database`` says where (Flower's default is
+memory only: a restarted SuperLink would have forgotten every center). `medfound center join`
+supervises its SuperNode (`run_center`): Flower's SuperNode retries a lost connection with
+backoff by itself; a SuperNode that the SuperLink no longer knows (Flower then exits with
+status 0) is started again with backoff; when the SuperLink has been out of reach for longer
+than the join's wait budget (`JOIN_MAX_WAIT_S`, default an hour) the join gives up and exits
+non-zero with one line saying so. Before it starts and while the connection fails it probes
+the SuperLink's port: a TLS SuperLink joined with ``--insecure`` (or a plain one joined with
+TLS), where Flower would retry forever, ends the join with a line saying which.
+
 The ServerApp and ClientApp below are the same functions simulation mode runs; only where
 their settings come from differs (run config and node config instead of Python objects).
 Paths in the recipe config (out_dir) are the coordinator's.
@@ -37,8 +48,11 @@ import json
 import os
 import shutil
 import signal
+import socket
+import ssl
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -53,9 +67,12 @@ from medfound.errors import MedfoundError
 from medfound.fed.server_app import run_coordinator
 from medfound.fed.settings import FedSettings, parse_host_port
 
-__all__ = ["join_command", "make_center_keys", "register_centers", "run_center", "run_deployment",
-           "server_app", "superlink_command", "write_app"]
+__all__ = ["SuperLinkUnreachable", "check_transport", "default_database", "join_command",
+           "make_center_keys", "probe_transport", "register_centers", "run_center",
+           "run_deployment", "server_app", "superlink_command", "write_app"]
 
+JOIN_MAX_WAIT_S = 3600.0  # how long `center join` waits for a SuperLink that is out of reach
+JOIN_MAX_WAIT_ENV = "MEDFOUND_JOIN_MAX_WAIT_S"  # overrides it (seconds)
 RUN_CONFIG_KEY = "medfound-config"  # the resolved recipe config, YAML text
 CONNECTION = "medfound"  # the SuperLink connection's name in FED/.flwr/config.toml
 DEFAULT_SUPERLINK = "127.0.0.1:9092"  # Flower >= 1.41 serves every SuperLink API on one port
@@ -169,8 +186,7 @@ def superlink_command(*, certs: str | None = None, insecure: bool = False,
     """
     host, port = parse_host_port(address, "--address")
     cmd = [_executable("flower-superlink"), "--host", host, "--port", str(port)]
-    if database:
-        cmd += ["--database", str(database)]
+    cmd += ["--database", str(database or default_database(address))]
     if insecure:
         if auth:
             raise MedfoundError("node authentication needs TLS: --auth cannot be used with --insecure",
@@ -182,6 +198,16 @@ def superlink_command(*, certs: str | None = None, insecure: bool = False,
     if auth:
         cmd.append("--enable-supernode-auth")
     return cmd
+
+
+def default_database(address: str) -> Path:
+    """Where a SuperLink on `address` keeps its state unless told otherwise (the folder is
+    made): ``$FLWR_HOME/superlink/HOST_PORT.db``, FLWR_HOME defaulting to ~/.flwr as Flower's."""
+    host, port = parse_host_port(address, "--address")
+    home = Path(os.environ.get("FLWR_HOME") or Path.home() / ".flwr").expanduser()
+    folder = home / "superlink"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / f"{host.replace(':', '_')}_{port}.db"
 
 
 def make_center_keys(out: str | Path, center: str, overwrite: bool = False) -> tuple[Path, Path]:
@@ -291,10 +317,73 @@ def run_process(cmd: Sequence[str]) -> int:
     return 1  # not reached
 
 
-def run_center(cmd: Sequence[str], worker_socket: Path) -> int:
+class SuperLinkUnreachable(MedfoundError):
+    """`center join` gave up: the SuperLink was out of reach for longer than its wait budget."""
+
+    exit_code = 75  # EX_TEMPFAIL: a service manager may start the join again later
+
+
+def join_max_wait(value: float | None = None) -> float:
+    """The join's wait budget in seconds: `value`, else $MEDFOUND_JOIN_MAX_WAIT_S, else
+    JOIN_MAX_WAIT_S."""
+    if value is not None:
+        return float(value)
+    text = os.environ.get(JOIN_MAX_WAIT_ENV)
+    try:
+        return float(text) if text else JOIN_MAX_WAIT_S
+    except ValueError:
+        raise MedfoundError(f"{JOIN_MAX_WAIT_ENV}={text!r} is not a number of seconds") from None
+
+
+def probe_transport(address: str, timeout: float = 3.0) -> str | None:
+    """What the SuperLink at `address` speaks: "tls", "plain", or None when nothing answers
+    (not started yet, a firewall): a TLS handshake, certificate not checked (only whether the
+    port speaks TLS at all; the SuperNode checks the certificate)."""
+    try:
+        host, port = parse_host_port(address, "--superlink")
+    except MedfoundError:
+        return None
+    try:
+        raw = socket.create_connection((host, port), timeout=timeout)
+    except OSError:
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    try:
+        with context.wrap_socket(raw, server_hostname=host) as tls:
+            tls.settimeout(timeout)
+            return "tls"
+    except ssl.SSLError:
+        return "plain"
+    except OSError:
+        return None
+    finally:
+        raw.close()
+
+
+def check_transport(address: str, insecure: bool, timeout: float = 3.0) -> None:
+    """Refuse (`MedfoundError`) a join whose TLS setting cannot work with the SuperLink at
+    `address`; nothing when they agree or nothing answers there (yet)."""
+    spoken = probe_transport(address, timeout)
+    if insecure and spoken == "tls":
+        raise MedfoundError(f"the SuperLink at {address} serves TLS, and this center joins with "
+                            "--insecure (it would retry forever)",
+                            hint="drop --insecure and pass --root-certificates CA.crt (the "
+                                 "coordinator's CA certificate)")
+    if not insecure and spoken == "plain":
+        raise MedfoundError(f"the SuperLink at {address} does not serve TLS, and this center "
+                            "joins with TLS",
+                            hint="ask the coordinator to run it with --certs, or join with "
+                                 "--insecure for a trial on one machine")
+
+
+def run_center(cmd: Sequence[str], worker_socket: Path, *, max_wait_s: float | None = None) -> int:
     """`medfound center join`: start the center's worker (medfound.fed.worker) on
     `worker_socket`, wait until it is ready, then start the SuperNode (`cmd`, whose node config
-    names the socket); return the SuperNode's exit status, stopping the worker with it.
+    names the socket) and supervise it (`_supervise`: rejoin with backoff, give up after
+    `max_wait_s`, see the module docstring); return the SuperNode's exit status, stopping the
+    worker with it.
 
     Both run in this process's process group, so stopping the group stops all three; each child
     also exits if this process dies (the worker watches it; on Linux the SuperNode is sent
@@ -304,6 +393,9 @@ def run_center(cmd: Sequence[str], worker_socket: Path) -> int:
         raise SystemExit(128 + signum)  # runs the `finally` below: the children stop too
 
     signal.signal(signal.SIGTERM, stop)
+    superlink, insecure = _option(cmd, "--superlink"), "--insecure" in cmd
+    max_wait = join_max_wait(max_wait_s)
+    check_transport(superlink, insecure)
     env = _flower_env()
     # The SuperNode's SuperExec asks every second (Flower's default) whether a message waits for
     # a ClientApp process. A tenth of that is a cheap local call; measured, it made no difference
@@ -311,7 +403,7 @@ def run_center(cmd: Sequence[str], worker_socket: Path) -> int:
     env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.1")
     worker = subprocess.Popen([sys.executable, "-m", "medfound.fed.worker", "--socket",
                                str(worker_socket), "--parent-pid", str(os.getpid())], env=env)
-    node: subprocess.Popen | None = None
+    nodes: list[subprocess.Popen] = []
     try:
         deadline = time.monotonic() + 300
         while not worker_socket.exists() and worker.poll() is None and time.monotonic() < deadline:
@@ -319,28 +411,110 @@ def run_center(cmd: Sequence[str], worker_socket: Path) -> int:
         if not worker_socket.exists():
             print("medfound: the center's worker did not start; each message will run in its own "
                   "process", file=sys.stderr, flush=True)
-        node = subprocess.Popen(list(cmd), env=env, preexec_fn=_die_with_parent)  # noqa: PLW1509
-        worker_noted = False
+        return _supervise(cmd, env, superlink, insecure, max_wait, worker, nodes)
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        for proc in (*nodes, worker):
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in (*nodes, worker):
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        worker_socket.unlink(missing_ok=True)
+
+
+class _NodeLog:
+    """Forwards a SuperNode's output to this process's stdout, line by line, and notes what
+    its lines say about the connection."""
+
+    def __init__(self, proc: subprocess.Popen):
+        self.proc = proc
+        self.connected = False  # the SuperLink admitted it (it logged its node ID)
+        self.failing_since: float | None = None  # the current run of failed connection attempts
+        self.forgotten = False  # the SuperLink answered 401: it no longer knows this node
+        self.refused = False  # node authentication refused it (Flower exit code 305)
+        self.thread = threading.Thread(target=self._read, daemon=True, name="supernode-log")
+        self.thread.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in iter(self.proc.stdout.readline, ""):
+            sys.stdout.write(line)
+            sys.stdout.flush()
+            if "SuperNode ID" in line or "Connection successful" in line:
+                self.connected, self.failing_since = True, None
+            elif "Connection attempt failed" in line and self.failing_since is None:
+                self.failing_since = time.monotonic()
+            elif "401 Unauthorized" in line:
+                self.forgotten = True
+            elif "Exit Code: 305" in line or "Failed to activate SuperNode" in line:
+                self.refused = True
+
+
+def _supervise(cmd: Sequence[str], env: Mapping[str, str], superlink: str, insecure: bool,
+               max_wait: float, worker: subprocess.Popen, nodes: list[subprocess.Popen]) -> int:
+    """Run the SuperNode `cmd` until it ends for good; start it again when the SuperLink
+    forgot it (restarted without its database); give up (`SuperLinkUnreachable`) when the
+    SuperLink has been out of reach for `max_wait` seconds."""
+    lost_at: float | None = None  # since when this center has had no working connection
+    backoff, worker_noted = 1.0, False
+    while True:
+        node = subprocess.Popen(list(cmd), env=dict(env), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, errors="replace",
+                                preexec_fn=_die_with_parent)  # noqa: PLW1509
+        nodes.append(node)
+        log, probed = _NodeLog(node), 0.0
         while node.poll() is None:
             if worker.poll() is not None and not worker_noted:
                 print(f"medfound: the center's worker stopped (exit {worker.returncode}); each "
                       "message now runs in its own process", file=sys.stderr, flush=True)
                 worker_noted = True
+            if log.connected and log.failing_since is None:
+                lost_at, backoff = None, 1.0
+            failing = log.failing_since if lost_at is None else lost_at
+            if log.failing_since is not None and failing is not None:
+                now = time.monotonic()
+                if now - failing > max_wait:
+                    node.terminate()
+                    node.wait(timeout=30)
+                    raise SuperLinkUnreachable(
+                        f"gave up joining: the SuperLink at {superlink} has been out of reach for "
+                        f"{now - failing:.0f} s", hint="start `medfound center join` again once "
+                        f"the coordinator's SuperLink is back ({JOIN_MAX_WAIT_ENV} sets the wait)")
+                if now - probed > 10:
+                    probed = now
+                    try:
+                        check_transport(superlink, insecure)
+                    except MedfoundError:
+                        node.terminate()
+                        node.wait(timeout=30)
+                        raise
             time.sleep(0.5)
-        return int(node.returncode)
-    except KeyboardInterrupt:
-        return 130
-    finally:
-        for proc in (node, worker):
-            if proc is not None and proc.poll() is None:
-                proc.terminate()
-        for proc in (node, worker):
-            if proc is not None:
-                try:
-                    proc.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-        worker_socket.unlink(missing_ok=True)
+        log.thread.join(timeout=5)
+        nodes.remove(node)
+        rc = int(node.returncode)
+        if log.refused:
+            raise MedfoundError(f"the SuperLink at {superlink} refused this center (node "
+                                "authentication)", hint="join with --auth-key CENTER.key whose "
+                                "CENTER.pub the coordinator registered (`medfound fed register`; "
+                                "a SuperLink keeps registrations in its --database)")
+        if not (rc == 0 or log.forgotten):
+            return rc
+        # Flower ends a SuperNode the SuperLink no longer knows with status 0: join again.
+        now = time.monotonic()
+        lost_at = lost_at if lost_at is not None else now
+        if now - lost_at > max_wait:
+            raise SuperLinkUnreachable(
+                f"gave up joining: the SuperLink at {superlink} has not admitted this center "
+                f"for {now - lost_at:.0f} s", hint=f"{JOIN_MAX_WAIT_ENV} sets the wait")
+        print(f"medfound: the SuperLink at {superlink} no longer knows this center (it restarted "
+              f"without its --database?); joining again in {backoff:.0f} s", file=sys.stderr,
+              flush=True)
+        time.sleep(backoff)
+        backoff = min(backoff * 2, 30.0)
 
 
 def _die_with_parent() -> None:
@@ -355,6 +529,12 @@ def _die_with_parent() -> None:
 
 
 # --- helpers ---------------------------------------------------------------------------------
+
+
+def _option(cmd: Sequence[str], flag: str) -> str:
+    """The value after `flag` in a command line ("" when it has none)."""
+    args = list(cmd)
+    return args[args.index(flag) + 1] if flag in args[:-1] else ""
 
 
 def _tls_files(certs: str | None, names: Sequence[str], flags: Sequence[str]) -> list[str]:

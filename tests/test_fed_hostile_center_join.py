@@ -1,0 +1,103 @@
+"""`medfound center join` against a SuperLink it cannot work with, fast: the TLS probe against
+real TLS and plain TCP servers on 127.0.0.1, and where a SuperLink keeps its state.
+(Real SuperLink restarts: tests/test_fed_hostile_center_deployment.py.)"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import socket
+import ssl
+import threading
+from pathlib import Path
+
+import pytest
+
+from medfound.errors import MedfoundError
+from medfound.fed.deployment import check_transport, probe_transport, superlink_command
+
+
+def _self_signed(folder: Path) -> tuple[Path, Path]:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(1)
+            .not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = folder / "server.pem", folder / "server.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+@contextlib.contextmanager
+def server(tls_files: tuple[Path, Path] | None):
+    """A server on 127.0.0.1 that answers like an HTTP server, over TLS when given its files."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    context = None
+    if tls_files is not None:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(*map(str, tls_files))
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            with contextlib.suppress(OSError, ssl.SSLError):
+                conn.settimeout(5)
+                if context is not None:
+                    conn = context.wrap_socket(conn, server_side=True)
+                conn.recv(4096)
+                conn.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+            conn.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        with contextlib.suppress(OSError):
+            listener.shutdown(socket.SHUT_RDWR)  # wakes the accept() above
+        listener.close()
+        thread.join(timeout=5)
+
+
+def test_the_probe_tells_a_tls_superlink_from_a_plain_one_and_from_nothing(tmp_path: Path) -> None:
+    with server(_self_signed(tmp_path)) as tls_address:
+        assert probe_transport(tls_address) == "tls"
+        check_transport(tls_address, insecure=False)  # they agree: nothing to say
+        with pytest.raises(MedfoundError, match="serves TLS, and this center joins with "
+                                                "--insecure") as err:
+            check_transport(tls_address, insecure=True)
+        assert "--root-certificates" in str(err.value) and "\n" not in str(err.value)
+    with server(None) as plain_address:
+        assert probe_transport(plain_address) == "plain"
+        check_transport(plain_address, insecure=True)
+        with pytest.raises(MedfoundError, match="does not serve TLS"):
+            check_transport(plain_address, insecure=False)
+    # Nothing listening (the SuperLink is not up yet): no verdict, the join goes on and retries.
+    assert probe_transport(plain_address) is None
+    check_transport(plain_address, insecure=True)
+    check_transport(plain_address, insecure=False)
+
+
+def test_a_superlink_keeps_its_state_on_disk_by_default(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr"))
+    cmd = superlink_command(insecure=True, address="127.0.0.1:9199")
+    assert cmd[cmd.index("--database") + 1] == str(tmp_path / "flwr" / "superlink"
+                                                   / "127.0.0.1_9199.db")
+    assert (tmp_path / "flwr" / "superlink").is_dir()
+    cmd = superlink_command(insecure=True, address="127.0.0.1:9199", database="/srv/fed/link.db")
+    assert cmd[cmd.index("--database") + 1] == "/srv/fed/link.db"
