@@ -266,3 +266,18 @@ def test_a_query_message_gets_the_centers_name_only(phantoms: Path, tmp_path: Pa
     assert dict(reply.content["center"]) == {"name": "center_0"}
     (entry,) = read_audit(site.audit_file)
     assert entry["kind"] == "query" and entry["metrics"] == []
+
+
+def test_a_message_of_a_type_the_center_does_not_serve_is_refused_and_audited(
+        phantoms: Path, cfg: dict, arrays: ArrayRecord, tmp_path: Path) -> None:
+    site = Site(center="center_0", data_dir=phantoms / "center_0", work_dir=tmp_path / "work",
+                audit_file=tmp_path / "work" / "audit" / "center_0.jsonl")
+    kinds = ["train.evil", "evaluate.x", "system", "query.drop_tables"]  # Flower refuses others
+    for kind in kinds:
+        reply = call(site, message(kind, cfg, arrays))
+        assert reply.has_error() and "refused a message of type" in reply.error.reason
+        assert len(reply.error.reason) < 200
+    assert [r["kind"] for r in read_audit(site.audit_file)] == ["error"] * len(kinds)
+    assert (tmp_path / "work" / "center.log").read_text().count("refused a message") == len(kinds)
+    served = call(site, message(MessageType.QUERY, cfg, arrays))
+    assert dict(served.content["center"]) == {"name": "center_0"}

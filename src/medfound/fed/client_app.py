@@ -60,7 +60,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 
@@ -125,7 +125,8 @@ def make_client_app(sites: Sequence[Site] | None = None) -> ClientApp:
         return sites[int(context.node_config["partition-id"])]
 
     # Mods wrap outside-in: the audit log sees the reply exactly as it leaves, after clipping.
-    client = ClientApp(mods=[_audit_mod(site_of), _secagg_mod(site_of), _dp_clipping_mod])
+    client = _CenterApp(site_of, mods=[_audit_mod(site_of), _secagg_mod(site_of),
+                                       _dp_clipping_mod])
 
     @client.train()
     def train(msg: Message, context: Context) -> Message:
@@ -145,6 +146,30 @@ def make_client_app(sites: Sequence[Site] | None = None) -> ClientApp:
         return Message(RecordDict({CENTER: ConfigRecord({"name": site.center})}), reply_to=msg)
 
     return client
+
+
+class _CenterApp(ClientApp):
+    """Flower's ClientApp, but a message of a type the center does not serve gets an error
+    reply that the audit log records (Flower's raises before any mod sees the message)."""
+
+    SERVED = (MessageType.TRAIN, MessageType.EVALUATE, MessageType.QUERY)
+
+    def __init__(self, site_of: Callable[[Context], Site], mods: list[Callable]):
+        super().__init__(mods=mods)
+        self._site_of = site_of
+
+    def __call__(self, message: Message, context: Context) -> Message:
+        kind = str(message.metadata.message_type)
+        if kind in self.SERVED:
+            return super().__call__(message, context)
+        site = self._site_of(context)
+        reason = (f"center {site.center} refused a message of type {kind[:40]!r}: it serves "
+                  f"{', '.join(self.SERVED)}")
+        _log_at_center(site, f"refused a message of type {kind!r}")
+        AuditLog(site.audit_file, site.center, site.keep_payloads).record(
+            round=-1, kind="error", payload=reason.encode())
+        return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason),
+                       reply_to=message)
 
 
 # --- the two jobs of a center -----------------------------------------------------------------
@@ -554,10 +579,7 @@ def _reply_privately(msg: Message, site: Site, job: Callable[[], Message]) -> Me
         return job()
     except Exception as err:  # any failure: the details stay at the center
         kind = msg.metadata.message_type
-        detail = "".join(traceback.format_exception(err))
-        site.work_dir.mkdir(parents=True, exist_ok=True)
-        with open(site.work_dir / "center.log", "a") as log:
-            log.write(f"{datetime.now(timezone.utc).isoformat()} {kind} failed:\n{detail}\n")
+        _log_at_center(site, f"{kind} failed:\n" + "".join(traceback.format_exception(err)))
         print(f"center {site.center}: {kind} failed: {err}", file=sys.stderr, flush=True)
         if isinstance(err, (VersionMismatch, InvalidMessage)):
             reason = f"center {site.center} refused the {kind[:20]} message: {err}"
@@ -566,6 +588,13 @@ def _reply_privately(msg: Message, site: Site, job: Callable[[], Message]) -> Me
                       "(details stay in the center's log)")
         return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason),
                        reply_to=msg)
+
+
+def _log_at_center(site: Site, text: str) -> None:
+    """Append `text` to the center's own log (``work_dir/center.log``), which never leaves."""
+    site.work_dir.mkdir(parents=True, exist_ok=True)
+    with open(site.work_dir / "center.log", "a") as log:
+        log.write(f"{datetime.now(timezone.utc).isoformat()} {text}\n")
 
 
 def _dp_clipping_mod(msg: Message, context: Context, call_next: Callable) -> Message:
