@@ -281,3 +281,18 @@ def test_a_message_of_a_type_the_center_does_not_serve_is_refused_and_audited(
     assert (tmp_path / "work" / "center.log").read_text().count("refused a message") == len(kinds)
     served = call(site, message(MessageType.QUERY, cfg, arrays))
     assert dict(served.content["center"]) == {"name": "center_0"}
+
+
+def test_a_hostile_dp_clipping_norm_is_refused_and_audited(
+        phantoms: Path, cfg: dict, arrays: ArrayRecord, tmp_path: Path) -> None:
+    """Client-side DP clipping takes its norm from the message; Flower's mod raised on a text
+    there, past the audit log."""
+    site = Site(center="center_0", data_dir=phantoms / "center_0", work_dir=tmp_path / "work",
+                audit_file=tmp_path / "work" / "audit" / "center_0.jsonl")
+    norms = ["abc", -1.0, float("nan"), 0, True]
+    for norm in norms:
+        reply = call(site, message(MessageType.TRAIN, cfg, arrays,
+                                   config_extra={"clipping_norm": norm}))
+        assert reply.has_error() and "invalid clipping_norm" in reply.error.reason, norm
+    assert [r["kind"] for r in read_audit(site.audit_file)] == ["error"] * len(norms)
+    assert not (tmp_path / "work" / "rounds").exists()

@@ -49,6 +49,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import shutil
 import sys
 import time
@@ -605,6 +606,11 @@ def _dp_clipping_mod(msg: Message, context: Context, call_next: Callable) -> Mes
 
     config = msg.content.config_records.get(CONFIG) if msg.has_content() else None
     if msg.metadata.message_type == "train" and config is not None and KEY_CLIPPING_NORM in config:
+        norm = config[KEY_CLIPPING_NORM]
+        if not (isinstance(norm, (int, float)) and not isinstance(norm, bool)
+                and math.isfinite(norm) and norm > 0):
+            raise InvalidMessage(f"the coordinator's message has an invalid {KEY_CLIPPING_NORM}: "
+                                 "must be a finite number > 0")
         return fixedclipping_mod(msg, context, call_next)
     return call_next(msg, context)
 
@@ -628,8 +634,10 @@ def _audit_mod(site_of: Callable[[Context], Site]) -> Callable:
 
     def audit(msg: Message, context: Context, call_next: Callable) -> Message:
         step = f"secagg-{stage_of(msg)}" if is_secagg(msg) else None  # before the mod pops it
-        reply = call_next(msg, context)
         site = site_of(context)
+        # What the inner mods raise (a refused clipping norm, a SecAgg+ step) is answered and
+        # recorded like a failure of the job itself.
+        reply = _reply_privately(msg, site, lambda: call_next(msg, context))
         config = msg.content.config_records.get(CONFIG) if msg.has_content() else None
         group = msg.metadata.group_id  # SecAgg+ steps carry the round only there
         round_ = _audit_round(config.get(ROUND, 0) if config is not None
