@@ -16,9 +16,13 @@ from typing import Any
 import numpy as np
 
 from medfound.errors import MedfoundError
-from medfound.io.volume import CANONICAL, canonical_axes
+from medfound.io.volume import CANONICAL, canonical_axes, over_budget, voxel_budget
 
-__all__ = ["normalize_hu", "preprocess", "resample_to_spacing"]
+__all__ = ["MIN_SLICES", "normalize_hu", "preprocess", "resample_to_spacing"]
+
+# The fewest voxels a study may have along any axis, as read and on the model's grid: fewer is
+# a single image or a slab too thin for a 3D model to see anything in.
+MIN_SLICES = 3
 
 
 def normalize_hu(volume: np.ndarray, hu_window: Sequence[float]) -> np.ndarray:
@@ -41,33 +45,98 @@ def _linear_along(volume: np.ndarray, axis: int, positions: np.ndarray) -> np.nd
     return np.take(volume, lo, axis=axis) * (1 - frac) + np.take(volume, hi, axis=axis) * frac
 
 
-def resample_to_spacing(volume: np.ndarray, affine: np.ndarray,
-                        spacing_mm: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+def _check_geometry(affine: np.ndarray, spacing: np.ndarray) -> np.ndarray:
+    """The voxel sizes of `affine`; a MedfoundError if it or the target spacing cannot be
+    resampled (non-finite, zero-sized or degenerate axes)."""
+    if affine.shape != (4, 4) or not np.isfinite(affine).all():
+        raise MedfoundError("the study's affine is not a finite 4×4 matrix",
+                            hint="the study's geometry header is corrupt; export it again")
+    old = np.linalg.norm(affine[:3, :3], axis=0)
+    if not (old > 0).all() or abs(np.linalg.det(affine[:3, :3])) <= 1e-12 * float(
+            np.prod(old)):
+        raise MedfoundError(f"the study's voxel axes are degenerate (voxel size "
+                            f"{np.round(old, 4).tolist()} mm: zero-sized or parallel axes)",
+                            hint="the study's orientation or spacing header is corrupt")
+    if spacing.shape != (3,) or not (np.isfinite(spacing).all() and (spacing > 0).all()):
+        raise MedfoundError(f"target spacing {spacing.tolist()} mm is not three positive "
+                            "numbers", hint="check the model card's input.spacing_mm")
+    return old
+
+
+def resampled_shape(shape: Sequence[int], affine: np.ndarray,
+                    spacing_mm: Sequence[float]) -> tuple[int, int, int]:
+    """The (i, j, k) size `resample_to_spacing` gives a volume of `shape` (no allocation)."""
+    affine = np.asarray(affine, dtype=np.float64)
+    new = np.asarray(spacing_mm, dtype=np.float64)
+    old = _check_geometry(affine, new)
+    sizes = np.minimum(np.round(np.asarray(shape[-3:], dtype=np.float64) * old / new), 2.0**62)
+    return tuple(max(int(n), 1) for n in sizes)  # type: ignore[return-value]
+
+
+def resample_to_spacing(volume: np.ndarray, affine: np.ndarray, spacing_mm: Sequence[float],
+                        *, max_voxels: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Resample an (i, j, k) volume with 4×4 `affine` (voxel → mm) to `spacing_mm` per axis.
 
     Returns (float32 volume, its affine). Trilinear interpolation done as three 1-D passes,
-    which is the same result with a fraction of the memory of a 3-D gather.
+    which is the same result with a fraction of the memory of a 3-D gather. Every grid the
+    passes make is checked against `max_voxels` (see `medfound.io.volume.voxel_budget`)
+    before it is allocated: a MedfoundError names the limit.
     """
     affine = np.asarray(affine, dtype=np.float64)
-    old = np.linalg.norm(affine[:3, :3], axis=0)
     new = np.asarray(spacing_mm, dtype=np.float64)
+    old = _check_geometry(affine, new)
+    budget = voxel_budget(max_voxels)
     out = np.asarray(volume, dtype=np.float32)
+    target = resampled_shape(out.shape, affine, new)
+    grid = list(out.shape)
+    for axis in range(3):  # the passes' intermediate grids, largest first to fail fast
+        grid[axis] = target[axis]
+        voxels = int(np.prod(grid, dtype=np.float64))
+        if voxels > budget:
+            raise over_budget(voxels, budget, f"resampling the {tuple(out.shape)} study at "
+                              f"{np.round(old, 4).tolist()} mm to {new.tolist()} mm: the grid "
+                              f"{tuple(grid)}")
     for axis in range(3):
-        size = max(int(round(out.shape[axis] * old[axis] / new[axis])), 1)
-        positions = np.arange(size, dtype=np.float64) * (new[axis] / old[axis])
+        positions = np.arange(target[axis], dtype=np.float64) * (new[axis] / old[axis])
         out = _linear_along(out, axis, positions)
     new_affine = affine.copy()
     new_affine[:3, :3] = affine[:3, :3] * (new / old)
     return out.astype(np.float32, copy=False), new_affine
 
 
-def preprocess(volume: np.ndarray, affine: np.ndarray, card: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+def preprocess(volume: np.ndarray, affine: np.ndarray, card: dict[str, Any], *,
+               max_voxels: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """HU volume (i, j, k) + affine → the network's input space per the model card's `input`:
-    (canonical volume resampled and windowed, float32; its (i, j, k) → LPS affine)."""
+    (canonical volume resampled and windowed, float32; its (i, j, k) → LPS affine).
+
+    A MedfoundError (one line) for a study a 3D model cannot read: fewer than MIN_SLICES
+    voxels along an axis (a single image), as read or on the model's grid (a slab thinner
+    than MIN_SLICES of its voxels); degenerate geometry; a resampled grid over `max_voxels`.
+    """
     orientation = card["input"].get("orientation", CANONICAL)
     if orientation != CANONICAL:
         raise MedfoundError(f"model card asks for orientation {orientation!r}; this medfound "
                             f"brings studies to {CANONICAL} only", hint="re-export the model")
-    volume, affine = canonical_axes(np.asarray(volume), affine)
-    resampled, new_affine = resample_to_spacing(volume, affine, card["input"]["spacing_mm"])
+    volume = np.asarray(volume)
+    affine = np.asarray(affine, dtype=np.float64)
+    spacing = np.asarray(card["input"]["spacing_mm"], dtype=np.float64)
+    _check_geometry(affine, spacing)
+    if volume.ndim != 3:
+        raise MedfoundError(f"the study is not a 3D volume (shape {volume.shape})",
+                            hint="pass one 3D image series")
+    volume, affine = canonical_axes(volume, affine)
+    old = np.linalg.norm(affine[:3, :3], axis=0)
+    if min(volume.shape) < MIN_SLICES:
+        what = "a single-slice series" if min(volume.shape) == 1 else "a study this thin"
+        raise MedfoundError(f"{what} (shape {tuple(volume.shape)}) cannot be read as a volume; "
+                            f"the model needs at least {MIN_SLICES} voxels along each axis",
+                            hint="pass a 3D series (a CT stack, not a single image)")
+    extent = np.asarray(volume.shape) * old
+    thin = [a for a in range(3) if extent[a] < MIN_SLICES * spacing[a]]
+    if thin:
+        a = thin[0]
+        raise MedfoundError(f"the study spans {extent[a]:.3g} mm along {'ijk'[a]}, less than "
+                            f"the {MIN_SLICES} voxels of {spacing[a]:g} mm the model needs",
+                            hint="pass a study that covers the anatomy in 3D")
+    resampled, new_affine = resample_to_spacing(volume, affine, spacing, max_voxels=max_voxels)
     return normalize_hu(resampled, card["input"]["hu_window"]), new_affine

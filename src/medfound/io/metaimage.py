@@ -11,7 +11,7 @@ import numpy as np
 
 from medfound.errors import MedfoundError
 from medfound.io.nifti import file_id
-from medfound.io.volume import Volume
+from medfound.io.volume import Volume, over_budget, voxel_budget
 
 _MODALITY = {"MET_MOD_CT": ("CT", "HU"), "MET_MOD_MR": ("MR", "raw"),
              "MET_MOD_PET": ("PT", "raw"), "MET_MOD_NM": ("NM", "raw"),
@@ -19,14 +19,23 @@ _MODALITY = {"MET_MOD_CT": ("CT", "HU"), "MET_MOD_MR": ("MR", "raw"),
 LUMA = np.array([0.299, 0.587, 0.114])
 
 
-def read_metaimage(path: str | Path) -> Volume:
+def read_metaimage(path: str | Path, *, max_voxels: int | None = None) -> Volume:
     """Read a 2D or 3D MetaImage. Array float32 (i, j, k) (SimpleITK's (k, j, i) transposed,
-    no copy of the order); affine = direction · diag(spacing), origin; all LPS mm."""
+    no copy of the order); affine = direction · diag(spacing), origin; all LPS mm.
+    The header's size is checked against `max_voxels` (see `voxel_budget`) before reading."""
     import SimpleITK as sitk
 
     path = Path(path)
+    budget = voxel_budget(max_voxels)
     try:
-        img = sitk.ReadImage(str(path))
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        reader.ReadImageInformation()
+        size = reader.GetSize()
+        voxels = int(np.prod(size, dtype=np.float64)) * reader.GetNumberOfComponents()
+        if voxels > budget:
+            raise over_budget(voxels, budget, f"the header's image {tuple(size)}", path)
+        img = reader.Execute()
     except RuntimeError as err:
         raise MedfoundError(f"cannot read MetaImage: {_itk_reason(err)}", path=path,
                             hint="keep the .raw/.zraw named by ElementDataFile next to the "

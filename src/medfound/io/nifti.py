@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from medfound.errors import MedfoundError
-from medfound.io.volume import Volume
+from medfound.io.volume import Volume, over_budget, voxel_budget
 
 # NIfTI world space is RAS+ (x to the patient's Right... increasing towards Left is -x);
 # DICOM's is LPS+. The two differ by flipping x and y.
@@ -25,16 +25,21 @@ def file_id(path: str | Path) -> str:
     return name
 
 
-def read_nifti(path: str | Path) -> Volume:
+def read_nifti(path: str | Path, *, max_voxels: int | None = None) -> Volume:
     """Read a NIfTI-1/2 file. Array float32 (i, j, k) as stored (scl_slope/inter applied);
-    affine (i, j, k, 1) → LPS mm (nibabel's best affine: sform, else qform; units in mm)."""
+    affine (i, j, k, 1) → LPS mm (nibabel's best affine: sform, else qform; units in mm).
+    The header's size is checked against `max_voxels` (see `voxel_budget`) before reading."""
     import nibabel as nib
 
     path = Path(path)
+    budget = voxel_budget(max_voxels)
     try:
         img = nib.load(str(path))
         hdr = img.header
         shape = img.shape
+        voxels = int(np.prod(shape, dtype=np.float64))
+        if voxels > budget:
+            raise over_budget(voxels, budget, f"the header's image {tuple(shape)}", path)
         if len(shape) > 3 and int(np.prod(shape[3:])) > 1:
             raise MedfoundError(
                 f"{len(shape)}D image {tuple(shape)}: only one 3D volume can be read",

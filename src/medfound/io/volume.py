@@ -2,10 +2,51 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from medfound.errors import MedfoundError
+
+# The most voxels a reader or the preprocessing may allocate for one image (float32: 4 bytes
+# each, so 2 GiB). A header is checked against it before anything is decoded or resampled;
+# `max_voxels=` on read_volume / read_series / preprocess, or the environment variable
+# MEDFOUND_MAX_VOXELS, sets another limit.
+MAX_VOXELS = 1024**3 // 2
+MAX_VOXELS_ENV = "MEDFOUND_MAX_VOXELS"
+
+
+def voxel_budget(max_voxels: int | None = None) -> int:
+    """The voxel limit in force: `max_voxels` if given, else MEDFOUND_MAX_VOXELS, else
+    MAX_VOXELS. A limit that is not a positive whole number is a MedfoundError."""
+    if max_voxels is None:
+        text = os.environ.get(MAX_VOXELS_ENV, "").strip()
+        if not text:
+            return int(MAX_VOXELS)
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")
+        if not (np.isfinite(value) and value >= 1 and value == int(value)):
+            raise MedfoundError(f"{MAX_VOXELS_ENV}={text!r} is not a positive whole number",
+                                hint=f"set e.g. {MAX_VOXELS_ENV}={MAX_VOXELS}, or unset it")
+        return int(value)
+    if isinstance(max_voxels, bool) or not isinstance(max_voxels, int | np.integer) \
+            or max_voxels < 1:
+        raise MedfoundError(f"max_voxels must be a positive whole number, got {max_voxels!r}",
+                            hint=f"e.g. max_voxels={MAX_VOXELS}")
+    return int(max_voxels)
+
+
+def over_budget(voxels: int, limit: int, what: str, path: Any = None) -> MedfoundError:
+    """The one-line error for an image larger than the voxel limit."""
+    return MedfoundError(
+        f"{what} is {voxels:,} voxels, over the limit of {limit:,} "
+        f"({limit * 4 / 2**30:.2g} GiB as float32)", path=path,
+        hint=f"if the header is right and the machine has the memory, raise the limit "
+        f"(max_voxels=, or {MAX_VOXELS_ENV})")
 
 
 @dataclass
