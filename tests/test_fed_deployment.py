@@ -34,7 +34,8 @@ def test_local_federation_over_tls_trains_a_round_and_stops_every_process(
     env = {**medfound_env(), "PORT": str(free_port_block())}
     res = subprocess.run([str(REPO / "scripts" / "local_federation.sh"), str(phantoms), str(out),
                           "fed.rounds=1", "trainer.progress=false", "data.num_patches_per_image=1",
-                          "fed.eval_bootstraps=10", "network.sw_roi_size=[144,144,96]"],
+                          "fed.eval_bootstraps=10", "network.sw_roi_size=[144,144,96]",
+                          "fed.share_local_models=true"],
                          env=env, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
 
