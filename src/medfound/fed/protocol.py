@@ -104,6 +104,9 @@ _SECTION_RANGES = {
 }
 _VOXEL_LISTS = ("patch_size", "sw_roi_size")  # (i, j, k) voxels: each side and the product capped
 _MAX_SIDE, _MAX_VOXELS = 2048, 1 << 28
+# Resampling to a finer grid multiplies a volume's voxels: every "spacing_mm" anywhere in the
+# task is bounded (the reference detector uses 0.703125 mm).
+_SPACING_MM = (0.5, 50.0)
 _WIDTH_LISTS = {"block_inplanes": 4096, "layers": 256}
 
 
@@ -225,12 +228,31 @@ def _check_task(task: dict[str, Any]) -> None:
                   and all(_integer(n) and 1 <= n <= _MAX_SIDE for n in size)
                   and math.prod(size) <= _MAX_VOXELS, f"{section}.{key}",
                   f"must be at most 3 sides of 1-{_MAX_SIDE} voxels, {_MAX_VOXELS} in all")
+    _check_spacings(task, "task")
     for key, high in _WIDTH_LISTS.items():
         widths = network.get(key)
         if widths is not None:
             _need(isinstance(widths, list) and len(widths) <= 8
                   and all(_integer(n) and 0 <= n <= high for n in widths), f"network.{key}",
                   f"must be at most 8 integers in [0, {high}]")
+
+
+def _check_spacings(value: Any, where: str) -> None:
+    """Every "spacing_mm" in the task: null, or 1-3 numbers in _SPACING_MM."""
+    if isinstance(value, list):
+        for item in value:
+            _check_spacings(item, where)
+    if not isinstance(value, dict):
+        return
+    for key, item in value.items():
+        field = f"{where}.{key}"
+        if key == "spacing_mm" and item is not None:
+            low, high = _SPACING_MM
+            _need(isinstance(item, list) and 0 < len(item) <= 3
+                  and all(_number(x) and low <= x <= high for x in item), field,
+                  f"must be null or at most 3 numbers in [{low}, {high}] mm")
+        else:
+            _check_spacings(item, field)
 
 
 def _check_tree(value: Any, where: str, depth: int) -> None:
