@@ -14,6 +14,7 @@ import pytest
 
 from medfound.data.card import data_card, format_card
 from medfound.data.phantoms import make_phantoms
+from medfound.errors import MedfoundError
 from medfound.io.deid import deidentify
 
 PHI_KEYWORDS = ("PatientName", "PatientID", "PatientBirthDate", "InstitutionName",
@@ -120,3 +121,55 @@ def test_cli_card_json_and_bad_folder(centers: Path, tmp_path: Path) -> None:
     assert res.returncode == 2
     assert "nope" in res.stderr and "Traceback" not in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
+
+
+def _case_files(center: Path) -> list[Path]:
+    case = sorted(p for p in center.iterdir() if p.is_dir())[0]
+    return sorted(case.rglob("*.dcm"))
+
+
+def test_a_corrupt_file_whose_message_says_missing_does_not_abort_the_card(centers: Path,
+                                                                           tmp_path: Path) -> None:
+    center = tmp_path / "center_bad"
+    shutil.copytree(centers / "center_0", center)
+    victim = _case_files(center)[3]
+    data = victim.read_bytes()
+    ds = pydicom.dcmread(victim, stop_before_pixels=True)
+    # A file name with "missing" in it, cut inside its pixel data: the reader's message
+    # quotes the name; the card must classify the error by its kind, not its words.
+    renamed = victim.with_name("SMITH_JOHN_MRN123456_missing_IM00056.dcm")
+    victim.unlink()
+    renamed.write_bytes(data[: len(data) - ds.Rows * ds.Columns])
+    card = data_card(center, progress=False)
+    kinds = [w["kind"] for w in card["qc"]["warnings"] if w["case"] == 0]
+    assert "truncated" in kinds and "gaps_or_uneven_spacing" not in kinds
+    assert card["cases"] == sum(1 for p in center.iterdir() if p.is_dir())
+    dumped = json.dumps(card) + format_card(card)
+    assert "SMITH" not in dumped and "MRN123456" not in dumped and ".dcm" not in dumped
+
+
+def test_card_qc_holds_categories_not_reader_messages(centers: Path, tmp_path: Path) -> None:
+    center = tmp_path / "center_cut"
+    shutil.copytree(centers / "center_1", center)
+    files = _case_files(center)
+    data = files[0].read_bytes()
+    ds = pydicom.dcmread(files[0])
+    files[0].write_bytes(data[: len(data) - len(ds.PixelData) - 12])  # cut before its pixels
+    card = data_card(center, progress=False)
+    assert card["qc"]["counts"].get("unreadable_files") == 1
+    for w in card["qc"]["warnings"]:
+        assert set(w) == {"case", "modality", "kind", "detail"}
+        assert w["kind"] != "phi_present" or w["detail"].startswith("not de-identified: ")
+        if w["kind"] not in ("phi_present", "burned_in_risk"):
+            assert w["detail"] == ""
+    assert files[0].name not in json.dumps(card) + format_card(card)
+
+
+def test_a_folder_of_centers_is_not_a_center(centers: Path) -> None:
+    with pytest.raises(MedfoundError, match="not a center folder") as err:
+        data_card(centers, progress=False)
+    assert "center_0" in str(err.value) and "\n" not in str(err.value)
+    res = subprocess.run([sys.executable, "-m", "medfound", "center", "card", str(centers)],
+                         capture_output=True, text=True, check=False)
+    assert res.returncode == 2 and "not a center folder" in res.stderr
+    assert "Traceback" not in res.stderr

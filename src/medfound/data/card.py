@@ -4,7 +4,9 @@ A card summarises a center's folder (one subfolder per case) without PHI: modali
 series counts, vendors, spacing and thickness ranges, intensity statistics after the modality
 LUT, annotation counts with a nodule-size histogram, and QC warnings. It names no patient, no
 date, no institution, no UID and no file path: cases are referred to by their position in
-sorted order ("case 3"), since real folder names are often patient names or accession numbers.
+sorted order ("case 3"), since real folder names are often patient names or accession numbers,
+and a QC warning is a category (a fixed word, with the PHI attribute names it found), never a
+reader message, which can quote file names and header values.
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ from medfound import __version__
 from medfound.errors import MedfoundError
 from medfound.io.dicom import find_series, read_series
 
+# What marks a folder as a center's (beside its case folders).
+_CENTER_MARKERS = ("annotations.csv", "center.json")
+
 # LUNA16-style nodule size bins (mm); the last bin is closed.
 SIZE_BINS_MM = (3.0, 4.0, 6.0, 8.0, 10.0, 20.0, 30.0)
 # Voxels sampled per series for intensity statistics (a strided subsample, deterministic).
@@ -33,24 +38,26 @@ _PHI_KEYWORDS = ("PatientName", "PatientID", "PatientBirthDate", "OtherPatientID
 _BURNED_IN_MODALITIES = {"US", "OT", "SC", "XC", "ES"}
 _SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 
-# QC categories recognised in reader warnings/errors (lower-case substrings).
-_QC_PATTERNS = {
-    "gantry_tilt": ("tilt",),
-    "oblique": ("oblique",),
-    "gaps_or_uneven_spacing": ("missing", "gap", "uneven"),
-    "duplicate_positions": ("duplicate",),
-    "mixed_geometry": ("mixed",),
-    "nominal_geometry": ("nominal",),
-    "color_converted": ("color", "colour", "luminance"),
+# The reader's categories (DicomReadError.kind, Volume.meta["warning_kinds"]) a card shows;
+# any other is counted as "other" (an error) or "reader_note" (a warning).
+_QC_KINDS = {
+    "gantry_tilt", "oblique", "gaps_or_uneven_spacing", "duplicate_positions",
+    "mixed_geometry", "nominal_geometry", "color_converted", "orientation_not_orthonormal",
+    "suv_not_computed", "monochrome1", "decoder_warning", "unreadable_files", "truncated",
+    "too_large", "bad_header", "invalid_rescale", "invalid_geometry", "undecodable",
+    "unsupported_codec",
 }
 
 
-def _qc_kind(message: str) -> str:
-    low = message.lower()
-    for kind, needles in _QC_PATTERNS.items():
-        if any(n in low for n in needles):
-            return kind
-    return "other"
+def _error_kind(err: MedfoundError) -> str:
+    kind = getattr(err, "kind", None)
+    return kind if kind in _QC_KINDS else "unreadable"
+
+
+def _warning_kinds(vol) -> list[str]:
+    kinds = vol.meta.get("warning_kinds") or []
+    kinds = list(kinds) + ["reader_note"] * (len(vol.warnings) - len(kinds))
+    return [k if k in _QC_KINDS else "reader_note" for k in kinds[:len(vol.warnings)]]
 
 
 def _range(values: list[float]) -> list[float] | None:
@@ -59,6 +66,19 @@ def _range(values: list[float]) -> list[float] | None:
 
 def _case_dirs(root: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _check_not_a_folder_of_centers(root: Path, cases: list[Path]) -> None:
+    """A folder whose subfolders are centers (each with its own annotations.csv or
+    center.json) is not a center: its "cases" would be whole centers."""
+    if any((root / m).exists() for m in _CENTER_MARKERS):
+        return
+    centers = [c for c in cases if any((c / m).is_file() for m in _CENTER_MARKERS)]
+    if centers:
+        raise MedfoundError(
+            f"not a center folder: {len(centers)} of its {len(cases)} subfolders are centers "
+            f"(they hold {' / '.join(_CENTER_MARKERS)}), not cases", path=root,
+            hint=f"run `medfound center card` on one center, e.g. {centers[0]}")
 
 
 def _read_annotations(root: Path) -> list[float] | None:
@@ -116,6 +136,7 @@ def data_card(center_dir: str | Path, *, progress: bool = True) -> dict[str, Any
     if not cases:
         raise MedfoundError("no case folders", path=root,
                             hint="a center folder holds one subfolder per case")
+    _check_not_a_folder_of_centers(root, cases)
 
     per_mod: dict[str, dict[str, Any]] = defaultdict(lambda: {
         "series": 0, "cases": set(), "images": 0, "pixel_spacing_mm": [], "slice_spacing_mm": [],
@@ -125,7 +146,9 @@ def data_card(center_dir: str | Path, *, progress: bool = True) -> dict[str, Any
     qc: list[dict[str, Any]] = []
     qc_counts: Counter = Counter()
 
-    def warn(case_no: int, modality: str, kind: str, detail: str) -> None:
+    def warn(case_no: int, modality: str, kind: str, detail: str = "") -> None:
+        # `detail` is medfound's own wording (attribute names, fixed reasons), never the
+        # center's text.
         qc.append({"case": case_no, "modality": modality, "kind": kind, "detail": detail})
         qc_counts[kind] += 1
 
@@ -134,10 +157,10 @@ def data_card(center_dir: str | Path, *, progress: bool = True) -> dict[str, Any
         try:
             series_list = find_series(case, progress=False)
         except MedfoundError as err:
-            warn(case_no, "", "unreadable", _scrub(str(err), case))
+            warn(case_no, "", _error_kind(err))
             continue
         for info in series_list:
-            mod = info.modality or "OT"
+            mod = _modality(info.modality)
             stats = per_mod[mod]
             stats["series"] += 1
             stats["cases"].add(case_no)
@@ -155,19 +178,24 @@ def data_card(center_dir: str | Path, *, progress: bool = True) -> dict[str, Any
             reason = _burned_in_reason(hdr, mod)
             if reason:
                 warn(case_no, mod, "burned_in_risk", reason)
+            reported = set()
             try:
                 vol = read_series(info, allow_gaps=False, progress=False)
             except MedfoundError as err:
-                kind = _qc_kind(str(err))
-                warn(case_no, mod, kind if kind != "other" else "unreadable",
-                     _scrub(str(err), case))
-                if kind != "gaps_or_uneven_spacing":
+                kind = _error_kind(err)
+                warn(case_no, mod, kind)
+                if kind not in ("gaps_or_uneven_spacing", "unreadable_files"):
                     continue
-                vol = read_series(info, allow_gaps=True, progress=False)
-            for w in vol.warnings:
-                kind = _qc_kind(w)
-                if kind != "gaps_or_uneven_spacing":  # already reported from the error
-                    warn(case_no, mod, kind, _scrub(w, case))
+                reported.add(kind)
+                try:  # summarised as read with its gaps, the files that cannot be left out
+                    vol = read_series(info, allow_gaps=True, progress=False)
+                except MedfoundError as again:
+                    if _error_kind(again) not in reported:
+                        warn(case_no, mod, _error_kind(again))
+                    continue
+            for kind in _warning_kinds(vol):
+                if kind not in reported:  # already reported from the error
+                    warn(case_no, mod, kind)
             sp = vol.spacing
             stats["pixel_spacing_mm"] += [sp[0], sp[1]]
             if vol.shape[2] > 1:
@@ -232,11 +260,14 @@ def data_card(center_dir: str | Path, *, progress: bool = True) -> dict[str, Any
     }
 
 
-def _scrub(message: str, case: Path) -> str:
-    """Drop file paths from a reader message: folder names may carry patient names."""
-    text = message.replace(str(case.resolve()), "<case>").replace(str(case), "<case>")
-    words = [w if "/" not in w else "<path>" for w in text.split()]
-    return " ".join(words)
+_MODALITIES = {"CT", "MR", "PT", "NM", "US", "CR", "DX", "MG", "XA", "RF", "OT", "SC", "XC",
+               "ES", "RTDOSE", "SEG", "OP", "IO", "PX", "GM", "SM", "BI", "OPT", "IVOCT", "IVUS"}
+
+
+def _modality(value: str) -> str:
+    """The DICOM Modality code, or "other": a card carries no free text from a header."""
+    code = str(value or "OT").strip().upper()
+    return code if code in _MODALITIES else "other"
 
 
 def format_card(card: dict[str, Any]) -> str:
@@ -276,7 +307,7 @@ def format_card(card: dict[str, Any]) -> str:
                 lines.append(f"      ... {len(grouped) - 10} more (see --json)")
                 break
             which = ", ".join(str(c) for c in cases[:12]) + (" ..." if len(cases) > 12 else "")
-            lines.append(f"      {kind} {mod} (case {which}): {detail}")
+            lines.append(f"      {kind} {mod} (case {which})" + (f": {detail}" if detail else ""))
     else:
         lines.append("  QC: no warnings")
     return "\n".join(lines)
