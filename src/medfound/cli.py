@@ -140,7 +140,7 @@ def cmd_center_join(args) -> int:
     import shutil
     import tempfile
 
-    from medfound.fed.deployment import join_command, run_center, run_process
+    from medfound.fed.deployment import join_command, run_center
 
     data = Path(args.data).resolve()
     center = args.center or data.name
@@ -156,9 +156,7 @@ def cmd_center_join(args) -> int:
                            worker_socket=None if socket_path is None else str(socket_path))
         print(f"joining the federation at {args.superlink} as {center}; "
               f"audit log in {Path(work) / 'audit'}; Ctrl-C leaves", flush=True)
-        if socket_path is None:
-            return run_process(cmd)
-        return run_center(cmd, socket_path)
+        return run_center(cmd, socket_path)  # supervised with or without a worker
     finally:
         if sockets is not None:
             shutil.rmtree(sockets, ignore_errors=True)

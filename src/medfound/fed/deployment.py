@@ -378,10 +378,12 @@ def check_transport(address: str, insecure: bool, timeout: float = 3.0) -> None:
                                  "--insecure for a trial on one machine")
 
 
-def run_center(cmd: Sequence[str], worker_socket: Path, *, max_wait_s: float | None = None) -> int:
+def run_center(cmd: Sequence[str], worker_socket: Path | None, *,
+               max_wait_s: float | None = None) -> int:
     """`medfound center join`: start the center's worker (medfound.fed.worker) on
-    `worker_socket`, wait until it is ready, then start the SuperNode (`cmd`, whose node config
-    names the socket) and supervise it (`_supervise`: rejoin with backoff, give up after
+    `worker_socket` (None: no worker, Flower runs each message in a fresh process), wait until
+    it is ready, then start the SuperNode (`cmd`, whose node config names the socket) and
+    supervise it (`_supervise`: rejoin with backoff, give up after
     `max_wait_s`, see the module docstring); return the SuperNode's exit status, stopping the
     worker with it.
 
@@ -401,29 +403,34 @@ def run_center(cmd: Sequence[str], worker_socket: Path, *, max_wait_s: float | N
     # a ClientApp process. A tenth of that is a cheap local call; measured, it made no difference
     # beyond run-to-run noise (benchmarks/federation.py), against up to 1 s a message in theory.
     env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.1")
-    worker = subprocess.Popen([sys.executable, "-m", "medfound.fed.worker", "--socket",
-                               str(worker_socket), "--parent-pid", str(os.getpid())], env=env)
+    worker = None
+    if worker_socket is not None:
+        worker = subprocess.Popen([sys.executable, "-m", "medfound.fed.worker", "--socket",
+                                   str(worker_socket), "--parent-pid", str(os.getpid())], env=env)
     nodes: list[subprocess.Popen] = []
     try:
         deadline = time.monotonic() + 300
-        while not worker_socket.exists() and worker.poll() is None and time.monotonic() < deadline:
+        while (worker is not None and worker_socket is not None and not worker_socket.exists()
+               and worker.poll() is None and time.monotonic() < deadline):
             time.sleep(0.1)
-        if not worker_socket.exists():
+        if worker_socket is not None and not worker_socket.exists():
             print("medfound: the center's worker did not start; each message will run in its own "
                   "process", file=sys.stderr, flush=True)
         return _supervise(cmd, env, superlink, insecure, max_wait, worker, nodes)
     except KeyboardInterrupt:
         return 130
     finally:
-        for proc in (*nodes, worker):
+        children = [*nodes, *([worker] if worker is not None else [])]
+        for proc in children:
             if proc.poll() is None:
                 proc.terminate()
-        for proc in (*nodes, worker):
+        for proc in children:
             try:
                 proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 proc.kill()
-        worker_socket.unlink(missing_ok=True)
+        if worker_socket is not None:
+            worker_socket.unlink(missing_ok=True)
 
 
 class _NodeLog:
@@ -455,7 +462,8 @@ class _NodeLog:
 
 
 def _supervise(cmd: Sequence[str], env: Mapping[str, str], superlink: str, insecure: bool,
-               max_wait: float, worker: subprocess.Popen, nodes: list[subprocess.Popen]) -> int:
+               max_wait: float, worker: subprocess.Popen | None,
+               nodes: list[subprocess.Popen]) -> int:
     """Run the SuperNode `cmd` until it ends for good; start it again when the SuperLink
     forgot it (restarted without its database); give up (`SuperLinkUnreachable`) when the
     SuperLink has been out of reach for `max_wait` seconds."""
@@ -468,7 +476,7 @@ def _supervise(cmd: Sequence[str], env: Mapping[str, str], superlink: str, insec
         nodes.append(node)
         log, probed = _NodeLog(node), 0.0
         while node.poll() is None:
-            if worker.poll() is not None and not worker_noted:
+            if worker is not None and worker.poll() is not None and not worker_noted:
                 print(f"medfound: the center's worker stopped (exit {worker.returncode}); each "
                       "message now runs in its own process", file=sys.stderr, flush=True)
                 worker_noted = True
