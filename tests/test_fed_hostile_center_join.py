@@ -101,3 +101,27 @@ def test_a_superlink_keeps_its_state_on_disk_by_default(tmp_path: Path, monkeypa
     assert (tmp_path / "flwr" / "superlink").is_dir()
     cmd = superlink_command(insecure=True, address="127.0.0.1:9199", database="/srv/fed/link.db")
     assert cmd[cmd.index("--database") + 1] == "/srv/fed/link.db"
+
+
+@pytest.mark.slow
+def test_a_join_whose_superlink_never_answers_gives_up_non_zero_with_one_line(
+        tmp_path: Path) -> None:
+    """Flower's SuperNode retries forever; `center join` (here without its worker) stops after
+    its wait budget with exit status 75 and says why."""
+    import subprocess
+    import sys
+
+    from processes import free_port_block, medfound_env
+
+    port = free_port_block(3)
+    (tmp_path / "c0").mkdir()
+    (tmp_path / "c0" / "datalist.json").write_text('{"training": []}')
+    res = subprocess.run([sys.executable, "-m", "medfound", "center", "join", "--superlink",
+                          f"127.0.0.1:{port}", "--data", str(tmp_path / "c0"), "--work",
+                          str(tmp_path / "work"), "--insecure", "--no-worker", "--port",
+                          str(port + 2)], env={**medfound_env(), "MEDFOUND_JOIN_MAX_WAIT_S": "3"},
+                         capture_output=True, text=True, timeout=180)
+    assert res.returncode == 75, res.stdout[-2000:] + res.stderr[-2000:]
+    assert res.stderr.strip().splitlines()[-1].startswith(
+        f"error: gave up joining: the SuperLink at 127.0.0.1:{port} has been out of reach")
+    assert "Traceback" not in res.stderr
