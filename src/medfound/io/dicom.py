@@ -365,6 +365,10 @@ def _read_header(path: str, budget: int | None = None) -> tuple[Dataset, _Source
         photometric=photometric, bits_allocated=bits_allocated, bits_stored=bits_stored,
         signed=signed, keyword=keyword, offset=offset, length=length, file_size=file_size,
         options={}, instance=0)
+    if problem is None and not ts.is_transfer_syntax:
+        problem, kind, hint = (f"TransferSyntaxUID {str(ts)[:64]!r} is not a transfer syntax",
+                               "unsupported_codec", "the file meta is corrupt; export the "
+                               "file again")
     if problem is None:
         problem, kind, hint = inflated_problem or _size_problem(src, budget)
     if problem is not None:
@@ -818,7 +822,8 @@ def _what_is(ds: Dataset) -> str:
                                     if hasattr(ds, "file_meta") else None)
     if sop == _DICOMDIR_CLASS or "DirectoryRecordSequence" in ds:
         return "a DICOMDIR (media directory)"
-    name = getattr(UID(sop), "name", "") if sop else ""
+    name = getattr(UID(str(sop)), "name", "") if sop else ""
+    name = "".join(c for c in str(name) if c.isprintable()).strip()[:64]  # a garbled UID
     if "Rows" in ds:
         return "an image whose file ends before its pixel data (truncated)"
     name = name or "DICOM"
@@ -1398,7 +1403,10 @@ def _decode_job(src: _Source, items: list[tuple[int, int, float, float]], buf: n
         raise DicomReadError(f"cannot read pixel data: {err.strerror or err}", path=src.path,
                              hint="check the file is still there and readable",
                              kind="unreadable_files") from err
-    except Exception as err:  # noqa: BLE001 - any decoder failure is a property of the file
+    except (KeyboardInterrupt, SystemExit, GeneratorExit):
+        raise
+    except BaseException as err:  # noqa: BLE001 - any decoder failure is a property of the
+        # file; Rust plugins (pylibjpeg-rle) panic with a BaseException
         raise DicomReadError(
             f"cannot decode pixel data ({src.transfer_syntax.name}): {_one_line(err)}",
             path=src.path, hint="the file may be corrupt or use a codec variant the installed "
