@@ -19,7 +19,12 @@ import pydicom
 import pytest
 from monai.data import load_decathlon_datalist
 
-from medfound.data.phantoms import LUNA16_COLUMNS, center_sizes, make_phantoms
+from medfound.data.phantoms import (
+    ANNOTATION_COLUMNS,
+    LUNA16_COLUMNS,
+    center_sizes,
+    make_phantoms,
+)
 from medfound.errors import MedfoundError
 from medfound.io.reader import read_volume
 
@@ -107,7 +112,8 @@ def test_annotations_csv_has_luna16_columns_and_the_ct_series_uids(ct_set: Path)
     for center in sorted(ct_set.glob("center_*")):
         with (center / "annotations.csv").open(newline="") as f:
             reader = csv.DictReader(f)
-            assert reader.fieldnames == LUNA16_COLUMNS
+            assert reader.fieldnames == ANNOTATION_COLUMNS
+            assert reader.fieldnames[:5] == LUNA16_COLUMNS  # LUNA16's, then type and location
             rows = list(reader)
         series = {e["seriesuid"]: e for e in entries(center)}
         for e in series.values():
@@ -115,9 +121,12 @@ def test_annotations_csv_has_luna16_columns_and_the_ct_series_uids(ct_set: Path)
         assert {r["seriesuid"] for r in rows} <= set(series)
         assert len(rows) == sum(len(e["box"]) for e in series.values())
         for r in rows:
-            box = next(b for b in series[r["seriesuid"]]["box"]
-                       if np.allclose(b[:3], [float(r[c]) for c in ("coordX", "coordY", "coordZ")]))
-            assert box[3:] == [float(r["diameter_mm"])] * 3
+            entry = series[r["seriesuid"]]
+            n = next(n for n, b in enumerate(entry["box"])
+                     if np.allclose(b[:3], [float(r[c]) for c in ("coordX", "coordY", "coordZ")]))
+            assert entry["box"][n][3:] == [float(r["diameter_mm"])] * 3
+            assert r["nodule_type"] == entry["nodule_type"][n]
+            assert r["location"] == entry["nodule_location"][n] == "isolated"
             assert 3.0 <= float(r["diameter_mm"]) <= 30.0
 
 

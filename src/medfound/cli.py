@@ -73,12 +73,27 @@ def cmd_deid(args) -> int:
 
 
 def cmd_phantoms(args) -> int:
-    from medfound.data.phantoms import make_phantoms
+    from medfound.data.phantoms import make_phantoms, make_world
 
-    out = make_phantoms(args.out, centers=args.centers, cases=args.cases, seed=args.seed,
-                        modalities=args.modalities, size=args.size, progress=not args.quiet,
-                        masks=args.masks)
-    print(f"wrote {args.centers} phantom centers to {out}")
+    if args.preset:
+        given = [f"--{k}" for k in ("centers", "cases", "modalities", "size")
+                 if getattr(args, k) is not None]
+        if given:
+            raise MedfoundError(f"--preset {args.preset} sets the centers, cases, modalities and "
+                                f"size itself; {', '.join(given)} cannot change them",
+                                hint=f"drop {' '.join(given)}")
+        out = make_world(args.out, preset=args.preset, seed=args.seed, workers=args.workers,
+                         progress=not args.quiet, masks=args.masks)
+        world = json.loads((out / "phantoms.json").read_text())
+        print(f"wrote the {args.preset} world to {out}: train centers "
+              f"{', '.join(world['train_centers'])}; test centers {', '.join(world['test_centers'])}"
+              f" (held out; training on them is refused)")
+        return 0
+    centers = 3 if args.centers is None else args.centers
+    out = make_phantoms(args.out, centers=centers, cases=6 if args.cases is None else args.cases,
+                        seed=args.seed, modalities=args.modalities or "ct",
+                        size=args.size or "small", progress=not args.quiet, masks=args.masks)
+    print(f"wrote {centers} phantom centers to {out}")
     return 0
 
 
@@ -312,13 +327,19 @@ def build_parser() -> argparse.ArgumentParser:
         "ultrasound. Centers differ in vendor, slice thickness, pixel spacing, noise, sharpness, "
         "HU calibration and size; every case carries fake PHI. Deterministic for a seed.")
     s.add_argument("--out", type=Path, required=True, help="output folder")
-    s.add_argument("--centers", type=int, default=3, help="number of centers (default 3)")
-    s.add_argument("--cases", type=int, default=6, help="cases in the largest center (default 6)")
+    s.add_argument("--preset", choices=["benchmark"],
+                   help="a whole world instead of --centers/--cases: benchmark = 6 CT centers "
+                   "(one small), LIDC/LUNA16-like nodules, look-alikes (lookalikes.csv), and a "
+                   "train/test split in phantoms.json; training on its test centers is refused")
+    s.add_argument("--workers", type=int, metavar="N",
+                   help="processes for --preset (default: up to 4, at most the CPUs)")
+    s.add_argument("--centers", type=int, help="number of centers (default 3)")
+    s.add_argument("--cases", type=int, help="cases in the largest center (default 6)")
     s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    s.add_argument("--modalities", default="ct", help="comma list of ct,mr,pet,us (default ct) for every "
+    s.add_argument("--modalities", help="comma list of ct,mr,pet,us (default ct) for every "
                    "center, or one list per center separated by ';' (ct,pet;ct,mr;us,ct: "
                    "centers beyond the lists cycle through them)")
-    s.add_argument("--size", choices=["small", "full"], default="small",
+    s.add_argument("--size", choices=["small", "full"],
                    help="small ≈128×128×~100 CT for tests; full 512×512×200–400 (default small)")
     s.add_argument("--masks", action="store_true", help="also write each CT's nodule mask "
                    "(case_NNN/nodules.nii.gz, the datalist's 'mask'): ground truth for "

@@ -54,6 +54,29 @@ class Nodule:
     lobes: np.ndarray
     lobe_amp: np.ndarray
     uptake: float
+    # "isolated" (lung all around), "juxtapleural" (touching the chest wall) or "juxtavascular"
+    # (touching a vessel).
+    location: str = "isolated"
+
+
+@dataclass
+class Lookalike:
+    """A structure a nodule detector mistakes for a nodule, which is none: a hard negative.
+
+    kind: "vessel-branching" (a vessel forking, its junction a little wider than the vessel),
+    "calcified-granuloma" (a small calcified sphere) or "scar" (a flat band of fibrous tissue,
+    mostly under the pleura). center: LPS mm; diameter_mm: its largest extent. The body is an
+    ellipsoid with half-axes `axes` (mm) along the columns of `rotation`, painted with the value
+    of `tissue` (one of TISSUES); `tubes` are the vessel pieces of a branching.
+    """
+
+    kind: str
+    center: np.ndarray
+    diameter_mm: float
+    tissue: str
+    axes: np.ndarray
+    rotation: np.ndarray
+    tubes: list[Tube] = field(default_factory=list)
 
 
 @dataclass
@@ -92,16 +115,23 @@ class Patient:
     airways: list[Tube] = field(default_factory=list)
     vessels: list[Tube] = field(default_factory=list)
     nodules: list[Nodule] = field(default_factory=list)
+    lookalikes: list[Lookalike] = field(default_factory=list)
 
 
 # --- sampling ----------------------------------------------------------------------------
 
 
 def sample_patient(seed: list[int], z_origin: float = 0.0, table_y: float = 130.0,
-                   min_vessel_radius: float = 0.7, nodules: bool = True) -> Patient:
+                   min_vessel_radius: float = 0.7, nodules: bool = True,
+                   n_nodules: int | None = None, lookalikes: int = 0) -> Patient:
     """Draw one patient. seed: entropy list (e.g. [seed, center, case]); every part of the body
     has its own random stream, so the anatomy does not change when, say, the vessel detail
-    (min_vessel_radius, mm) does. z_origin / table_y (mm) place the patient in the scanner."""
+    (min_vessel_radius, mm) does. z_origin / table_y (mm) place the patient in the scanner.
+
+    n_nodules: None draws 0–4 isolated nodules (the classic phantoms); a number places that
+    many from the LIDC/LUNA16-like distribution of `place_luna_nodules` (sizes, types,
+    juxtapleural and juxtavascular ones). lookalikes: how many hard negatives
+    (`place_lookalikes`) to add."""
     rng = np.random.default_rng([*seed, 1])
     sex = "F" if rng.random() < 0.45 else "M"
     age = int(rng.integers(38, 82))
@@ -143,8 +173,12 @@ def sample_patient(seed: list[int], z_origin: float = 0.0, table_y: float = 130.
     _airway_tree(p, np.random.default_rng([*seed, 2]))
     _vessel_trees(p, np.random.default_rng([*seed, 3]), min_vessel_radius)
     _peripheral_vessels(p, np.random.default_rng([*seed, 5]), min_vessel_radius)
-    if nodules:
+    if nodules and n_nodules is None:
         _place_nodules(p, np.random.default_rng([*seed, 4]))
+    elif nodules:
+        place_luna_nodules(p, np.random.default_rng([*seed, 4]), n_nodules)
+    if lookalikes:
+        place_lookalikes(p, np.random.default_rng([*seed, 6]), lookalikes)
     return p
 
 
@@ -331,6 +365,233 @@ def _place_nodules(p: Patient, rng: np.random.Generator) -> None:
                 lobe_amp=rng.uniform(0.03, 0.12, n_lobes), uptake=float(uptake)))
             break
     p.nodules = placed
+
+
+# --- the benchmark world's nodules and look-alikes ----------------------------------------
+
+# Nodule types. LIDC-IDRI's readers rate texture 1–5 (1–2 non-solid = ground glass, 3–4
+# part-solid, 5 solid) and rate most nodules ≥ 3 mm solid; screening cohorts (NLST, NELSON) find
+# roughly one nodule in four or five subsolid, pure ground glass more often than part-solid.
+# Hence about three in four solid, one in seven ground glass, one in ten part-solid.
+NODULE_TYPE_SHARES = {"solid": 0.75, "part-solid": 0.10, "ground-glass": 0.15}
+# Where a nodule sits. Nodule-CAD work on LIDC-IDRI reports about a quarter of the nodules
+# attached to the pleura and a fifth or so to a vessel; these two are the hard positives
+# (a detector that looks for round blobs in clear lung misses them).
+NODULE_LOCATION_SHARES = {"isolated": 0.55, "juxtapleural": 0.25, "juxtavascular": 0.20}
+# Diameter (mm): log-normal with median 7 mm and σ 0.42, within 3.5–30 mm: about 70 % are
+# 4–10 mm, 20 % larger (a few past 20 mm), under 10 % smaller, as in LUNA16 (1186 nodules of 3 mm
+# or more, most of them 4–10 mm, the largest ~30 mm). Subsolid nodules are 1.25× larger:
+# ground-glass ones are found larger than solid ones.
+NODULE_DIAMETER = {"median_mm": 7.0, "sigma": 0.42, "subsolid_factor": 1.25, "min_mm": 3.5,
+                   "max_mm": 30.0}
+# Look-alikes: vessel branchings are a detector's commonest false positive, then calcified
+# granulomas (small, very dense) and scars (flat fibrous bands, mostly subpleural).
+LOOKALIKE_SHARES = {"vessel-branching": 0.4, "calcified-granuloma": 0.3, "scar": 0.3}
+
+
+def draw_nodule_attributes(rng: np.random.Generator) -> tuple[str, str, float]:
+    """(type, location, diameter mm) of one nodule of the benchmark distribution."""
+    kind = str(rng.choice(list(NODULE_TYPE_SHARES), p=list(NODULE_TYPE_SHARES.values())))
+    location = str(rng.choice(list(NODULE_LOCATION_SHARES), p=list(NODULE_LOCATION_SHARES.values())))
+    nd = NODULE_DIAMETER
+    d = float(np.exp(rng.normal(np.log(nd["median_mm"]), nd["sigma"])))
+    d *= nd["subsolid_factor"] if kind != "solid" else 1.0
+    return kind, location, float(np.clip(round(d, 1), nd["min_mm"], nd["max_mm"]))
+
+
+def place_luna_nodules(p: Patient, rng: np.random.Generator, count: int, tries: int = 300) -> None:
+    """Place `count` nodules drawn by `draw_nodule_attributes` in p's lungs.
+
+    An isolated nodule has lung all around it and no vessel of 1.5 mm radius or more within
+    1 mm; a juxtapleural one touches the costal pleura from inside (at most 2 mm of it in the
+    chest wall, whose soft tissue reads like a solid nodule); a juxtavascular one touches or
+    overlaps a vessel of 1.2 mm radius or more. Nodules keep 6 mm apart. A nodule whose place
+    is not found in `tries` draws is placed as an isolated one, and dropped only if that fails
+    too (rare: a large nodule in a small chest)."""
+    vessels = _tube_arrays([t for t in p.vessels if max(t.r0, t.r1) >= 1.5])
+    juxta = [t for t in p.vessels if t.r0 >= 1.2]
+    placed: list[Nodule] = []
+    for _ in range(count):
+        kind, location, d = draw_nodule_attributes(rng)
+        shape = _nodule_shape(rng, kind, d)
+        for where in dict.fromkeys((location, "isolated")):
+            c = _nodule_site(p, rng, d / 2, where, vessels, juxta, placed, tries)
+            if c is not None:
+                placed.append(Nodule(center=np.round(c, 2), diameter_mm=d, kind=kind,
+                                     location=where, **shape))
+                break
+    p.nodules = placed
+
+
+def _nodule_shape(rng: np.random.Generator, kind: str, d: float) -> dict:
+    density = {"solid": rng.uniform(0.95, 1.05), "part-solid": rng.uniform(0.28, 0.4),
+               "ground-glass": rng.uniform(0.22, 0.38)}[kind]
+    hot = kind == "solid" and d >= 8 and rng.random() < 0.6
+    return dict(core=float(rng.uniform(0.3, 0.6)) if kind == "part-solid" else 0.0,
+                density=float(density), lobes=_sphere_dirs(3, rng),
+                lobe_amp=rng.uniform(0.03, 0.12, 3),
+                uptake=float(rng.uniform(2.5, 9.0) if hot else rng.uniform(0.5, 1.4)))
+
+
+def _nodule_site(p: Patient, rng: np.random.Generator, r: float, where: str, vessels, juxta,
+                 placed: list[Nodule], tries: int) -> np.ndarray | None:
+    """A centre for a nodule of radius r at `where`, or None after `tries` draws."""
+    dirs = _sphere_dirs(26)
+    for _ in range(tries):
+        if where == "juxtapleural":
+            depth = max(r * float(rng.uniform(0.55, 0.9)), r - 2.0)
+            site = _wall_point(p, rng, depth, r)
+            if site is None:
+                continue
+            c, normal = site
+            tangent = _unit(np.cross(normal, [0.0, 0.0, 1.0]))
+            inner = np.vstack([c, c - normal * (r + 2.0), c + tangent * r, c - tangent * r,
+                               c + [0, 0, r], c - [0, 0, r]])
+            if not lung_inside(p, inner).all():
+                continue
+        elif where == "juxtavascular":
+            if not juxta:
+                return None
+            t = juxta[int(rng.integers(len(juxta)))]
+            s = float(rng.uniform(0.2, 0.8))
+            axis = t.p1 - t.p0
+            q = t.p0 + s * axis
+            rv = t.r0 + s * (t.r1 - t.r0)
+            off = _unit(np.cross(axis, rng.normal(size=3)))
+            c = q + off * (r + rv * float(rng.uniform(-0.3, 0.6)))
+            if not lung_inside(p, np.vstack([c, c + dirs * (r + 2.0)])).all():
+                continue
+        else:
+            side = -1 if rng.random() < 0.55 else 1
+            c = _v(p.xc + side * rng.uniform(p.mediastinum + r, p.a_r - r),
+                   rng.uniform(p.yc - p.b_r + r, p.yc + p.b_r - r),
+                   rng.uniform(p.z_base + p.dome[0 if side < 0 else 1] * 0.5, p.z_apex - r - 10))
+            if not lung_inside(p, np.vstack([c, c + dirs * (r + 3.0)])).all():
+                continue
+            if _min_tube_sd(c, vessels) < r + 1.0:
+                continue
+        if any(np.linalg.norm(c - q.center) < r + q.diameter_mm / 2 + 6 for q in placed):
+            continue
+        return c
+    return None
+
+
+def _wall_point(p: Patient, rng: np.random.Generator, depth: float, r: float):
+    """(point `depth` mm inside the costal pleura, the wall's outward unit normal there), or
+    None when the draw lands where the lung's edge is not the chest wall (the mediastinum, the
+    spine, the apex or the diaphragm). `r`: the radius of what must fit beside it."""
+    side = -1.0 if rng.random() < 0.55 else 1.0
+    z = float(rng.uniform(p.z_base + max(p.dome) + 10.0, p.z_apex - 40.0))
+    s = float(_cavity_scale(p, z))
+    a, b = p.a_r * s, p.b_r * s
+    theta = float(rng.uniform(-0.5 * np.pi, 0.5 * np.pi))
+    ux, uy = side * np.cos(theta), np.sin(theta)
+    if abs(a * ux) < p.mediastinum + r + 5.0:
+        return None
+    normal = _unit((ux / a, uy / b, 0.0))
+    c = _v(p.xc + a * ux, p.yc + b * uy, z) - normal * depth
+    outside = (c + normal * (depth + 3.0))[None, :]
+    if lung_inside(p, outside, organs=False)[0]:
+        return None
+    return c, normal
+
+
+def place_lookalikes(p: Patient, rng: np.random.Generator, count: int, tries: int = 200) -> None:
+    """Add `count` look-alikes (`Lookalike`, kinds drawn with LOOKALIKE_SHARES) to p's lungs,
+    each at least 8 mm from every nodule's edge, so that a finding on one is a false positive."""
+    kinds = list(LOOKALIKE_SHARES)
+    found: list[Lookalike] = []
+    for _ in range(count):
+        kind = str(rng.choice(kinds, p=list(LOOKALIKE_SHARES.values())))
+        for _try in range(tries):
+            la = _draw_lookalike(p, rng, kind)
+            if la is None:
+                continue
+            if any(np.linalg.norm(la.center - q.center) < la.diameter_mm / 2 + q.diameter_mm / 2 + 8
+                   for q in (*p.nodules, *found)):
+                continue
+            found.append(la)
+            break
+    p.lookalikes = found
+
+
+def _draw_lookalike(p: Patient, rng: np.random.Generator, kind: str) -> Lookalike | None:
+    dirs = _sphere_dirs(14)
+
+    def anywhere(margin: float) -> np.ndarray | None:
+        side = -1 if rng.random() < 0.55 else 1
+        c = _v(p.xc + side * rng.uniform(p.mediastinum + margin, p.a_r - margin),
+               rng.uniform(p.yc - p.b_r + margin, p.yc + p.b_r - margin),
+               rng.uniform(p.z_base + p.dome[0 if side < 0 else 1] * 0.5, p.z_apex - margin - 10))
+        return c if lung_inside(p, np.vstack([c, c + dirs * margin])).all() else None
+
+    if kind == "calcified-granuloma":
+        d = float(rng.uniform(2.5, 7.0))
+        c = anywhere(d / 2 + 2.0)
+        if c is None:
+            return None
+        return Lookalike(kind, np.round(c, 2), round(d, 1), "cortical_bone",
+                         np.full(3, d / 2), np.eye(3))
+    if kind == "scar":
+        length, width, thick = (float(rng.uniform(10, 25)), float(rng.uniform(4, 8)),
+                                float(rng.uniform(2, 4)))
+        if rng.random() < 0.7:  # subpleural: flat against the chest wall
+            site = _wall_point(p, rng, thick / 2 + 0.5, length / 2)
+            if site is None:
+                return None
+            c, normal = site
+            t1 = _unit(np.cross(normal, rng.normal(size=3)))
+            rot = np.column_stack([t1, np.cross(normal, t1), normal])
+            if not lung_inside(p, np.vstack([c - normal * 2.0, c + t1 * length / 2 - normal,
+                                             c - t1 * length / 2 - normal])).all():
+                return None
+        else:
+            c = anywhere(length / 2 + 1.0)
+            if c is None:
+                return None
+            rot = np.linalg.qr(rng.normal(size=(3, 3)))[0]
+        return Lookalike(kind, np.round(c, 2), round(length, 1), "muscle",
+                         np.array([length / 2, width / 2, thick / 2]), rot)
+    # A vessel forking: a parent and two children (Murray's law), the junction a little wider.
+    r = float(rng.uniform(1.4, 2.4))
+    c = anywhere(18.0)
+    if c is None:
+        return None
+    hilum = _hila(p)["artery_r" if c[0] < p.xc else "artery_l"]
+    d = _unit(_unit(c - hilum) + rng.normal(0, 0.3, 3))
+    axis = _unit(np.cross(d, rng.normal(size=3)))
+    asym = float(rng.uniform(0.7, 1.0))
+    r1 = r / (1 + asym**3) ** (1 / 3)
+    tubes = [Tube(c - d * float(rng.uniform(8, 14)), c, 1.05 * r, r)]
+    for rc, ang in ((r1, rng.uniform(20, 40)), (asym * r1, -rng.uniform(20, 40))):
+        tubes.append(Tube(c, c + _rotate(d, axis, np.deg2rad(ang)) * float(rng.uniform(8, 14)),
+                          rc, 0.9 * rc))
+    ends = np.array([t.p0 for t in tubes[:1]] + [t.p1 for t in tubes])
+    if not lung_inside(p, ends, margin=2.0, organs=False).all():
+        return None
+    bulge = r * float(rng.uniform(1.15, 1.35))
+    return Lookalike(kind, np.round(c, 2), round(2 * bulge, 1), "vessel", np.full(3, bulge),
+                     np.eye(3), tubes)
+
+
+def _tube_arrays(tubes: list[Tube]) -> tuple[np.ndarray, ...]:
+    """Tubes as arrays (p0, p1 − p0, |p1 − p0|², r0, r1) for `_min_tube_sd`."""
+    if not tubes:
+        return ()
+    p0 = np.array([t.p0 for t in tubes])
+    d = np.array([t.p1 for t in tubes]) - p0
+    return (p0, d, np.maximum((d * d).sum(1), 1e-9), np.array([t.r0 for t in tubes]),
+            np.array([t.r1 for t in tubes]))
+
+
+def _min_tube_sd(c: np.ndarray, arrays: tuple[np.ndarray, ...]) -> float:
+    """The signed distance (mm) from point c to the nearest of the tubes (inf without tubes)."""
+    if not arrays:
+        return float("inf")
+    p0, d, l2, r0, r1 = arrays
+    s = np.clip(((c - p0) * d).sum(1) / l2, 0.0, 1.0)
+    dist = np.linalg.norm(c - (p0 + s[:, None] * d), axis=1)
+    return float((dist - (r0 + s * (r1 - r0))).min())
 
 
 def _sphere_dirs(n: int, rng: np.random.Generator | None = None) -> np.ndarray:
@@ -576,6 +837,9 @@ def render(p: Patient, grid: Grid, values: dict, k0: int = 0, k1: int | None = N
     _tubes(out, grid, k0, k1, walls, V["airway_wall"], w)
     _tubes(out, grid, k0, k1, [*p.trachea, *p.airways], V["airway"], w)
     _tubes(out, grid, k0, k1, p.vessels, V["vessel"], w)
+    for la in p.lookalikes:
+        _tubes(out, grid, k0, k1, la.tubes, V["vessel"], w)
+        _lookalike(out, grid, k0, k1, la, V[la.tissue], w)
 
     for n, (solid, ggo) in zip(p.nodules, V["nodules"], strict=True):
         _nodule(out, grid, k0, k1, n, solid, ggo, w)
@@ -660,6 +924,19 @@ def _ribs(out, grid, k0, k1, p: Patient, V, w: float) -> None:
                     np.maximum(Z - zs1, zs0 - Z))
     _paint(out, sl, _soft(st, w), V["cortical_bone"])
     _paint(out, sl, _soft(st + 2.0, w), V["marrow"])
+
+
+def _lookalike(out, grid, k0, k1, la: Lookalike, value, w: float) -> None:
+    """Paint a look-alike's ellipsoid body (its vessel pieces are painted as tubes)."""
+    ext = float(la.axes.max()) + w
+    b = grid.block(k0, k1, la.center - ext, la.center + ext)
+    if b is None:
+        return
+    sl, (X, Y, Z) = b
+    d = (X - la.center[0], Y - la.center[1], Z - la.center[2])
+    u = [d[0] * la.rotation[0, i] + d[1] * la.rotation[1, i] + d[2] * la.rotation[2, i]
+         for i in range(3)]
+    _paint(out, sl, _soft(_ellipsoid_sd(*u, *la.axes), w), value)
 
 
 def _nodule_outline(grid, k0, k1, n: Nodule, margin: float):

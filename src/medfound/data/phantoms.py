@@ -7,6 +7,8 @@
       center_0/
         center.json               the center's scanner profile (no PHI)
         annotations.csv           nodules, LUNA16 columns: seriesuid,coordX,coordY,coordZ,diameter_mm
+                                  (then nodule_type, location)
+        lookalikes.csv            in a world (make_world): hard negatives, not nodules
         datalist.json             MONAI-style {"training": [...], "validation": [...]}
         case_000/
           ct/IM00001.dcm ...      chest CT, one file per slice
@@ -31,6 +33,10 @@ and slice order, and size (one center has about a third of the cases). Each case
 but realistic PHI (names, IDs, dates, institution, physicians, a private tag block) for the
 de-identification stage to remove. Same seed → identical pixels, UIDs and annotations.
 
+`make_world(out, preset="benchmark", seed)` (`medfound phantoms --preset benchmark`) writes a
+whole network instead: six centers (one small), nodules from a LIDC/LUNA16-like distribution
+(phantom_anatomy.NODULE_*), look-alikes, and a train / test split named in phantoms.json.
+
 Sizes: "small" CT is 128×128 in-plane (2.7–3.5 mm pixels) with 2.5–3.5 mm slices (≈65–135
 slices over a 220–330 mm scan); "full" is 512×512 (0.68–0.88 mm pixels) with 0.625–2.5 mm
 slices (150–335 slices in the first three centers; ≈350–535 at 0.625 mm, ≈90–135 at 2.5 mm).
@@ -39,8 +45,10 @@ MR, PET and ultrasound have their own, coarser grids (see _MR_GRID, _PET_GRID, _
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
+import os
 import shutil
 from datetime import date, datetime, timedelta
 from pathlib import Path
@@ -60,6 +68,12 @@ MODALITIES = ("ct", "mr", "pet", "us")
 SIZES = ("small", "full")
 F18_HALF_LIFE_S = 6586.2
 LUNA16_COLUMNS = ["seriesuid", "coordX", "coordY", "coordZ", "diameter_mm"]
+# annotations.csv: the LUNA16 columns, then each nodule's type and location. Every reader of
+# annotations (medfound.metrics.froc, data.luna16, data.card, LUNA16's own evaluation script)
+# picks its columns by name, so the extra two ride along.
+ANNOTATION_COLUMNS = [*LUNA16_COLUMNS, "nodule_type", "location"]
+LOOKALIKES_FILE = "lookalikes.csv"  # per center of a world: the hard negatives, not nodules
+LOOKALIKE_COLUMNS = [*LUNA16_COLUMNS, "kind"]
 _MANIFEST = "phantoms.json"
 MASK_FILE = "nodules.nii.gz"  # per case, with masks=True: the CT's nodule mask
 
@@ -168,6 +182,186 @@ def make_phantoms(out, centers: int = 3, cases: int = 6, seed: int = 0,
     return out
 
 
+# --- worlds: a network of centers with its own train / test split ---------------------------
+
+# A low-dose screening scanner the training centers lack: a sixth vendor, sharp kernel, the
+# highest noise of the network, the narrowest field of view (cuts off large patients).
+_SCREENING_PROFILE = dict(
+    vendor="Canon Medical Systems", model="Aquilion Prime SP", kernel="FC51", kernel_sigma_px=0.0,
+    unsharp=0.3, noise_hu=26.0, thickness=(1.0, 2.75), fov=340.0, hu_offset=10.0,
+    storage=("int16", -1024.0), padding_hu=-2000.0, transfer_syntax="explicit",
+    file_names="ordered", slice_order="feet_first", kvp=100, fov_center="patient",
+    z_origin=-60.0, table_y=128.0,
+    mr=("Canon Medical Systems", "Vantage Orian", 1.5, "axial"),
+    pet=("Canon Medical Systems", "Cartesion Prime"), us=("Canon Medical Systems", "Aplio i700"))
+# preset → centers (scanner profile: an index of PROFILES or a profile; cases; role) and
+# per-scan counts. The test centers hold 76 scans and 174 nodules: at a sensitivity of 0.85 the
+# binomial 95 % interval is ±0.053, so a CPM there is known to about ±0.06. LUNA16 has 1.3
+# nodules a scan; 2.3 here buys that precision in fewer scans (generation time).
+# Test centers: a sharp-kernel scanner inside the training range of pixel size and noise (the
+# TOSHIBA) and the screening scanner outside it. The training centers span the finest and the
+# coarsest grids (SIEMENS 2.7 mm pixels, UIH 3.5 mm pixels and slices); center_2 is the small one.
+WORLDS = {
+    "benchmark": {
+        "centers": [
+            {"profile": 0, "cases": 40, "role": "train"},
+            {"profile": 1, "cases": 40, "role": "train"},
+            {"profile": 2, "cases": 10, "role": "train"},
+            {"profile": 4, "cases": 34, "role": "train"},
+            {"profile": 3, "cases": 38, "role": "test"},
+            {"profile": _SCREENING_PROFILE, "cases": 38, "role": "test"},
+        ],
+        "nodules_per_scan": 2.3,
+        # Scans with 0–5 nodules (mean ≈ 2.2 before the center's total is made exact).
+        "nodule_count_p": [0.10, 0.22, 0.28, 0.22, 0.12, 0.06],
+        "lookalikes_per_scan": (1, 5),  # uniform, inclusive
+        "size": "small",
+    },
+}
+PRESETS = tuple(WORLDS)
+_WORLD_KEY = 1000  # world case keys are [seed, 1000 + center, case]: other patients and UIDs
+# than the classic phantoms of the same seed
+
+
+def world_plan(preset: str = "benchmark", seed: int = 0, scale: float = 1.0) -> list[dict]:
+    """Per center of a world: name, role, scanner profile, and the nodule and look-alike count
+    of each scan (deterministic for the seed). `scale` multiplies the case counts (at least two
+    cases a training center, one a test center) for quick worlds, tests among them."""
+    spec = _world_spec(preset)
+    plan = []
+    for c, center in enumerate(spec["centers"]):
+        base = center["profile"]
+        prof = dict(PROFILES[base] if isinstance(base, int) else base)
+        prof["institution"], prof["address"] = HOSPITALS[c % len(HOSPITALS)]
+        minimum = 2 if center["role"] == "train" else 1
+        n = max(minimum, int(round(center["cases"] * scale)))
+        rng = np.random.default_rng([seed, _WORLD_KEY + c, 77])
+        p = np.asarray(spec["nodule_count_p"])
+        counts = rng.choice(len(p), size=n, p=p)
+        total = int(round(spec["nodules_per_scan"] * n))
+        while counts.sum() != total:  # make the center's total exact, one scan at a time
+            i = int(rng.integers(n))
+            if counts.sum() < total and counts[i] < len(p) - 1:
+                counts[i] += 1
+            elif counts.sum() > total and counts[i] > 0:
+                counts[i] -= 1
+        lo, hi = spec["lookalikes_per_scan"]
+        plan.append({"center": f"center_{c}", "role": center["role"], "profile": prof,
+                     "nodules": [int(k) for k in counts],
+                     "lookalikes": [int(k) for k in rng.integers(lo, hi + 1, size=n)]})
+    return plan
+
+
+def _world_spec(preset: str) -> dict:
+    if preset not in WORLDS:
+        raise MedfoundError(f"unknown phantom preset {preset!r}",
+                            hint=f"use --preset {' or '.join(PRESETS)}")
+    return WORLDS[preset]
+
+
+def make_world(out, preset: str = "benchmark", seed: int = 0, scale: float = 1.0,
+               workers: int | None = None, progress: bool = True, masks: bool = False) -> Path:
+    """Write the world `preset` (see WORLDS) under `out`: the layout of `make_phantoms`, plus
+    each center's lookalikes.csv (hard negatives: vessel branchings, calcified granulomas, scars
+    — not nodules, so a finding on one is a false positive), and its split in phantoms.json:
+    "train_centers" (each with a validation split in its datalist, for checkpoint selection)
+    and "test_centers" (held out: training on them is refused, see
+    medfound.train.detection.check_world_split). Nodules follow phantom_anatomy's
+    LIDC/LUNA16-like NODULE_* distributions. `scale`: see `world_plan`. workers: processes
+    (default: up to 4, at most the CPUs; 1 = in this process); the files do not depend on it.
+    Same seed → identical files."""
+    out = Path(out)
+    spec = _world_spec(preset)
+    if not isinstance(scale, (int, float)) or not 0 < scale <= 4:
+        raise MedfoundError(f"scale must be a number in (0, 4], got {scale!r}")
+    size, mods = spec["size"], ("ct",)
+    _check_args(out, len(spec["centers"]), 1, seed, mods, size)
+    plan = world_plan(preset, seed, scale)
+    if (out / _MANIFEST).exists():
+        for old in out.glob("center_*"):
+            shutil.rmtree(old)
+    out.mkdir(parents=True, exist_ok=True)
+    role = {r: [c["center"] for c in plan if c["role"] == r] for r in ("train", "test")}
+    cases = [len(c["nodules"]) for c in plan]
+    manifest = dict(
+        generator="medfound.data.phantoms", version=__version__, preset=preset, seed=seed,
+        scale=scale, centers=len(plan), modalities=list(mods), size=size, masks=bool(masks),
+        train_centers=role["train"], test_centers=role["test"],
+        small_center=plan[int(np.argmin(cases))]["center"], center_cases=cases,
+        center_nodules=[sum(c["nodules"]) for c in plan],
+        center_lookalikes=[sum(c["lookalikes"]) for c in plan],
+        scanners={c["center"]: {"manufacturer": c["profile"]["vendor"],
+                                "model": c["profile"]["model"], "kernel": c["profile"]["kernel"],
+                                "scanner_slice_thickness_mm": c["profile"]["thickness"][0],
+                                "slice_thickness_mm": c["profile"]["thickness"][1],
+                                "pixel_spacing_mm": c["profile"]["fov"] / _CT_GRID[size],
+                                "noise_hu": c["profile"]["noise_hu"],
+                                "hu_offset": c["profile"]["hu_offset"]} for c in plan},
+        complete=False)
+    _write_json(out / _MANIFEST, manifest)
+    jobs = [(out / c["center"] / f"case_{n:03d}", c["profile"], [seed, _WORLD_KEY + i, n], mods,
+             size, masks, c["nodules"][n], c["lookalikes"][n])
+            for i, c in enumerate(plan) for n in range(len(c["nodules"]))]
+    for c in plan:
+        (out / c["center"]).mkdir()
+    workers = min(4, os.cpu_count() or 1) if workers is None else max(1, int(workers))
+    with tqdm(total=len(jobs), desc="world cases", unit="case", disable=not progress) as bar, \
+            _pool(workers) as pool:
+        results = []
+        for result in (pool.map(_world_case, jobs, chunksize=1) if pool else map(_world_case, jobs)):
+            results.append(result)
+            bar.update(1)
+    start = 0
+    for i, (c, n) in enumerate(zip(plan, cases, strict=True)):
+        mine = results[start:start + n]
+        _write_center_files(out / c["center"], c["profile"], mine, mods, size, lookalikes=True)
+        # What was placed (a nodule that found no place is dropped; see place_luna_nodules).
+        manifest["center_nodules"][i] = sum(len(rows) for _, rows, _ in mine)
+        manifest["center_lookalikes"][i] = sum(len(fakes) for _, _, fakes in mine)
+        start += n
+    manifest["complete"] = True
+    _write_json(out / _MANIFEST, manifest)
+    return out
+
+
+def _world_case(job: tuple):
+    return _make_case(*job)
+
+
+@contextlib.contextmanager
+def _pool(workers: int):
+    """A process pool of `workers` (spawned: safe beside torch's threads), or None for one."""
+    if workers <= 1:
+        yield None
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        yield pool
+
+
+def read_world(root) -> dict | None:
+    """The split a world's phantoms.json names ({"preset", "seed", "train_centers",
+    "test_centers"}), or None when `root` holds no phantoms.json or one without a split."""
+    path = Path(root) / _MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise MedfoundError(f"cannot read the phantom manifest ({err})", path=path,
+                            hint="regenerate it with `medfound phantoms`") from None
+    if not isinstance(manifest, dict) or "test_centers" not in manifest:
+        return None
+    split = {k: manifest.get(k) for k in ("preset", "seed", "train_centers", "test_centers")}
+    for key in ("train_centers", "test_centers"):
+        if not (isinstance(split[key], list) and all(isinstance(c, str) for c in split[key])):
+            raise MedfoundError(f"'{key}' must be a list of center names", path=path,
+                                hint="regenerate it with `medfound phantoms --preset benchmark`")
+    return split
+
+
 def center_sizes(centers: int, cases: int) -> list[int]:
     """Cases per center: the largest has `cases`; center 2 (the small one) about a third."""
     factors = [1.0, 1.0, 1 / 3, 2 / 3, 0.5]
@@ -196,20 +390,31 @@ def _make_center(cdir: Path, c: int, n_cases: int, seed: int, mods, size: str, b
                  masks: bool = False) -> None:
     prof = center_profile(seed, c)
     cdir.mkdir(parents=True, exist_ok=True)
-    rows, entries = [], []
+    results = []
     for n in range(n_cases):
-        name = f"case_{n:03d}"
-        entry, nodule_rows = _make_case(cdir / name, prof, [seed, c, n], mods, size, masks)
-        rows += nodule_rows
-        entries.append({**entry, "case": name})
+        results.append(_make_case(cdir / f"case_{n:03d}", prof, [seed, c, n], mods, size, masks))
         bar.update(1)
+    _write_center_files(cdir, prof, results, mods, size)
+
+
+def _write_center_files(cdir: Path, prof: dict, results: list, mods, size: str,
+                        lookalikes: bool = False) -> None:
+    """datalist.json, annotations.csv (and lookalikes.csv) and center.json of a center from its
+    cases' `_make_case` results, in case order."""
+    entries = [{**entry, "case": f"case_{n:03d}"} for n, (entry, _, _) in enumerate(results)]
+    n_cases = len(entries)
     n_val = int(0.25 * n_cases + 0.5)  # the last quarter, rounded: 0 of 1, 1 of 2–5, 2 of 6–9
     datalist = {"training": entries[:n_cases - n_val], "validation": entries[n_cases - n_val:]}
     _write_json(cdir / "datalist.json", datalist)
-    with open(cdir / "annotations.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(LUNA16_COLUMNS)
-        w.writerows(rows)
+    tables = [("annotations.csv", ANNOTATION_COLUMNS, 1)]
+    if lookalikes:
+        tables.append((LOOKALIKES_FILE, LOOKALIKE_COLUMNS, 2))
+    for name, columns, part in tables:
+        with open(cdir / name, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(columns)
+            for result in results:
+                w.writerows(result[part])
     _write_json(cdir / "center.json", _center_card(cdir.name, prof, n_cases, mods, size))
 
 
@@ -247,13 +452,16 @@ def _center_card(name: str, prof: dict, n_cases: int, mods, size: str) -> dict:
     return card
 
 
-def _make_case(cdir: Path, prof: dict, key: list[int], mods, size: str, masks: bool = False):
-    """Write one case's series; return its datalist entry and its annotation rows."""
+def _make_case(cdir: Path, prof: dict, key: list[int], mods, size: str, masks: bool = False,
+               n_nodules: int | None = None, lookalikes: int = 0):
+    """Write one case's series; return its datalist entry, its annotation rows and its
+    look-alike rows. n_nodules / lookalikes: see `sample_patient` (None, 0: classic phantoms)."""
     pat = sample_patient(key, z_origin=prof["z_origin"], table_y=prof["table_y"],
-                         min_vessel_radius=0.5 if size == "full" else 1.0, nodules=True)
+                         min_vessel_radius=0.5 if size == "full" else 1.0, nodules=True,
+                         n_nodules=n_nodules, lookalikes=lookalikes)
     phi = _fake_phi(key, pat, prof)
     entry: dict = {}
-    rows = []
+    rows, fakes = [], []
     for m in mods:
         folder = cdir / m
         if m == "ct":
@@ -266,9 +474,12 @@ def _make_case(cdir: Path, prof: dict, key: list[int], mods, size: str, masks: b
                             for nd in pat.nodules]
             entry["label"] = [0] * len(pat.nodules)
             entry["nodule_type"] = [nd.kind for nd in pat.nodules]
+            entry["nodule_location"] = [nd.location for nd in pat.nodules]
             entry["seriesuid"] = uid
-            rows += [[uid, *(f"{v:.2f}" for v in nd.center), f"{nd.diameter_mm:.1f}"]
-                     for nd in pat.nodules]
+            rows += [[uid, *(f"{v:.2f}" for v in nd.center), f"{nd.diameter_mm:.1f}", nd.kind,
+                      nd.location] for nd in pat.nodules]
+            fakes += [[uid, *(f"{v:.2f}" for v in la.center), f"{la.diameter_mm:.1f}", la.kind]
+                      for la in pat.lookalikes]
         elif m == "mr":
             _write_mr(folder, pat, prof, phi, key, size)
         elif m == "pet":
@@ -277,7 +488,7 @@ def _make_case(cdir: Path, prof: dict, key: list[int], mods, size: str, masks: b
             _write_us(folder, prof, phi, key, size)
         entry.setdefault("image", f"{cdir.name}/{m}")
         entry[m] = f"{cdir.name}/{m}"
-    return entry, rows
+    return entry, rows, fakes
 
 
 def _write_mask(path: Path, mask_kji: np.ndarray, affine: np.ndarray) -> None:

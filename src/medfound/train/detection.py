@@ -23,10 +23,59 @@ from medfound.models.detection import DetectorConfig, build_detector, build_netw
 PREDICTION_COLUMNS = ("seriesuid", "coordX", "coordY", "coordZ", "probability")
 
 
+# data.train_centers / data.val_centers = world: the split the world's phantoms.json names
+# (configs/experiment/benchmark.yaml): its train centers, validated on their validation splits.
+WORLD = "world"
+
+
+def world_centers(data: Any) -> None:
+    """Resolve `data.train_centers` / `data.val_centers` given as ``world`` to the world's
+    train centers (DATA_ROOT/phantoms.json of `medfound phantoms --preset benchmark`), in
+    place, so that everything after (the validation items, the provenance, the logged
+    config) sees the centers; then `check_world_split`."""
+    from medfound.data.phantoms import read_world
+
+    keys = [k for k in ("train_centers", "val_centers") if data.get(k) == WORLD]
+    if keys:
+        world = read_world(data["root"])
+        if world is None:
+            raise MedfoundError(f"data.{keys[0]}=world, but data.root holds no world's split",
+                                path=Path(data["root"]) / "phantoms.json",
+                                hint="generate one with `medfound phantoms --preset benchmark "
+                                     "--out DIR`, or list the centers: data.train_centers=[...]")
+        for k in keys:
+            data[k] = list(world["train_centers"])
+    for k in ("train_centers", "val_centers"):
+        check_world_split(data["root"], data.get(k) or [], f"data.{k}")
+
+
+def check_world_split(root: str | Path, centers: Sequence[str], key: str) -> None:
+    """Refuse to train or select checkpoints on a test center of the world at `root` (the
+    "test_centers" of its phantoms.json): its score would no longer be a held-out one.
+    Folders without a world's phantoms.json have no split and pass."""
+    from medfound.data.phantoms import read_world
+
+    if isinstance(centers, str):
+        centers = [centers]
+    world = read_world(root)
+    if world is None:
+        return
+    held_out = [c for c in centers if c in world["test_centers"]]
+    if held_out:
+        raise MedfoundError(
+            f"{key} names {', '.join(held_out)}, a test center of this world: training or "
+            f"checkpoint selection on it would void its held-out score",
+            path=Path(root) / "phantoms.json",
+            hint=f"train and validate on its train centers ({', '.join(world['train_centers'])}; "
+                 f"experiment=benchmark does); score the test centers with evaluate_detector")
+
+
 def evaluation_items(root: str, centers: Sequence[str], trained_on: Sequence[str],
                      split: str = "auto") -> list[dict[str, Any]]:
     """Datalist items to validate or evaluate on. split "auto": every case of a center the
-    model never trained on (a held-out center), only the validation split of one it did."""
+    model never trained on (a held-out center), only the validation split of one it did.
+    (Scoring a world's test centers is what they are for; training recipes refuse to train or
+    validate on them in `training_items`.)"""
     items: list[dict[str, Any]] = []
     for center in centers:
         which = split if split != "auto" else ("validation" if center in trained_on else "all")
@@ -50,7 +99,10 @@ def training_split(data: Mapping[str, Any]) -> str:
 
 def training_items(data: Mapping[str, Any], seed: int = 0) -> list[dict[str, Any]]:
     """The items a pooled / local recipe trains on: the `training_split` of each training center,
-    then `data.label_fraction` of them (drawn with `seed`)."""
+    then `data.label_fraction` of them (drawn with `seed`). `data.train_centers` /
+    `data.val_centers` = world are resolved in `data` first (`world_centers`), and a world's
+    test center in either is refused."""
+    world_centers(data)
     items = load_datalist(data["root"], data["train_centers"], training_split(data))
     return label_subset(items, data.get("label_fraction", 1.0), seed=seed)
 
