@@ -25,6 +25,7 @@ from medfound.data.pretrain import (
 )
 from medfound.errors import MedfoundError, exit_on_user_error
 from medfound.train import pretrain as task
+from medfound.train.detection import check_world_split
 from medfound.train.loop import TrainerConfig, distributed_loader, fit, is_main_process
 from medfound.train.package import save_model_package
 from medfound.train.tracking import Tracker
@@ -40,6 +41,8 @@ def main(cfg: DictConfig) -> None:
 
     # Data: every modality of every training case. Validation: every case of a held-out center,
     # the validation split of a center also trained on.
+    check_world_split(data.root, list(data.train_centers), "data.train_centers")
+    check_world_split(data.root, list(data.val_centers), "data.val_centers")
     train_items = load_volume_list(data.root, data.train_centers, "training", mods)
     val_items = [it for c in data.val_centers for it in load_volume_list(
         data.root, [c], "validation" if c in data.train_centers else "all", mods)]

@@ -253,6 +253,27 @@ def test_world_resolves_to_the_train_centers_and_their_validation_splits(world: 
     assert len(items) == want
 
 
+def test_federating_or_pretraining_on_a_test_center_is_refused(world: Path, tmp_path: Path) -> None:
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from medfound.fed.settings import FedSettings
+    from medfound.fed.simulation import simulation_sites
+
+    with initialize_config_dir(str(REPO / "configs"), version_base=None):
+        cfg = compose("federate", overrides=[f"data.root={world}", "experiment=phantoms_smoke",
+                                             "fed.centers=[center_0,center_5]",
+                                             f"out_dir={tmp_path / 'fed'}"])
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    with pytest.raises(MedfoundError, match="fed.centers names center_5, a test center"):
+        simulation_sites(plain, FedSettings.from_config(plain))
+    res = subprocess.run([sys.executable, "-m", "medfound", "run", "pretrain", f"data.root={world}",
+                          "data.train_centers=[center_0]", "data.val_centers=[center_4]",
+                          f"out_dir={tmp_path / 'pre'}"],
+                         capture_output=True, text=True, check=False, cwd=REPO)
+    assert res.returncode == 2 and "center_4" in res.stderr and "Traceback" not in res.stderr
+
+
 def test_world_needs_a_world(tmp_path: Path) -> None:
     classic = make_phantoms(tmp_path / "classic", centers=2, cases=1, seed=SEED, progress=False)
     # A classic phantom folder has no split: any center trains.

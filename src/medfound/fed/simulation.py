@@ -34,6 +34,9 @@ def simulation_sites(cfg: Mapping[str, Any], settings: FedSettings) -> list[Site
     if not root.is_dir():
         raise MedfoundError("no such data folder", path=root,
                             hint="point data.root at the folder holding the center folders")
+    from medfound.train.detection import check_world_split
+
+    check_world_split(root, list(settings.centers), "fed.centers")  # a test center never trains
     present = sorted(p.name for p in root.iterdir() if (p / DATALIST).is_file())
     sites = []
     for center in settings.centers:
