@@ -62,7 +62,7 @@ demo: $(STAMP)
 	    --allow-unvalidated
 	$(BIN)/medfound phantoms --out $(DEMO_OUT)/new_site --centers 1 --cases 1 --seed 42 --size small
 	$(BIN)/medfound infer --model $(DEMO_OUT)/exp $(DEMO_OUT)/new_site/center_0/case_000/ct \
-	    --out $(DEMO_OUT)/findings --threshold 0.05
+	    --out $(DEMO_OUT)/findings --threshold 0.05 --annotations $(DEMO_OUT)/new_site/center_0/annotations.csv
 	@echo
 	@echo "model package    $(DEMO_OUT)/run/model/  (checkpoints in $(DEMO_OUT)/run/checkpoints/)"
 	@echo "predictions      $(DEMO_OUT)/eval/predictions.csv"

@@ -220,6 +220,12 @@ def cmd_infer(args) -> int:
             tqdm.write(f"{rec['study']}: {found} → {rec['out']}/ "
                        f"(read {t['read']:.2f} s, preprocess {t['preprocess']:.2f} s, "
                        f"network {t['network']:.2f} s, postprocess {t['postprocess']:.2f} s)")
+            if "reference" in rec:  # found / missed against the annotations
+                from medfound.infer.reference import format_reference
+
+                findings = json.loads((Path(rec["out"]) / "findings.json").read_text())
+                tqdm.write(f"{rec['series_uid']} against {args.annotations}:\n"
+                           + format_reference(findings["reference"], args.threshold))
         else:
             tqdm.write(f"failed: {rec['error']}", file=sys.stderr)
 
@@ -235,9 +241,18 @@ def cmd_infer(args) -> int:
                           trt_cache=args.trt_cache, fp16=args.fp16,
                           threshold=args.threshold, series_uid=args.series,
                           max_findings=args.max_findings, sr=not args.no_sr,
-                          progress=not args.quiet, report=report)
+                          progress=not args.quiet, report=report, annotations=args.annotations)
+    ref = summary.get("reference")
+    if ref and ref["unmatched"]:
+        rows = sum(len(r) for r in ref["unmatched"].values())
+        _warn([f"{args.annotations}: {rows} annotation row(s) match no study read: " + "; ".join(
+            f"{uid} (row {', '.join(map(str, r))})" for uid, r in ref["unmatched"].items())])
     print(f"{summary['n_ok']} ok, {summary['n_failed']} failed; summary in "
           f"{Path(args.out) / 'summary.json'} (providers: {', '.join(summary['model']['providers'])})")
+    if ref:
+        print(f"against {args.annotations}: {ref['n_found']} of {ref['n_nodules']} nodules found, "
+              f"{ref['n_false_positives']} false positive(s) at p ≥ {args.threshold:g} in "
+              f"{ref['n_studies_scored']} {'study' if ref['n_studies_scored'] == 1 else 'studies'}")
     return 1 if summary["n_failed"] else 0
 
 
@@ -424,6 +439,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run model.int8.onnx (written by `medfound export --int8` when accepted)")
     s.add_argument("--no-sr", action="store_true",
                    help="skip the DICOM SR (detector) or DICOM Segmentation (segmenter)")
+    s.add_argument("--annotations", type=Path, metavar="CSV",
+                   help="score each study against its nodules in this LUNA16 CSV (seriesuid,"
+                        "coordX,coordY,coordZ,diameter_mm in LPS mm; more columns, e.g. "
+                        "nodule_type, are shown): prints a found / missed table and the false "
+                        "positives, and adds them to findings.json and summary.json")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_infer)
 

@@ -17,7 +17,10 @@ show; DICOM sources only; medfound.io.seg) and ``overview.png`` with the labels 
 Nothing is removed or replaced: OUT may not overlap a study or the model; a study's results
 are made in a fresh hidden folder and renamed into place only when all its files are written,
 under its series UID, or with ``_2``, ``_3``, … when OUT already holds that name; an OUT that
-holds an earlier run's ``summary.json`` is refused. A study that fails is recorded in
+holds an earlier run's ``summary.json`` is refused. With annotations (a LUNA16 CSV), each
+detector study's findings are scored against its nodules (medfound.infer.reference): a
+``reference`` section in findings.json, ``matches_nodule`` on each finding, totals in
+summary.json. A study that fails is recorded in
 ``OUT/summary.json`` with its error and skipped; the others go on. A full or read-only disk ends
 the run with one line (the summary records the studies done). Nothing here imports torch or
 MONAI.
@@ -35,6 +38,12 @@ import numpy as np
 from medfound.errors import MedfoundError
 from medfound.infer.engine import OnnxDetector, load_model_card
 from medfound.infer.preprocess import preprocess
+from medfound.infer.reference import (
+    CRITERION,
+    read_annotations,
+    score_findings,
+    unmatched_annotations,
+)
 from medfound.infer.segment import OnnxSegmenter
 from medfound.io.volume import Volume, canonical_axes, voxel_boxes_to_world
 from medfound.outputs import (
@@ -55,6 +64,7 @@ __all__ = ["FINDINGS_FORMAT", "SEGMENTS_FORMAT", "detect_study", "findings_from_
 FINDINGS_FORMAT = "medfound-findings/1"
 SEGMENTS_FORMAT = "medfound-segments/1"
 SUMMARY = "summary.json"
+_TOTALS = ("n_nodules", "n_found", "n_false_positives")
 # Display window of the overview (lung window), HU.
 _LUNG_WINDOW = (-1350.0, 150.0)
 
@@ -230,20 +240,26 @@ def _is_dicom_source(study: Path) -> bool:
 
 def _one_study(net: OnnxDetector | OnnxSegmenter, study: Path, out: Path, model: dict[str, Any],
                threshold: float, max_findings: int, sr: bool, used: set[str],
-               series_uid: str | None) -> dict[str, Any]:
+               series_uid: str | None, annotations: dict[str, Any] | None = None
+               ) -> dict[str, Any]:
     labels = None
     if isinstance(net, OnnxSegmenter):
         volume, labels, findings, facts = segment_study(net, study, series_uid)
     else:
         volume, findings, facts = detect_study(net, study, threshold=threshold,
                                                max_findings=max_findings, series_uid=series_uid)
+    reference = None
+    if annotations is not None:
+        nodules = [n for n in annotations["nodules"] if n["seriesuid"] == volume.series_uid]
+        reference = {"annotations": annotations["path"], **score_findings(findings, nodules)}
     t0 = time.perf_counter()
     try:
         with staged_dir(out) as work:
             if labels is not None:
                 outputs = _write_segments(work, study, volume, labels, findings, model, sr)
             else:
-                outputs = _write_outputs(work, study, volume, findings, facts, model, threshold, sr)
+                outputs = _write_outputs(work, study, volume, findings, facts, model, threshold, sr,
+                                         reference)
             name = unique_name(out, volume.series_uid or study.name, used, reserved=(SUMMARY,))
             final = publish_dir(work, out / name)
     except MedfoundError:
@@ -256,19 +272,26 @@ def _one_study(net: OnnxDetector | OnnxSegmenter, study: Path, out: Path, model:
     facts["timings_s"]["write"] = time.perf_counter() - t0
     counts = ({"n_regions": len(findings)} if isinstance(net, OnnxSegmenter) else
               {"n_findings": len(findings), "n_candidates": facts["n_candidates"]})
+    if reference is not None:
+        counts["reference"] = {k: reference[k] for k in _TOTALS}
     return {"series_uid": volume.series_uid, "out": str(final), "outputs": outputs, **counts,
             "input_shape": facts["input_shape"],
             "timings_s": {k: round(v, 4) for k, v in facts["timings_s"].items()}}
 
 
 def _write_outputs(work: Path, study: Path, volume: Volume, findings: list[dict[str, Any]],
-                   facts: dict[str, Any], model: dict[str, Any], threshold: float, sr: bool
-                   ) -> dict[str, str]:
+                   facts: dict[str, Any], model: dict[str, Any], threshold: float, sr: bool,
+                   reference: dict[str, Any] | None = None) -> dict[str, str]:
     record = {"format": FINDINGS_FORMAT, "study": str(study), "series_uid": volume.series_uid,
               "modality": volume.modality, "shape": list(volume.shape),
               "spacing_mm": [round(s, 4) for s in volume.spacing], "model": model,
               "threshold": threshold, "n_candidates": facts["n_candidates"],
               "findings": findings}
+    if reference is not None:  # each finding: the id of the nodule it hits, or None
+        ref = dict(reference)
+        record["findings"] = [{**f, "matches_nodule": m}
+                              for f, m in zip(findings, ref.pop("matches"), strict=True)]
+        record["reference"] = ref
     write_json(work / "findings.json", record)
     outputs = {"findings": "findings.json"}
     if sr and _is_dicom_source(study):
@@ -319,20 +342,24 @@ def run_studies(model: str | Path, studies: Sequence[str | Path], out: str | Pat
                 precision: str = "fp32", trt_cache: str | Path | None = None, fp16: bool = False,
                 threshold: float = 0.5, max_findings: int = 20, sr: bool = True,
                 series_uid: str | None = None, progress: bool = True,
-                report: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+                report: Callable[[dict[str, Any]], None] | None = None,
+                annotations: str | Path | None = None) -> dict[str, Any]:
     """Run the exported detector or segmenter `model` on every study; write per-study outputs
     and ``OUT/summary.json`` (rewritten after each study, so an interrupted run keeps what it
     did; ``finished`` is true only once every study was tried). `sr`: also the DICOM SR
     (detector) or DICOM Segmentation (segmenter) of DICOM studies; `series_uid`: the series to
     read in folders holding several; `threshold`, `max_findings`, `precision`, `trt_cache` and
     `fp16` are the detector's. `report` is called with each study's record as it finishes
-    (the CLI prints it; the progress bar stays below).
+    (the CLI prints it; the progress bar stays below). `annotations`: a LUNA16 CSV of nodules
+    (medfound.infer.reference) to score each detector study against; its rows of series no
+    study had are listed in the summary's ``reference.unmatched`` ({seriesuid: [row, …]}).
 
     OUT may exist, but not overlap a study or the model, and not hold an earlier run's
     summary.json: nothing already there is removed or replaced.
 
     Returns the summary: ``studies`` (one record per study: ``status`` "ok" or "failed",
-    ``error`` for a failure, timings and outputs for a success), ``n_ok``, ``n_failed``.
+    ``error`` for a failure, timings and outputs for a success), ``n_ok``, ``n_failed`` and,
+    with annotations, ``reference`` (the totals over the studies scored).
     """
     from tqdm.auto import tqdm
 
@@ -345,8 +372,12 @@ def run_studies(model: str | Path, studies: Sequence[str | Path], out: str | Pat
     if (out / SUMMARY).exists():
         raise MedfoundError(f"holds the {SUMMARY} of an earlier run", path=out,
                             hint="choose a new --out folder (nothing in an existing one is replaced)")
+    nodules = None if annotations is None else read_annotations(annotations)
     net: OnnxDetector | OnnxSegmenter
     if "segmentation" in load_model_card(model)[1]:
+        if nodules is not None:
+            raise MedfoundError("--annotations scores a detector's findings; this export is a "
+                                "segmenter", path=model, hint="drop --annotations")
         if precision != "fp32":
             raise MedfoundError(f"a segmenter export runs in fp32 only, not {precision}",
                                 path=model, hint="drop --int8")
@@ -365,6 +396,13 @@ def run_studies(model: str | Path, studies: Sequence[str | Path], out: str | Pat
     summary: dict[str, Any] = {"model": model_info, "threshold": threshold, "studies": [],
                                "n_studies": len(studies), "n_ok": 0, "n_failed": 0,
                                "finished": False}
+    reference = None
+    if nodules is not None:
+        reference = {"annotations": str(annotations), "criterion": CRITERION,
+                     "n_studies_scored": 0, **dict.fromkeys(_TOTALS, 0),
+                     "unmatched": unmatched_annotations(nodules, set())}
+        summary["reference"] = reference
+    scored: set[str] = set()
     used: set[str] = set()
     bar = tqdm(studies, desc="infer", unit="study", disable=not progress)
     for study in bar:
@@ -373,8 +411,15 @@ def run_studies(model: str | Path, studies: Sequence[str | Path], out: str | Pat
         try:
             rec = {"study": str(study), "status": "ok",
                    **_one_study(net, study, out, model_info, threshold, max_findings, sr, used,
-                                series_uid)}
+                                series_uid, None if nodules is None else
+                                {"path": str(annotations), "nodules": nodules})}
             summary["n_ok"] += 1
+            if reference is not None:
+                scored.add(rec["series_uid"])
+                reference["n_studies_scored"] += 1
+                for k in _TOTALS:
+                    reference[k] += rec["reference"][k]
+                reference["unmatched"] = unmatched_annotations(nodules, scored)
         except DiskError:
             raise  # a full or read-only OUT: every study after this one would fail too
         except MedfoundError as err:
