@@ -155,8 +155,8 @@ def _rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
-def _run(case, tmp: Path) -> tuple[str, str]:
-    """('ok' | 'error' | 'FAIL', detail) of one case."""
+def _run(case, tmp: Path) -> tuple[str, str, float, int]:
+    """('ok' | 'error' | 'FAIL', detail, seconds, peak RSS growth in bytes) of one case."""
     _, base, kind, arg = case
     work = tmp / "work"
     shutil.rmtree(work, ignore_errors=True)
@@ -179,20 +179,23 @@ def _run(case, tmp: Path) -> tuple[str, str]:
         outcome = ("FAIL", f"took {elapsed:.1f} s")
     if grown > CASE_RSS_BYTES:
         outcome = ("FAIL", f"peak RSS grew by {grown / 2**20:.0f} MiB")
-    return outcome
+    return (*outcome, elapsed, grown)
 
 
 def _sweep(cases, tmp: Path) -> Counter:
     counts: Counter = Counter()
     failures = []
+    slowest = grown_most = 0.0
     for case in cases:
-        status, detail = _run(case, tmp)
+        status, detail, elapsed, grown = _run(case, tmp)
+        slowest, grown_most = max(slowest, elapsed), max(grown_most, grown)
         counts[status] += 1
         if status == "FAIL":
             failures.append(f"{case[0]}: {detail[:300]}")
     counts["cases"] = len(cases)
     print(f"fuzz: {counts['cases']} cases, {counts['ok']} ok, {counts['error']} clean errors, "
-          f"{counts['FAIL']} failures")
+          f"{counts['FAIL']} failures; slowest case {slowest:.2f} s, largest peak RSS growth "
+          f"{grown_most / 2**20:.0f} MiB")
     assert not failures, "\n".join(failures)
     return counts
 

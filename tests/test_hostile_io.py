@@ -247,3 +247,13 @@ def test_a_degenerate_affine_is_refused_by_preprocess():
     affine[:3, 1] = affine[:3, 0]  # i and j parallel: nibabel's OrientationError otherwise
     with pytest.raises(MedfoundError, match="degenerate"):
         preprocess(np.zeros((8, 8, 8), np.float32), affine, CARD)
+
+
+def test_a_pet_half_life_that_decays_the_dose_to_nothing_stays_in_bq_per_ml(tmp_path):
+    from dicom_factory import write_pet
+
+    write_pet(tmp_path, ramp((4, 4, 3)) + 100, slope=0.5, weight_kg=70, dose_bq=370e6,
+              half_life_s=1e-300, injection_time="100000", series_time="110000")
+    vol = read_volume(tmp_path)  # not a ZeroDivisionError
+    assert vol.units == "Bq/ml"
+    assert any("SUV not computed" in w for w in vol.warnings)

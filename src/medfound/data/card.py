@@ -169,6 +169,8 @@ def data_card(center_dir: str | Path, *, progress: bool = True) -> dict[str, Any
             if hdr is not None:
                 vendor = " ".join(str(hdr.get(k, "") or "").strip()
                                   for k in ("Manufacturer", "ManufacturerModelName")).strip()
+                # Device names only (LO values, ≤ 64 characters each), printable.
+                vendor = "".join(c for c in vendor if c.isprintable())[:129]
                 vendors[vendor or "unknown"] += 1
                 if hdr.get("SliceThickness") not in (None, ""):
                     stats["slice_thickness_mm"].append(float(hdr.SliceThickness))

@@ -42,7 +42,13 @@ def _linear_along(volume: np.ndarray, axis: int, positions: np.ndarray) -> np.nd
     shape = [1] * volume.ndim
     shape[axis] = -1
     frac = frac.reshape(shape)
-    return np.take(volume, lo, axis=axis) * (1 - frac) + np.take(volume, hi, axis=axis) * frac
+    # In place: the peak is two output-sized arrays beside the input, not four.
+    out = np.take(volume, lo, axis=axis)
+    out *= 1 - frac
+    upper = np.take(volume, hi, axis=axis)
+    upper *= frac
+    out += upper
+    return out
 
 
 def _check_geometry(affine: np.ndarray, spacing: np.ndarray) -> np.ndarray:

@@ -1178,7 +1178,10 @@ def _suv_factor(ds: Dataset) -> tuple[float | None, str, dict[str, Any]]:
     else:
         return None, f"DecayCorrection '{decay}' (need START or ADMIN)", {}
     decayed = dose * 2.0 ** (-elapsed / half_life)
-    factor = weight * 1000.0 / decayed
+    factor = weight * 1000.0 / decayed if decayed > 0 else float("inf")
+    if not np.isfinite(factor):
+        return None, (f"the dose decays to nothing in {elapsed:.0f} s with a half-life of "
+                      f"{half_life:g} s"), {}
     facts.update(decay_time_s=elapsed, suv_factor=factor)
     return factor, "", facts
 
