@@ -1,5 +1,5 @@
 """`medfound center join` against a SuperLink it cannot work with, fast: the TLS probe against
-real TLS and plain TCP servers on 127.0.0.1, and where a SuperLink keeps its state.
+real TLS and plain TCP servers on 127.0.0.1, and a join whose SuperLink never answers.
 (Real SuperLink restarts: tests/test_fed_hostile_center_deployment.py.)"""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from medfound.errors import MedfoundError
-from medfound.fed.deployment import check_transport, probe_transport, superlink_command
+from medfound.fed.deployment import check_transport, probe_transport
 
 
 def _self_signed(folder: Path) -> tuple[Path, Path]:
@@ -91,16 +91,6 @@ def test_the_probe_tells_a_tls_superlink_from_a_plain_one_and_from_nothing(tmp_p
     assert probe_transport(plain_address) is None
     check_transport(plain_address, insecure=True)
     check_transport(plain_address, insecure=False)
-
-
-def test_a_superlink_keeps_its_state_on_disk_by_default(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr"))
-    cmd = superlink_command(insecure=True, address="127.0.0.1:9199")
-    assert cmd[cmd.index("--database") + 1] == str(tmp_path / "flwr" / "superlink"
-                                                   / "127.0.0.1_9199.db")
-    assert (tmp_path / "flwr" / "superlink").is_dir()
-    cmd = superlink_command(insecure=True, address="127.0.0.1:9199", database="/srv/fed/link.db")
-    assert cmd[cmd.index("--database") + 1] == "/srv/fed/link.db"
 
 
 @pytest.mark.slow

@@ -521,8 +521,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder with ca.crt, server.pem, server.key (scripts/make_certs.sh DIR)")
     s.add_argument("--insecure", action="store_true", help="no TLS (a trial on one machine only)")
     s.add_argument("--database", metavar="PATH",
-                   help="SuperLink state database, kept across restarts (default: "
-                        "$FLWR_HOME/superlink/HOST_PORT.db, FLWR_HOME defaulting to ~/.flwr)")
+                   help="SuperLink state database file: a restarted SuperLink still knows its "
+                        "centers and registered keys (default: Flower's in-memory state, lost "
+                        "on restart)")
     s.add_argument("--auth", action="store_true",
                    help="node authentication: only centers whose public keys were registered "
                         "(`medfound fed register`) may join; needs TLS")

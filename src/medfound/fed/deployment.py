@@ -26,11 +26,13 @@ Node authentication (only registered centers may join), Flower's CLI-managed mod
 3. the center joins with ``--auth-key`` (``--auth-supernode-private-key``). A SuperNode whose
    key is not registered, or that has none, is refused and exits (Flower exit code 305).
 
-Restarts: the SuperLink keeps its state (registered keys, nodes, runs) in a database file,
-``$FLWR_HOME/superlink/HOST_PORT.db`` unless ``--database`` says where (Flower's default is
-memory only: a restarted SuperLink would have forgotten every center). `medfound center join`
-supervises its SuperNode (`run_center`): Flower's SuperNode retries a lost connection with
-backoff by itself; a SuperNode that the SuperLink no longer knows (Flower then exits with
+Restarts: with ``--database PATH`` the SuperLink keeps its state (registered keys, nodes,
+runs) in that file and a restarted SuperLink still knows every center; without it (Flower's
+default, memory only) a restart forgets them. The default stays Flower's because Flower 1.42's
+SQLite state can answer "database is locked" under load (its busy timeout is 5 s), which fails
+the round in progress: three centers training on two cores are enough.
+`medfound center join` supervises its SuperNode (`run_center`): Flower's SuperNode retries a
+lost connection with backoff by itself; a SuperNode that the SuperLink no longer knows (Flower then exits with
 status 0) is started again with backoff; when the SuperLink has been out of reach for longer
 than the join's wait budget (`JOIN_MAX_WAIT_S`, default an hour) the join gives up and exits
 non-zero with one line saying so. Before it starts and while the connection fails it probes
@@ -67,7 +69,7 @@ from medfound.errors import MedfoundError
 from medfound.fed.server_app import run_coordinator
 from medfound.fed.settings import FedSettings, parse_host_port
 
-__all__ = ["SuperLinkUnreachable", "check_transport", "default_database", "join_command",
+__all__ = ["SuperLinkUnreachable", "check_transport", "join_command",
            "make_center_keys", "probe_transport", "register_centers", "run_center",
            "run_deployment", "server_app", "superlink_command", "write_app"]
 
@@ -186,7 +188,8 @@ def superlink_command(*, certs: str | None = None, insecure: bool = False,
     """
     host, port = parse_host_port(address, "--address")
     cmd = [_executable("flower-superlink"), "--host", host, "--port", str(port)]
-    cmd += ["--database", str(database or default_database(address))]
+    if database:
+        cmd += ["--database", str(database)]
     if insecure:
         if auth:
             raise MedfoundError("node authentication needs TLS: --auth cannot be used with --insecure",
@@ -198,16 +201,6 @@ def superlink_command(*, certs: str | None = None, insecure: bool = False,
     if auth:
         cmd.append("--enable-supernode-auth")
     return cmd
-
-
-def default_database(address: str) -> Path:
-    """Where a SuperLink on `address` keeps its state unless told otherwise (the folder is
-    made): ``$FLWR_HOME/superlink/HOST_PORT.db``, FLWR_HOME defaulting to ~/.flwr as Flower's."""
-    host, port = parse_host_port(address, "--address")
-    home = Path(os.environ.get("FLWR_HOME") or Path.home() / ".flwr").expanduser()
-    folder = home / "superlink"
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder / f"{host.replace(':', '_')}_{port}.db"
 
 
 def make_center_keys(out: str | Path, center: str, overwrite: bool = False) -> tuple[Path, Path]:
