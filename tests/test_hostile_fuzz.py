@@ -44,6 +44,7 @@ BASES = ("CT_small.dcm", "MR_small.dcm", "MR_small_RLE.dcm", "MR_small_jp2klossl
          "MR_small_jpeg_ls_lossless.dcm", "SC_rgb_jpeg_dcmtk.dcm", "MR_small_bigendian.dcm",
          "MR_small_implicit.dcm", "rtdose_rle.dcm", "SC_rgb_rle_2frame.dcm")
 SERIES = "series"  # the written CT series, one slice of it mutated
+PHANTOM = "phantom"  # a phantom CT series (medfound.data.phantoms), one slice of it mutated
 
 # (keyword, values) set in the header; strings are written as they are, unvalidated.
 FIELDS: list[tuple[str, list]] = [
@@ -91,7 +92,7 @@ def _cases() -> list[tuple[str, str, str, object]]:
     """(id, base, mutation, argument) for every case, in a fixed order."""
     cases = []
     rng = random.Random(23)
-    for base in (*BASES, SERIES):
+    for base in (*BASES, SERIES, PHANTOM):
         for keyword, values in FIELDS:
             for v in values:
                 cases.append((f"{base}:{keyword}={v}", base, "field", (keyword, v)))
@@ -106,6 +107,7 @@ def _cases() -> list[tuple[str, str, str, object]]:
 
 CASES = _cases()
 SAMPLE = CASES[::max(1, len(CASES) // 60)][:60]
+SAMPLE += [c for c in CASES if c[1] == PHANTOM][::20]  # the phantom series, a few times
 
 
 def _mutated_file(src: Path, dst: Path, kind: str, arg) -> None:
@@ -135,13 +137,17 @@ def _mutated_file(src: Path, dst: Path, kind: str, arg) -> None:
             shutil.copy(src, dst)
 
 
-def _target(tmp: Path, base: str, kind: str, arg) -> Path:
-    if base != SERIES:
+def _target(tmp: Path, base: str, kind: str, arg, phantom: Path) -> Path:
+    if base not in (SERIES, PHANTOM):
         path = tmp / "case.dcm"
         _mutated_file(_base_path(base), path, kind, arg)
         return path
     folder = tmp / "series"
-    paths = write_series(folder, ramp((24, 20, 6)))
+    if base == SERIES:
+        paths = write_series(folder, ramp((24, 20, 6)))
+    else:
+        shutil.copytree(phantom, folder)
+        paths = sorted(folder.glob("*.dcm"))
     edge = zlib.crc32(f"{kind}{arg}".encode()) & 1  # the first or the last slice
     victim = paths[edge * (len(paths) - 1)]
     original = tmp / "orig.dcm"
@@ -155,13 +161,13 @@ def _rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
-def _run(case, tmp: Path) -> tuple[str, str, float, int]:
+def _run(case, tmp: Path, phantom: Path) -> tuple[str, str, float, int]:
     """('ok' | 'error' | 'FAIL', detail, seconds, peak RSS growth in bytes) of one case."""
     _, base, kind, arg = case
     work = tmp / "work"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir()
-    target = _target(work, base, kind, arg)
+    target = _target(work, base, kind, arg, phantom)
     rss0, t0 = _rss(), time.perf_counter()
     try:
         vol = read_volume(target, workers=1, progress=False, max_voxels=FUZZ_MAX_VOXELS)
@@ -182,12 +188,12 @@ def _run(case, tmp: Path) -> tuple[str, str, float, int]:
     return (*outcome, elapsed, grown)
 
 
-def _sweep(cases, tmp: Path) -> Counter:
+def _sweep(cases, tmp: Path, phantom: Path) -> Counter:
     counts: Counter = Counter()
     failures = []
     slowest = grown_most = 0.0
     for case in cases:
-        status, detail, elapsed, grown = _run(case, tmp)
+        status, detail, elapsed, grown = _run(case, tmp, phantom)
         slowest, grown_most = max(slowest, elapsed), max(grown_most, grown)
         counts[status] += 1
         if status == "FAIL":
@@ -200,17 +206,27 @@ def _sweep(cases, tmp: Path) -> Counter:
     return counts
 
 
-def test_fuzz_sample_ends_in_a_volume_or_one_clean_error(tmp_path):
+@pytest.fixture(scope="module")
+def phantom_ct(tmp_path_factory) -> Path:
+    from medfound.data.phantoms import make_phantoms
+
+    root = tmp_path_factory.mktemp("fuzz_phantom")
+    make_phantoms(root, centers=1, cases=1, seed=3, size="small", progress=False)
+    (folder,) = {p.parent for p in root.rglob("*.dcm")}
+    return folder
+
+
+def test_fuzz_sample_ends_in_a_volume_or_one_clean_error(tmp_path, phantom_ct):
     t0 = time.perf_counter()
-    counts = _sweep(SAMPLE, tmp_path)
+    counts = _sweep(SAMPLE, tmp_path, phantom_ct)
     assert counts["cases"] == len(SAMPLE) >= 50
     assert counts["error"] > 0 and counts["ok"] > 0  # the mutations do reach the reader
     assert time.perf_counter() - t0 < 60
 
 
 @pytest.mark.long
-def test_fuzz_full_sweep_ends_in_a_volume_or_one_clean_error(tmp_path):
-    counts = _sweep(CASES, tmp_path)
+def test_fuzz_full_sweep_ends_in_a_volume_or_one_clean_error(tmp_path, phantom_ct):
+    counts = _sweep(CASES, tmp_path, phantom_ct)
     assert counts["cases"] >= 300
 
 
@@ -222,3 +238,17 @@ def test_the_generator_mutates_what_it_says(tmp_path):
     _mutated_file(_base_path("CT_small.dcm"), tmp_path / "b.dcm", "cut", 0.5)
     assert (tmp_path / "b.dcm").stat().st_size == _base_path("CT_small.dcm").stat().st_size // 2
 
+
+
+def test_the_data_card_survives_fuzzed_cases(tmp_path, phantom_ct):
+    from medfound.data.card import data_card
+
+    center = tmp_path / "center_fuzz"
+    picked = [c for c in CASES if c[1] == PHANTOM][::9]
+    for n, (_, _, kind, arg) in enumerate(picked):
+        case = center / f"case_{n:03d}"
+        target = _target(case, PHANTOM, kind, arg, phantom_ct)
+        assert target.is_dir()
+    card = data_card(center, progress=False)  # no exception but a MedfoundError per case
+    assert card["cases"] == len(picked) >= 8
+    assert sum(card["qc"]["counts"].values()) > 0

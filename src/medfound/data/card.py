@@ -93,32 +93,43 @@ def _read_annotations(root: Path) -> list[float] | None:
         return [float(row["diameter_mm"]) for row in reader]
 
 
+def _get(header, keyword: str):
+    """header.get(keyword) as text-ready value, None where pydicom cannot convert it."""
+    try:
+        return header.get(keyword)
+    except Exception:  # noqa: BLE001 - a corrupt header value counts as absent
+        return None
+
+
 def _phi_present(header) -> list[str]:
-    if header is None or str(header.get("PatientIdentityRemoved", "")).upper() == "YES":
+    if header is None or str(_get(header, "PatientIdentityRemoved") or "").upper() == "YES":
         return []
-    return [k for k in _PHI_KEYWORDS if str(header.get(k, "") or "").strip()]
+    return [k for k in _PHI_KEYWORDS if str(_get(header, k) or "").strip()]
 
 
 def _burned_in_reason(header, modality: str) -> str | None:
     if header is None:
         return None
-    if str(header.get("BurnedInAnnotation", "")).upper() == "YES":
+    if str(_get(header, "BurnedInAnnotation") or "").upper() == "YES":
         return "BurnedInAnnotation=YES"
     if modality in _BURNED_IN_MODALITIES:
         return f"modality {modality}"
-    if str(header.get("SOPClassUID", "")).startswith(_SECONDARY_CAPTURE):
+    if str(_get(header, "SOPClassUID") or "").startswith(_SECONDARY_CAPTURE):
         return "secondary capture"
     return None
 
 
 def _padding_value(header) -> float | None:
     """PixelPaddingValue after the modality LUT, as the reader's values carry it."""
-    if header is None or header.get("PixelPaddingValue") is None:
+    if header is None or _get(header, "PixelPaddingValue") is None:
         return None
-    pad = header.PixelPaddingValue
+    pad = _get(header, "PixelPaddingValue")
     pad = pad[0] if isinstance(pad, list | tuple) else pad
-    slope = float(header.get("RescaleSlope", 1) or 1)
-    return float(pad) * slope + float(header.get("RescaleIntercept", 0) or 0)
+    try:
+        slope = float(_get(header, "RescaleSlope") or 1)
+        return float(pad) * slope + float(_get(header, "RescaleIntercept") or 0)
+    except (TypeError, ValueError):
+        return None
 
 
 def data_card(center_dir: str | Path, *, progress: bool = True) -> dict[str, Any]:
@@ -167,13 +178,17 @@ def data_card(center_dir: str | Path, *, progress: bool = True) -> dict[str, Any
             stats["images"] += info.frames
             hdr = info.header
             if hdr is not None:
-                vendor = " ".join(str(hdr.get(k, "") or "").strip()
+                vendor = " ".join(str(_get(hdr, k) or "").strip()
                                   for k in ("Manufacturer", "ManufacturerModelName")).strip()
                 # Device names only (LO values, ≤ 64 characters each), printable.
                 vendor = "".join(c for c in vendor if c.isprintable())[:129]
                 vendors[vendor or "unknown"] += 1
-                if hdr.get("SliceThickness") not in (None, ""):
-                    stats["slice_thickness_mm"].append(float(hdr.SliceThickness))
+                thickness = _get(hdr, "SliceThickness")
+                try:
+                    if thickness not in (None, "") and np.isfinite(float(thickness)):
+                        stats["slice_thickness_mm"].append(float(thickness))
+                except (TypeError, ValueError):
+                    pass
             phi = _phi_present(hdr)
             if phi:
                 warn(case_no, mod, "phi_present", "not de-identified: " + ", ".join(phi))

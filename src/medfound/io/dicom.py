@@ -536,6 +536,18 @@ def _read_deflated(f, has_magic: bool, budget: int) -> tuple[Dataset | None, tup
     return ds, None
 
 
+def _get(ds: Dataset | None, keyword: str) -> Any:
+    """ds.get(keyword), None where pydicom cannot convert the stored value (a bad VR or a
+    garbled value read lazily)."""
+    if ds is None:
+        return None
+    try:
+        with _quiet():
+            return ds.get(keyword)
+    except Exception:  # noqa: BLE001 - a corrupt header value counts as absent
+        return None
+
+
 def _int(value: Any, default: int) -> int:
     try:
         return int(value)
@@ -789,10 +801,10 @@ def find_series(path: str | Path, *, progress: bool | None = None,
         first = members[0][0]
         frames = [fr for ds, src in members for fr in _safe_frames_of(ds, src)]
         series.append(SeriesInfo(
-            series_uid=uid, modality=str(first.get("Modality") or "OT"),
-            description=str(first.get("SeriesDescription") or ""), count=len(members),
+            series_uid=uid, modality=str(_get(first, "Modality") or "OT"),
+            description=str(_get(first, "SeriesDescription") or ""), count=len(members),
             frames=len(frames), files=[src.path for _, src in members],
-            number=_int(first.get("SeriesNumber"), None) if "SeriesNumber" in first else None,
+            number=_int(_get(first, "SeriesNumber"), None) if "SeriesNumber" in first else None,
             header=first, root=str(root), _frames=frames))
     series.sort(key=lambda s: (s.number is None, s.number or 0, s.series_uid))
     _assign_unreadable(series, broken)
@@ -1216,7 +1228,7 @@ def _meta(series: SeriesInfo, frames: list[_Frame]) -> dict[str, Any]:
     meta: dict[str, Any] = {}
     with _quiet():
         for keyword in _META_KEYWORDS:
-            value = ds.get(keyword)
+            value = _get(ds, keyword)
             if value is None or value == "":
                 continue
             if isinstance(value, MultiValue):
@@ -1226,7 +1238,7 @@ def _meta(series: SeriesInfo, frames: list[_Frame]) -> dict[str, Any]:
             else:
                 meta[keyword] = str(value)
     src = frames[0].source
-    sop = ds.get("SOPClassUID")
+    sop = _get(ds, "SOPClassUID")
     meta.update(sop_class=str(getattr(UID(sop), "name", sop)) if sop else "",
                 transfer_syntax=src.transfer_syntax.name, files=series.count,
                 frames=len(frames), photometric=src.photometric)
@@ -1555,9 +1567,18 @@ def read_series(series: SeriesInfo, *, allow_gaps: bool = False, workers: int | 
             f"{len(series._frames)} images of {first.cols}×{first.rows} pixels make "
             f"{voxels:,} voxels, over the limit of {budget:,}", path=root, kind="too_large",
             hint=_TOO_LARGE_HINT)
-    geometry = _geometry(series, allow_gaps)
+    try:
+        with _quiet():
+            geometry = _geometry(series, allow_gaps)
+            units, factor, unit_notes, unit_meta = _units(series)
+            meta = _meta(series, geometry.order)
+    except MedfoundError:
+        raise
+    except Exception as err:  # noqa: BLE001 - pydicom converting a corrupt header value
+        raise DicomReadError(f"bad header value: {_one_line(err)}", path=root,
+                             hint="a header of the series is corrupt; fix or export it "
+                             "again") from err
     order = geometry.order
-    units, factor, unit_notes, unit_meta = _units(series)
     notes += geometry.warnings + unit_notes
 
     header = series.header
@@ -1596,7 +1617,7 @@ def read_series(series: SeriesInfo, *, allow_gaps: bool = False, workers: int | 
     return Volume(
         array=buf.transpose(2, 1, 0), affine=geometry.affine, modality=series.modality,
         units=units, series_uid=series.series_uid, path=str(root),
-        meta={**_meta(series, order), **unit_meta,
+        meta={**meta, **unit_meta,
               "warning_kinds": [kind for kind, _ in notes]},
         warnings=[text for _, text in notes])
 
