@@ -108,6 +108,25 @@ def cmd_center_card(args) -> int:
     return 0
 
 
+def cmd_center_prepare(args) -> int:
+    from medfound.data.prepare import parse_split, prepare_center
+
+    r = prepare_center(args.raw, args.out, key_file=args.key_file, annotations=args.annotations,
+                       center=args.center, split=parse_split(args.split), seed=args.seed,
+                       progress=not args.quiet)
+    _warn(r["warnings"])
+    for ex in r["excluded"]:
+        print(f"left out: {ex['modality']} series {ex['series']} ({ex['files']} files): "
+              f"{ex['reason']}", file=sys.stderr)
+    split = ", ".join(f"{k} {n} series of {r['datalist_patients'][k]} patient(s)"
+                      for k, n in r["datalist"].items())
+    print(f"{r['center']}: {r['patients']} patients, {r['series']} series ({r['series_new']} "
+          f"de-identified now, {r['series_skipped']} already done or left out), "
+          f"{r['annotations']} annotations; datalist: {split}"
+          + ("" if r["changed"] else "; nothing new, no file changed"))
+    return 0
+
+
 def cmd_center_audit(args) -> int:
     from medfound.fed.audit import audit_totals, format_audit, read_audit
 
@@ -458,6 +477,31 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print JSON")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_center_card)
+    s = csub.add_parser(
+        "prepare", help="turn a folder of DICOM studies into a center folder that trains",
+        description="Find every image series under RAW (any nesting; several series per "
+        "study, several studies per patient), check each as training will read it, "
+        "de-identify it as `medfound deid` does (same profile, keyed UIDs and pseudonyms under "
+        "--key-file) into OUT/NAME/<patient>/<series>/, move --annotations to the new UIDs, and "
+        "write annotations.csv, center.json, card.json (the data card) and datalist.json (split "
+        "by patient; written last). A rerun skips the series already done; RAW is only read.")
+    s.add_argument("raw", type=Path, metavar="RAW", help="folder holding the DICOM files")
+    s.add_argument("out", type=Path, metavar="OUT",
+                   help="data root to write OUT/NAME into (apart from RAW; other centers in it "
+                        "are left alone)")
+    s.add_argument("--key-file", type=Path, required=True, metavar="K",
+                   help="the center's secret key (as for `medfound deid`; created if missing, "
+                        "kept outside OUT): the same key gives the same UIDs on every run")
+    s.add_argument("--annotations", type=Path, metavar="CSV",
+                   help="nodules on RAW's SeriesInstanceUIDs, LUNA16 columns seriesuid,coordX,"
+                        "coordY,coordZ,diameter_mm (LPS mm); a row matching no series is refused")
+    s.add_argument("--center", metavar="NAME", help="the center folder's name (default: RAW's)")
+    s.add_argument("--split", action="append", metavar="SPLIT=F",
+                   help="share of patients per split, e.g. validation=0.2 (default) or "
+                        "validation=0.2,test=0.1; the rest trains")
+    s.add_argument("--seed", type=int, default=0, help="seed of the split (default 0)")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_center_prepare)
     s = csub.add_parser(
         "audit", help="show what a center sent to the federation",
         description="Print a center's outbound audit log (FED/audit/<center>.jsonl: one line "
