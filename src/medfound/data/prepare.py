@@ -478,7 +478,7 @@ def prepare_center(raw: str | Path, out: str | Path, key_file: str | Path,
     if not raw_p.is_dir():
         raise MedfoundError("not a folder", path=raw_p, hint="give the folder holding the DICOM files")
     raw_r = raw_p.resolve()
-    out_r = check_output_folder(out_p, [raw_r], what="OUT")
+    out_r = check_output_folder(out_p, [raw_r], what="new OUT")
     name = center or raw_r.name
     if not _NAME.match(name):
         raise MedfoundError(f"center name {name!r} is not a plain folder name",
