@@ -256,6 +256,13 @@ def test_an_interrupted_run_leaves_no_datalist_and_resumes(raw, tmp_path, monkey
     assert {p: p.stat().st_mtime_ns for p in done} == done  # the done series were not redone
     assert (cdir / "datalist.json").is_file()
     assert (out / "other_center" / "datalist.json").read_text() == "{}"
+    # A patient gone from RAW since (archived): its prepared series and annotations stay.
+    fewer = tmp_path / "RAW_fewer"
+    shutil.copytree(raw["raw"], fewer, ignore=shutil.ignore_patterns("dump"))
+    before = (cdir / "datalist.json").read_bytes()
+    s = prep.prepare_center(fewer, out, raw["key"], annotations=raw["raw"] / "annotations.csv",
+                            center="c", progress=False)
+    assert not s["changed"] and s["series"] == 7 and (cdir / "datalist.json").read_bytes() == before
     # An output changed by hand is not replaced: the rerun refuses and leaves it.
     (cdir / "center.json").write_text('{"edited": true}\n')
     with pytest.raises(MedfoundError, match="center.json was not written by"):

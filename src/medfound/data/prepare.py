@@ -508,13 +508,14 @@ def prepare_center(raw: str | Path, out: str | Path, key_file: str | Path,
     # Find every series (headers only), and match the annotations before any work.
     series, notes = _series_of(find_series(raw_r, progress=progress), key)
     by_orig = {s.info.series_uid: s for s in series}
-    by_new = {s.uid: s for s in series}
     rows: list[_Row] = []
     extra: list[str] = []
     from_out = False
     if ann_path is not None:
         rows, extra = _read_annotations(ann_path)
-        unmatched = [r.line for r in rows if r.uid not in by_orig]
+        # A series prepared by an earlier run and gone from RAW since still matches.
+        unmatched = [r.line for r in rows if r.uid not in by_orig
+                     and keyed_uid(r.uid, key) not in state["series"]]
         if unmatched:
             raise MedfoundError(f"{len(unmatched)} annotation row(s) match no series under "
                                 f"{raw_p}: line {_lines(unmatched)}", path=ann_path,
@@ -578,8 +579,8 @@ def prepare_center(raw: str | Path, out: str | Path, key_file: str | Path,
     dropped: list[int] = []
     outside: list[int] = []
     for r in rows:
-        s = by_new.get(r.uid) if from_out else by_orig.get(r.uid)
-        uid = r.uid if from_out else (s.uid if s else None)
+        s = by_orig.get(r.uid)
+        uid = r.uid if from_out else s.uid if s else keyed_uid(r.uid, key)
         geo = None if uid is None else geometry(uid)
         if geo is None:
             dropped.append(r.line)  # its series is left out (QC) or, for OUT's CSV, gone
