@@ -255,12 +255,21 @@ def cmd_infer(args) -> int:
     if validation["status"] != "validated":
         print(f"warning: this model is NOT VALIDATED ({validation['reason']}); its findings are "
               "for research use only and say so", file=sys.stderr)
+    if args.int8 and args.precision not in ("auto", "int8"):
+        raise MedfoundError(f"--int8 asks for --precision int8, not {args.precision}",
+                            hint="pass one of them")
+
+    def announce(model: dict) -> None:  # which engine and precision run, and why
+        print(f"engine: {model['engine']} {model['precision']} ({', '.join(model['providers'])}) "
+              f"— {model['engine_reason']}", flush=True)
+
     summary = run_studies(args.model, args.studies, args.out, providers=args.provider,
-                          threads=args.threads, precision="int8" if args.int8 else "fp32",
-                          trt_cache=args.trt_cache, fp16=args.fp16,
+                          threads=args.threads, precision="int8" if args.int8 else args.precision,
+                          engine=args.engine, trt_cache=args.trt_cache, fp16=args.fp16,
                           threshold=args.threshold, series_uid=args.series,
                           max_findings=args.max_findings, sr=not args.no_sr,
-                          progress=not args.quiet, report=report, annotations=args.annotations)
+                          progress=not args.quiet, report=report, annotations=args.annotations,
+                          announce=announce)
     ref = summary.get("reference")
     if ref and ref["unmatched"]:
         rows = sum(len(r) for r in ref["unmatched"].values())
@@ -427,7 +436,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser(
         "infer", help="find nodules in DICOM/NIfTI/MHD studies with an exported model",
         description="Run an exported model (the folder `medfound export` wrote) on each STUDY "
-        "with onnxruntime (no torch needed). Writes OUT/<series_uid>/findings.json (LPS mm and "
+        "with onnxruntime or OpenVINO (no torch needed), printing which engine and precision run "
+        "and why. Writes OUT/<series_uid>/findings.json (LPS mm and "
         "voxel centres, diameter, probability, model sha256), findings_sr.dcm (a DICOM "
         "Comprehensive 3D SR, TID 1500, referencing the source series, for DICOM studies) and "
         "overview.png, and OUT/summary.json with each study's status and timings. With a "
@@ -450,12 +460,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--provider", action="append", metavar="NAME",
                    help="onnxruntime execution provider (tensorrt, cuda, cpu; repeat for a "
                         "fallback list); default: the best available")
-    s.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: all cores)")
+    s.add_argument("--engine", choices=("auto", "onnxruntime", "openvino"), default="auto",
+                   help="what runs the network; auto (default): the fastest variant the model "
+                        "card's export gate passed that this machine can run (onnxruntime fp32 "
+                        "for an export without measured variants, or with a GPU provider)")
+    s.add_argument("--precision", choices=("auto", "fp32", "bf16", "int8"), default="auto",
+                   help="network arithmetic: fp32, bf16 (OpenVINO, on a CPU with bf16), int8 "
+                        "(model.int8.onnx); a variant that failed the export gate is refused; "
+                        "auto (default) as for --engine")
+    s.add_argument("--threads", type=int, help="the engine's intra-op threads (default: all cores)")
     s.add_argument("--trt-cache", type=Path, metavar="DIR",
                    help="TensorRT: keep built engines in DIR and reuse them (skips engine building)")
     s.add_argument("--fp16", action="store_true", help="TensorRT: allow fp16 kernels")
     s.add_argument("--int8", action="store_true",
-                   help="run model.int8.onnx (written by `medfound export --int8` when accepted)")
+                   help="the same as --precision int8: run model.int8.onnx (written by "
+                        "`medfound export --int8` when accepted)")
     s.add_argument("--no-sr", action="store_true",
                    help="skip the DICOM SR (detector) or DICOM Segmentation (segmenter)")
     s.add_argument("--annotations", type=Path, metavar="CSV",

@@ -229,12 +229,14 @@ def _export(meta: dict[str, Any], model_dir: Path, out_dir: Path, *, opset: int 
 
     write_card(out_dir, card)
     items = validation_items(meta, data_root)
-    quality = _cpm_parity(meta, cfg, detector, out_dir, items)
+    quality, torch_rows, onnx_rows = _cpm_parity(meta, cfg, detector, out_dir, items)
     record_quality_gate(out_dir, parity, card, "cpm", quality,
                         f"CPM parity failed: onnx {quality['cpm_onnx']:.4f} vs torch "
                         f"{quality['cpm_torch']:.4f} (bound {CPM_TOL})",
                         hint="do not deploy; compare preprocessing and the card's detector settings")
     _validate(out_dir, parity, card, detection_validation(meta, quality, min_cpm), allow_unvalidated)
+    measured = {("onnxruntime", "fp32"): onnx_rows}
+    decision = None
     if int8:
         from medfound.export.quantize import calibration_items
 
@@ -243,18 +245,20 @@ def _export(meta: dict[str, Any], model_dir: Path, out_dir: Path, *, opset: int 
             raise MedfoundError("no calibration data", hint="pass --calibration CENTER_DIR")
         cal = calibration_items(calibration if calibration is not None
                                 else Path(data_root) / str(first_train))
-        decision = _int8(network, cfg, out_dir, card, items, cal, calibration_patches, opset, seed,
-                         INT8_MAX_CPM_DROP if max_cpm_drop is None else max_cpm_drop,
-                         quality["cpm_onnx"])
+        decision, measured["onnxruntime", "int8"] = _int8(
+            network, cfg, out_dir, card, items, cal, calibration_patches, opset, seed,
+            INT8_MAX_CPM_DROP if max_cpm_drop is None else max_cpm_drop, quality["cpm_onnx"])
         parity["int8"] = decision
         card["int8"] = decision
-        _write_json(out_dir / "parity.json", parity)
-        write_card(out_dir, card)
-        if not decision["accepted"]:
-            raise MedfoundError(
-                f"INT8 rejected: CPM {decision['cpm_int8']:.4f} is {decision['cpm_drop']:.4f} below "
-                f"fp32's {decision['cpm_fp32']:.4f} (allowed {decision['max_cpm_drop']})",
-                path=out_dir / "parity.json", hint="deploy the fp32 model.onnx (it passed parity)")
+    card["variants"] = parity["variants"] = _variants(out_dir, card, items, torch_rows,
+                                                      quality["cpm_torch"], measured)
+    _write_json(out_dir / "parity.json", parity)
+    write_card(out_dir, card)
+    if decision is not None and not decision["accepted"]:
+        raise MedfoundError(
+            f"INT8 rejected: CPM {decision['cpm_int8']:.4f} is {decision['cpm_drop']:.4f} below "
+            f"fp32's {decision['cpm_fp32']:.4f} (allowed {decision['max_cpm_drop']})",
+            path=out_dir / "parity.json", hint="deploy the fp32 model.onnx (it passed parity)")
     return card
 
 
@@ -361,8 +365,10 @@ def write_card(out_dir: Path, card: dict[str, Any]) -> None:
 
 
 def _cpm_parity(meta: dict[str, Any], cfg: DetectorConfig, detector: Any, out_dir: Path,
-                items: list[dict[str, Any]]) -> dict[str, Any]:
-    """CPM of the torch detector (MONAI transforms) and of the deployed path (medfound.infer)."""
+                items: list[dict[str, Any]]
+                ) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
+    """CPM of the torch detector (MONAI transforms) and of the deployed path (medfound.infer):
+    (the gate's record, torch's prediction rows, the deployed path's)."""
     from medfound.data.detection import eval_transforms
     from medfound.export.quality import CPM_TOL, onnx_predictions
     from medfound.infer.engine import OnnxDetector
@@ -370,23 +376,26 @@ def _cpm_parity(meta: dict[str, Any], cfg: DetectorConfig, detector: Any, out_di
     from medfound.train.detection import annotations_of, evaluate
 
     transform = eval_transforms({**cfg.to_dict(), **meta.get("preprocessing", {})})
-    torch_metrics, _ = evaluate(detector, items, transform, n_bootstraps=1)
+    torch_metrics, torch_rows = evaluate(detector, items, transform, n_bootstraps=1)
     rows = onnx_predictions(OnnxDetector(out_dir, providers="cpu"), items)
     onnx_metrics = evaluate_luna16(rows, annotations_of(items), [it["seriesuid"] for it in items],
                                    n_bootstraps=1000)
     diff = abs(float(onnx_metrics["cpm"]) - float(torch_metrics["cpm"]))
     deployed = {k: onnx_metrics[k] for k in ("cpm", "cpm_ci95", "froc", "n_scans", "n_nodules")
                 if k in onnx_metrics}
-    return {"passed": bool(diff <= CPM_TOL), "cpm_torch": float(torch_metrics["cpm"]),
-            "cpm_onnx": float(onnx_metrics["cpm"]), "cpm_abs_diff": diff, "tolerance": CPM_TOL,
-            "n_scans": len(items), "n_nodules": int(onnx_metrics["n_nodules"]),
-            "deployed_metrics": deployed, "studies": [it["seriesuid"] for it in items]}
+    return ({"passed": bool(diff <= CPM_TOL), "cpm_torch": float(torch_metrics["cpm"]),
+             "cpm_onnx": float(onnx_metrics["cpm"]), "cpm_abs_diff": diff, "tolerance": CPM_TOL,
+             "n_scans": len(items), "n_nodules": int(onnx_metrics["n_nodules"]),
+             "deployed_metrics": deployed, "studies": [it["seriesuid"] for it in items]},
+            torch_rows, rows)
 
 
 def _int8(network: nn.Module, cfg: DetectorConfig, out_dir: Path, card: dict[str, Any],
           items: list[dict[str, Any]], cal_items: list[dict[str, Any]], n_patches: int,
-          opset: int | None, seed: int, max_drop: float, cpm_fp32: float) -> dict[str, Any]:
-    """Quantize a fixed-shape export, measure its CPM through medfound.infer, keep or reject it."""
+          opset: int | None, seed: int, max_drop: float, cpm_fp32: float
+          ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Quantize a fixed-shape export, measure its CPM through medfound.infer, keep or reject it:
+    (the decision, the INT8 model's prediction rows)."""
     from medfound.export.quality import int8_decision, onnx_predictions
     from medfound.export.quantize import calibration_patches, quantize_int8
     from medfound.infer.engine import OnnxDetector
@@ -409,7 +418,8 @@ def _int8(network: nn.Module, cfg: DetectorConfig, out_dir: Path, card: dict[str
                     "input_shape": [d.dim_param or d.dim_value
                                     for d in graph.graph.input[0].type.tensor_type.shape.dim]}
     write_card(out_dir, card)
-    rows = onnx_predictions(OnnxDetector(out_dir, providers="cpu", precision="int8"), items)
+    rows = onnx_predictions(OnnxDetector(out_dir, providers="cpu", precision="int8",
+                                         check_gate=False), items)
     metrics = evaluate_luna16(rows, annotations_of(items), [it["seriesuid"] for it in items],
                               n_bootstraps=1)
     decision = {**card["int8"], **int8_decision(cpm_fp32, metrics["cpm"], max_drop),
@@ -418,7 +428,58 @@ def _int8(network: nn.Module, cfg: DetectorConfig, out_dir: Path, card: dict[str
                                 "format": "QDQ, per-channel int8 weights, uint8 activations"}}
     if not decision["accepted"]:
         int8_path.replace(out_dir / (INT8_FILE + ".rejected"))
-    return decision
+    return decision, rows
+
+
+def _variants(out_dir: Path, card: dict[str, Any], items: list[dict[str, Any]],
+              torch_rows: list[dict[str, Any]], cpm_torch: float,
+              measured: dict[tuple[str, str], list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Every engine × precision this machine can run, measured through the deployed path on the
+    validation `items` against torch fp32 (`torch_rows`, CPM `cpm_torch`): its CPM and ΔCPM
+    (passed: |ΔCPM| ≤ VARIANT_MAX_CPM_DIFF), finding-level agreement, seconds per window on
+    this machine and its CPU. `measured`: prediction rows already made (onnxruntime fp32 by the
+    CPM gate, INT8 by its gate). bf16 is measured only on a CPU with bf16 arithmetic; INT8
+    only when model.int8.onnx passed its own gate (a rejected one is recorded as failed)."""
+    import os
+
+    from medfound.export.quality import (
+        finding_agreement,
+        onnx_predictions,
+        seconds_per_window,
+        variant_decision,
+    )
+    from medfound.infer.engine import PRECISIONS, OnnxDetector, available_engines, cpu_capabilities
+    from medfound.metrics.froc import evaluate_luna16
+    from medfound.train.detection import annotations_of
+
+    caps = cpu_capabilities()
+    int8 = card.get("int8") or {}
+    records = []
+    for engine in available_engines():
+        for precision in PRECISIONS:
+            if precision == "bf16" and (engine != "openvino" or not caps["bf16"]):
+                continue
+            if precision == "int8" and not int8:
+                continue
+            file = int8.get("file") if precision == "int8" else card["onnx"]["file"]
+            record: dict[str, Any] = {"engine": engine, "precision": precision, "file": file}
+            if precision == "int8" and not int8.get("accepted"):
+                records.append({**record, "passed": False, "reason": f"{file} failed the INT8 "
+                                f"CPM gate (drop {int8.get('cpm_drop')} > {int8.get('max_cpm_drop')})"})
+                continue
+            detector = OnnxDetector(out_dir, providers="cpu" if engine == "onnxruntime" else None,
+                                    engine=engine, precision=precision, check_gate=False)
+            rows = measured.get((engine, precision))
+            if rows is None:
+                rows = onnx_predictions(detector, items)
+            cpm = evaluate_luna16(rows, annotations_of(items), [it["seriesuid"] for it in items],
+                                  n_bootstraps=1)["cpm"]
+            records.append({**record, **variant_decision(cpm_torch, cpm),
+                            "agreement": finding_agreement(torch_rows, rows, items),
+                            "seconds_per_window": round(seconds_per_window(detector), 5),
+                            "threads": os.cpu_count(), "device": detector.engine.device,
+                            "cpu": caps})
+    return records
 
 
 def check_parity(network: nn.Module, onnx_path: str | Path, shapes: Sequence[Sequence[int]],
@@ -656,6 +717,17 @@ def _quality_lines(card: dict[str, Any]) -> list[str]:
         lines.append(f"- Dice on {q['n_studies']} validation studies: torch {q['dice_torch']:.4f}, deployed "
                      f"path {q['dice_onnx']:.4f} (bound |diff| ≤ {q['tolerance']}); labels agree on "
                      f"{100 * q['label_agreement']:.4f}% of voxels")
+    for v in card.get("variants") or []:
+        if "cpm" not in v:
+            lines.append(f"- variant {v['engine']} {v['precision']}: FAILED — {v['reason']}")
+            continue
+        a = v["agreement"]
+        lines.append(f"- variant {v['engine']} {v['precision']} ({v['file']}): CPM {v['cpm']:.4f}, "
+                     f"ΔCPM {v['delta']:+.4f} vs torch fp32 (bound {v['max_cpm_diff']}): "
+                     f"{'passed' if v['passed'] else 'FAILED, never used'}; nodules hit "
+                     f"{a['n_hit']} vs {a['n_hit_torch']} (same: {a['same_nodules_hit']}), "
+                     f"probabilities within {a['max_probability_diff']:.3g}; "
+                     f"{v['seconds_per_window']:.3g} s per window on {v['cpu']['cpu']}")
     d = card.get("int8")
     if d and "accepted" in d:
         lines.append(f"- INT8 ({d['file']}): CPM {d['cpm_int8']:.4f}, drop {d['cpm_drop']:.4f} "

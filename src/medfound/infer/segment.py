@@ -1,4 +1,4 @@
-"""Segmentation with an exported segmenter: onnxruntime + numpy, no torch.
+"""Segmentation with an exported segmenter: onnxruntime or OpenVINO + numpy, no torch.
 
 `OnnxSegmenter(EXP)` loads model.onnx + model_card.json written by `medfound export` for a
 ``nodule_segmentation`` package. `logits(volume)` runs the network over the whole (preprocessed)
@@ -17,31 +17,35 @@ from pathlib import Path
 import numpy as np
 
 from medfound.errors import MedfoundError
-from medfound.infer.engine import load_model_card, open_session
+from medfound.infer.engine import choose_variant, load_model_card, open_engine
 from medfound.infer.sliding_window import sliding_window
 
 __all__ = ["OnnxSegmenter"]
 
 
 class OnnxSegmenter:
-    """An exported segmenter. `providers`/`threads` as for `OnnxDetector`."""
+    """An exported segmenter. `providers`/`threads`/`engine` as for `OnnxDetector` (fp32 only)."""
 
     def __init__(self, model: str | Path, providers: Sequence[str] | str | None = None,
-                 threads: int | None = None, verify_sha256: bool = True):
+                 threads: int | None = None, verify_sha256: bool = True,
+                 engine: str = "onnxruntime", precision: str = "fp32"):
         self.onnx_path, self.card = load_model_card(model)
         if "segmentation" not in self.card:
             raise MedfoundError(f"this export is a {self.card.get('task')!r} model, not a segmenter",
                                 path=self.onnx_path.parent,
                                 hint="load a detector export with medfound.infer.engine.OnnxDetector")
         self.seg = self.card["segmentation"]
-        self.session, self.providers = open_session(
-            self.onnx_path, self.card["onnx"]["sha256"] if verify_sha256 else None, providers, threads)
-        self.input_name = self.session.get_inputs()[0].name
+        self.choice = choose_variant(self.card, engine, precision, providers=providers)
+        self.precision = self.choice["precision"]
         self.output_name = self.card["onnx"]["output_names"][0]
+        self.engine = open_engine(self.onnx_path, [self.output_name], self.choice["engine"], "fp32",
+                                  sha256=self.card["onnx"]["sha256"] if verify_sha256 else None,
+                                  providers=providers, threads=threads)
+        self.providers = list(self.engine.providers)
 
     def network(self, batch: np.ndarray) -> list[np.ndarray]:
         """The exported network on a (n, C, i, j, k) float32 batch: [logits (n, classes, i, j, k)]."""
-        return self.session.run([self.output_name], {self.input_name: np.ascontiguousarray(batch, np.float32)})
+        return self.engine.network(batch)
 
     def logits(self, volume: np.ndarray) -> np.ndarray:
         """(num_classes, i, j, k) float32 logits of a preprocessed volume (i, j, k) or (C, i, j, k)."""

@@ -3,7 +3,8 @@
 For each study (a DICOM series folder, or a NIfTI/MetaImage file):
 
     read (medfound.io) → canonical axes, resample, HU window (preprocess) → sliding-window
-    network (onnxruntime) → anchors, decoding, NMS (postprocess) → findings
+    network (onnxruntime or OpenVINO: medfound.infer.engine) → anchors, decoding, NMS
+    (postprocess) → findings
 
 and, in ``OUT/<series_uid>/``: ``findings.json``, ``findings_sr.dcm`` (a TID 1500
 Comprehensive 3D SR a PACS can show; DICOM sources only) and ``overview.png``.
@@ -343,7 +344,8 @@ def run_studies(model: str | Path, studies: Sequence[str | Path], out: str | Pat
                 threshold: float = 0.5, max_findings: int = 20, sr: bool = True,
                 series_uid: str | None = None, progress: bool = True,
                 report: Callable[[dict[str, Any]], None] | None = None,
-                annotations: str | Path | None = None) -> dict[str, Any]:
+                annotations: str | Path | None = None, engine: str = "onnxruntime",
+                announce: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Run the exported detector or segmenter `model` on every study; write per-study outputs
     and ``OUT/summary.json`` (rewritten after each study, so an interrupted run keeps what it
     did; ``finished`` is true only once every study was tried). `sr`: also the DICOM SR
@@ -353,6 +355,10 @@ def run_studies(model: str | Path, studies: Sequence[str | Path], out: str | Pat
     (the CLI prints it; the progress bar stays below). `annotations`: a LUNA16 CSV of nodules
     (medfound.infer.reference) to score each detector study against; its rows of series no
     study had are listed in the summary's ``reference.unmatched`` ({seriesuid: [row, …]}).
+    `engine` and `precision` ("auto" or a name): what runs the network
+    (medfound.infer.engine.choose_variant); the choice and its reason are the model record's
+    ``engine``, ``precision`` and ``engine_reason`` in summary.json and every findings.json, and
+    `announce` is called with that record once the model is loaded (the CLI prints it).
 
     OUT may exist, but not overlap a study or the model, and not hold an earlier run's
     summary.json: nothing already there is removed or replaced.
@@ -378,21 +384,25 @@ def run_studies(model: str | Path, studies: Sequence[str | Path], out: str | Pat
         if nodules is not None:
             raise MedfoundError("--annotations scores a detector's findings; this export is a "
                                 "segmenter", path=model, hint="drop --annotations")
-        if precision != "fp32":
+        if precision not in ("fp32", "auto"):
             raise MedfoundError(f"a segmenter export runs in fp32 only, not {precision}",
-                                path=model, hint="drop --int8")
-        net = OnnxSegmenter(model, providers=providers, threads=threads)
+                                path=model, hint="drop --int8 / --precision")
+        net = OnnxSegmenter(model, providers=providers, threads=threads, engine=engine)
         sha256 = net.card["onnx"]["sha256"]
     else:
         net = OnnxDetector(model, providers=providers, threads=threads, precision=precision,
-                           trt_cache=trt_cache, fp16=fp16)
+                           trt_cache=trt_cache, fp16=fp16, engine=engine)
         sha256 = net.sha256
     writable_folder(out)
     card = net.card
     model_info = {"name": f"medfound-{card.get('task') or 'detector'}",
                   "version": str(card.get("versions", {}).get("medfound", "")),
-                  "sha256": sha256, "precision": precision, "export": str(Path(model)),
-                  "providers": net.providers, "validation": model_validation(card)}
+                  "sha256": sha256, "engine": net.choice["engine"],
+                  "precision": net.choice["precision"], "engine_reason": net.choice["reason"],
+                  "export": str(Path(model)), "providers": net.providers,
+                  "validation": model_validation(card)}
+    if announce is not None:
+        announce(model_info)
     summary: dict[str, Any] = {"model": model_info, "threshold": threshold, "studies": [],
                                "n_studies": len(studies), "n_ok": 0, "n_failed": 0,
                                "finished": False}
