@@ -66,7 +66,7 @@ def test_local_federation_over_tls_trains_a_round_and_stops_every_process(
     for center in CENTERS:
         lines = (out / "centers" / center / "audit" / f"{center}.jsonl").read_text().splitlines()
         records = [json.loads(line) for line in lines]
-        assert sorted(r["kind"] for r in records) == ["cross-site", "evaluate", "train"]
+        assert sorted(r["kind"] for r in records) == ["cross-site", "evaluate", "query", "train"]
         sent = sum(r["bytes"] for r in records)
         assert sent == (sum(r["bytes"][center]["sent"] for r in metrics["rounds"])
                         + metrics["cross_site"]["bytes"][center]["sent"])
@@ -100,7 +100,7 @@ def test_secure_aggregation_over_real_supernodes_and_their_workers(phantoms: Pat
         assert "worker is not running" not in (out / "logs" / f"{center}.log").read_text()
         lines = (out / "centers" / center / "audit" / f"{center}.jsonl").read_text().splitlines()
         assert [json.loads(line)["kind"] for line in lines] == [
-            "secagg-setup", "secagg-share_keys", "secagg-collect_masked_vectors",
+            "query", "secagg-setup", "secagg-share_keys", "secagg-collect_masked_vectors",
             "secagg-unmask", "evaluate"]
 
 

@@ -39,6 +39,8 @@ HONEST = ["center_0", "center_1"]
 def _lie(msg):
     from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
+    if msg.metadata.message_type == "query":
+        return Message(RecordDict({"center": ConfigRecord({"name": "center_2"})}), reply_to=msg)
     config = msg.content["config"]
     if msg.metadata.message_type == "evaluate":
         models = json.loads(config["cross-site-models"]) if "cross-site-models" in config else None

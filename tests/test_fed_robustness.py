@@ -125,6 +125,7 @@ def test_a_center_killed_mid_round_and_a_killed_coordinator_resuming(phantoms: P
     assert first["aggregated"] and first["train"]["accepted"] == ["center_0", "center_1"]
     assert len(first["train"]["failed"]) == 1
     assert "Node Unavailable" in first["train"]["failed"][0]["reason"]
+    assert first["train"]["failed"][0]["center"] == "center_2"  # named by its query reply
     # Round 2, run by the resumed coordinator: center_2 is back.
     assert second["aggregated"] and second["train"]["accepted"] == list(CENTERS)
     assert [g["round"] for g in metrics["global"]] == [1, 2]

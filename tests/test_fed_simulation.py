@@ -75,9 +75,10 @@ def test_simulation_leaves_a_model_package_metrics_audit_logs_and_an_mlflow_run(
     # Bytes each center sent = the sum of its audit log; an update is about one fp32 model.
     for center in CENTERS:
         audit = read_audit(federated / "audit" / f"{center}.jsonl")
-        assert [(a["round"], a["kind"]) for a in audit] == [(1, "train"), (2, "train"),
+        # Before round 1 the coordinator asked each node who it is (a query: its name only).
+        assert [(a["round"], a["kind"]) for a in audit] == [(1, "query"), (1, "train"), (2, "train"),
                                                             (2, "evaluate"), (2, "cross-site")]
-        assert "n_nodules" in audit[1]["metrics"]  # the scores rode in the train reply
+        assert "n_nodules" in audit[2]["metrics"]  # the scores rode in the train reply
         assert metrics["bytes_per_center"][center]["sent"] == sum(a["bytes"] for a in audit)
         for a in audit:
             if a["kind"] == "train":
@@ -164,7 +165,8 @@ def test_no_phi_and_no_image_data_in_any_outbound_payload(federated: Path,
             assert hashlib.sha256(data).hexdigest() == entry["sha256"]
             assert len(data) == entry["bytes"]
             payloads.append(data)
-    assert len(payloads) == 3 * (2 + 1 + 1)  # per center: 2 train, 1 evaluate, 1 cross-site
+    # per center: its name (the query), 2 train, 1 evaluate, 1 cross-site
+    assert len(payloads) == 3 * (1 + 2 + 1 + 1)
 
     def leaked(needle: bytes) -> bool:
         return any(needle in p for p in payloads)
@@ -221,8 +223,9 @@ def test_a_separate_evaluate_exchange_gives_the_same_scores_and_model(
     assert [r["evaluate"]["in_round"] for r in b["rounds"]] == [1, 2]
     for center in CENTERS:
         audit = read_audit(out / "audit" / f"{center}.jsonl")
-        assert [(x["round"], x["kind"]) for x in audit] == [(1, "train"), (1, "evaluate"),
-                                                            (2, "train"), (2, "evaluate")]
+        assert [(x["round"], x["kind"]) for x in audit] == [(1, "query"), (1, "train"),
+                                                            (1, "evaluate"), (2, "train"),
+                                                            (2, "evaluate")]
     straight = torch.load(federated / "model" / "weights.pt", weights_only=True)
     separate = torch.load(out / "model" / "weights.pt", weights_only=True)
     for key in straight:
@@ -416,8 +419,8 @@ def test_secure_aggregation_gives_the_fedavg_aggregate_and_no_update_leaves_in_c
                 for e in read_audit(run / "audit" / "center_0.jsonl") if e["kind"] == kind]
 
     kinds = [e["kind"] for e in read_audit(runs["secure"] / "audit" / "center_0.jsonl")]
-    assert kinds[:4] == ["secagg-setup", "secagg-share_keys", "secagg-collect_masked_vectors",
-                         "secagg-unmask"]
+    assert kinds[:5] == ["query", "secagg-setup", "secagg-share_keys",
+                         "secagg-collect_masked_vectors", "secagg-unmask"]
     # center_0's trained weights (what a plain reply carries), 64-byte runs of them.
     def trained_runs(run: Path) -> list[bytes]:
         ckpt = next((run / "centers" / "center_0" / "rounds").glob("*/0001/checkpoints/last.pt"))

@@ -233,6 +233,8 @@ def _check_layout(msg: Message, kind: str, arrays: Mapping[str, np.ndarray] | No
         wanted_metrics, wanted_arrays = {METRICS}, set()
     elif kind == "cross-site":
         wanted_metrics, wanted_arrays = {f"{METRICS}:{m}" for m in models}, set()
+    elif kind == "query":  # who the center is: its name, nothing else
+        wanted_metrics, wanted_arrays = set(), set()
     else:  # secagg: Flower's records; only the shared metrics are read
         wanted_metrics, wanted_arrays = metric_names, array_names
     extra = sorted(metric_names - wanted_metrics) + sorted(array_names - wanted_arrays)

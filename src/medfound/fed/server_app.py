@@ -64,7 +64,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ConfigRecord, Context, Message
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from medfound.errors import MedfoundError
@@ -201,6 +201,7 @@ def run_coordinator(grid: Grid, cfg: Mapping[str, Any], config_yaml: str = "") -
             sent = _exchanged(global_arrays, exchanged, whole=rnd == 1)
             scored = (history[-1] if history and history[-1]["evaluate"].get("pending")
                       and not settings.privacy["secagg"] else None)
+            _name_nodes(grid, settings, gate, traffic, rnd)
             train, new = _train_round(grid, strategy, rnd, sent, instruction, settings, gate,
                                       traffic, seed=int(cfg["seed"]), keep=keep,
                                       evaluate_received=scored is not None,
@@ -586,6 +587,45 @@ def _exchange(grid: Grid, messages: Iterable[Message], settings: FedSettings,
 
     return _send_and_receive(grid, messages, timeout=settings.round_timeout_s, on_reply=received,
                              one_at_a_time=spool is not None)
+
+
+# How long the coordinator waits for nodes to say who they are before a round.
+NAME_TIMEOUT_S = 30.0
+
+
+def _name_nodes(grid: Grid, settings: FedSettings, gate: ReplyGate, traffic: _Traffic,
+                rnd: int) -> None:
+    """Ask each connected node the gate cannot name yet who it is (a query: the center's name,
+    nothing else), so that a center that fails before its first reply is still recorded and
+    logged by name. The answer passes the gate like any reply: a name is bound by its rules.
+    A node that cannot answer (an error) is named by its first reply instead."""
+    unnamed = sorted(n for n in grid.get_node_ids() if n not in gate.known)
+    if not unnamed:
+        return
+    messages = [Message(RecordDict({}), dst_node_id=n, message_type=MessageType.QUERY,
+                        group_id=str(rnd)) for n in unnamed]
+    sent: dict[str, Message] = {}
+
+    def named(reply: Message) -> None:
+        if not sent:
+            sent.update({m.metadata.message_id: m for m in messages})
+        asked = sent.get(reply.metadata.reply_to_message_id)
+        node = int(reply.metadata.src_node_id)
+        if reply.has_error() or asked is None or asked.metadata.dst_node_id != node:
+            return None
+        if gate.admit(reply, sent=asked, kind="query", rnd=rnd) is None:
+            item = gate.refused[-1]
+            print(f"round {rnd}: refused a query reply from node {node}: {item['reason']}",
+                  flush=True)
+            return None
+        center = gate.known[node]
+        traffic.to_node[node] = traffic.to_node.get(node, 0) + len(payload_bytes(asked.content))
+        traffic.from_center[center] = (traffic.from_center.get(center, 0)
+                                       + len(payload_bytes(reply.content)))
+        return None
+
+    _send_and_receive(grid, messages, timeout=min(NAME_TIMEOUT_S, settings.round_timeout_s),
+                      on_reply=named)
 
 
 def _refusals(items: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
