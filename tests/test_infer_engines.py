@@ -1,4 +1,5 @@
-"""Engines behind medfound.infer: onnxruntime and OpenVINO, chosen by the export gate's record.
+"""Engines behind medfound.infer: onnxruntime and OpenVINO, chosen by the export gate's record;
+and the preprocessing's SimpleITK resampling held to the numpy reference.
 
 One tiny detector (random weights, zero prior bias: many detections near p = 0.5) is exported
 with `--data` on small phantoms and `--int8`, so its card records every engine × precision
@@ -26,7 +27,6 @@ from medfound.infer.study import run_studies
 from medfound.models.detection import DetectorConfig, build_network
 from medfound.train.package import save_model_package
 
-pytest.importorskip("openvino")
 torch.set_num_threads(1)
 
 CFG = DetectorConfig.preset("tiny", spacing_mm=[2.8125, 2.8125, 3.0], patch_size=[32, 32, 16],
@@ -38,6 +38,7 @@ THRESHOLD = 0.3
 def gated(tmp_path_factory) -> dict:
     from medfound.data.phantoms import make_phantoms
 
+    pytest.importorskip("openvino")
     root = tmp_path_factory.mktemp("infer_engines")
     data = make_phantoms(root / "phantoms", centers=2, cases=2, seed=4, size="small", progress=False)
     network = build_network(CFG, seed=0)
@@ -237,3 +238,39 @@ def test_finding_agreement_compares_the_nodules_hit_and_their_probabilities():
     assert drift["max_probability_diff"] == pytest.approx(0.05)
     missed = finding_agreement(torch_rows, rows(("s1", 1.5, 0.60), ("s2", 0.5, 0.3)), items)
     assert not missed["same_nodules_hit"] and not missed["agrees"] and missed["n_hit"] == 2
+
+
+@pytest.mark.parametrize("old, new, shape", [
+    ([0.7, 0.7, 1.25], [1.4, 1.4, 2.5], (40, 33, 20)),      # downsampling by 2
+    ([0.6836, 0.6836, 1.0], [1.40625, 1.40625, 2.5], (57, 50, 31)),  # a CT to the tiny grid
+    ([2.5, 2.0, 3.0], [1.0, 0.7, 0.9], (9, 12, 7)),          # upsampling: samples past the last centre
+    ([1.0, 1.0, 1.0], [1.0, 1.0, 1.0], (5, 6, 7)),           # the identity
+    ([0.9, 1.3, 0.5], [2.7, 0.65, 0.55], (1, 4, 3)),         # a one-voxel axis
+])
+def test_simpleitk_resampling_equals_the_numpy_passes(old, new, shape):
+    from medfound.infer.preprocess import resample_to_spacing
+
+    rng = np.random.default_rng(sum(shape))
+    hu = (rng.random(shape) * 2400 - 1200).astype(np.float32)
+    affine = np.diag([*old, 1.0])
+    affine[:3, 3] = [-120.0, 30.5, 7.25]
+    # memory orders the reader and canonical_axes give: C, i-fastest (Fortran) and flipped views
+    for volume in (hu, np.asfortranarray(hu), np.asfortranarray(hu)[::-1, :, ::-1],
+                   hu.astype(np.float64), hu.astype(np.int16)):
+        a, a_aff = resample_to_spacing(volume, affine, new)
+        b, b_aff = resample_to_spacing(volume, affine, new, backend="numpy")
+        assert a.shape == b.shape and a.dtype == b.dtype == np.float32
+        np.testing.assert_array_equal(a_aff, b_aff)
+        np.testing.assert_allclose(a, b, rtol=0, atol=2e-3)  # HU; float32 rounding only
+
+
+def test_simpleitk_resampling_keeps_a_linear_ramp_and_the_edge_values():
+    from medfound.infer.preprocess import resample_to_spacing
+
+    affine = np.diag([0.7, 0.7, 1.25, 1.0])
+    ramp = np.broadcast_to(np.arange(40, dtype=np.float32)[:, None, None] * 0.7, (40, 8, 16))
+    out, _ = resample_to_spacing(ramp, affine, [0.3, 1.4, 2.5])
+    positions = np.arange(out.shape[0]) * 0.3  # mm from the first centre
+    np.testing.assert_allclose(out[:, 0, 0], np.minimum(positions, 39 * 0.7), atol=1e-4)
+    with pytest.raises(MedfoundError, match="backend"):
+        resample_to_spacing(ramp, affine, [1.4, 1.4, 2.5], backend="scipy")

@@ -1,4 +1,4 @@
-"""Numpy preprocessing for the inference core: resample to the model's spacing, window HU.
+"""Preprocessing for the inference core: resample to the model's spacing, window HU.
 
 The model card says what the network was trained on (`input.spacing_mm`, `input.hu_window`);
 these helpers bring a volume there without torch: canonical axes (the card's `orientation`,
@@ -6,6 +6,10 @@ these helpers bring a volume there without torch: canonical axes (the card's `or
 that keeps the first voxel centre and the axis directions and changes only the step, with
 linear interpolation and edge values beyond the border (MONAI Spacingd with bilinear /
 "border" in training), then the HU window.
+
+Resampling runs in SimpleITK (multithreaded C++, `backend="simpleitk"`, the default); the
+numpy implementation (`backend="numpy"`, three 1-D linear passes) computes the same grid and
+is the reference the tests hold SimpleITK to.
 """
 
 from __future__ import annotations
@@ -18,11 +22,12 @@ import numpy as np
 from medfound.errors import MedfoundError
 from medfound.io.volume import CANONICAL, canonical_axes, over_budget, voxel_budget
 
-__all__ = ["MIN_SLICES", "normalize_hu", "preprocess", "resample_to_spacing"]
+__all__ = ["MIN_SLICES", "RESAMPLE_BACKENDS", "normalize_hu", "preprocess", "resample_to_spacing"]
 
 # The fewest voxels a study may have along any axis, as read and on the model's grid: fewer is
 # a single image or a slab too thin for a 3D model to see anything in.
 MIN_SLICES = 3
+RESAMPLE_BACKENDS = ("simpleitk", "numpy")
 
 
 def normalize_hu(volume: np.ndarray, hu_window: Sequence[float]) -> np.ndarray:
@@ -49,6 +54,47 @@ def _linear_along(volume: np.ndarray, axis: int, positions: np.ndarray) -> np.nd
     upper *= frac
     out += upper
     return out
+
+
+def _resample_sitk(volume: np.ndarray, old: np.ndarray, new: np.ndarray,
+                   target: Sequence[int]) -> np.ndarray:
+    """`volume` (i, j, k) float32 at voxel sizes `old` → the `target` grid at `new`, by
+    SimpleITK's linear interpolator.
+
+    The volume goes to SimpleITK in its memory order (a reader's array is often i-fastest), so
+    its copies are straight ones, never a transposing one: its axes, slowest first, are
+    SimpleITK's z, y, x, with the spacing and size given in that order, origin 0 and identity
+    directions (only the voxel steps matter on the grid itself). One edge voxel is appended
+    along each axis, so samples past the last voxel centre take the edge value as the numpy
+    passes do (SimpleITK's linear interpolator differs between the last centre and the border);
+    beyond it, nearest-neighbour extrapolation does the same. Peak memory: the input, the
+    padded copy and SimpleITK's image of it, then the output twice (image and array).
+    """
+    import SimpleITK as sitk
+
+    order = [int(a) for a in np.argsort([-abs(st) for st in volume.strides], kind="stable")]
+    ordered = volume.transpose(order)
+    n0, n1, n2 = ordered.shape
+    padded = np.empty((n0 + 1, n1 + 1, n2 + 1), dtype=np.float32)  # np.pad is several times slower
+    padded[:n0, :n1, :n2] = ordered
+    padded[n0, :n1, :n2] = ordered[n0 - 1]
+    padded[:, n1, :n2] = padded[:, n1 - 1, :n2]
+    padded[:, :, n2] = padded[:, :, n2 - 1]
+    image = sitk.GetImageFromArray(padded)
+    del padded
+    xyz = order[::-1]  # SimpleITK's x, y, z: the volume's fastest axis first
+    image.SetSpacing([float(old[a]) for a in xyz])
+    resampler = sitk.ResampleImageFilter()
+    resampler.SetOutputSpacing([float(new[a]) for a in xyz])
+    resampler.SetSize([int(target[a]) for a in xyz])
+    resampler.SetOutputOrigin(image.GetOrigin())
+    resampler.SetOutputDirection(image.GetDirection())
+    resampler.SetInterpolator(sitk.sitkLinear)
+    resampler.SetUseNearestNeighborExtrapolator(True)
+    resampler.SetOutputPixelType(sitk.sitkFloat32)
+    resampled = resampler.Execute(image)
+    del image
+    return sitk.GetArrayFromImage(resampled).transpose(np.argsort(order))
 
 
 def _check_geometry(affine: np.ndarray, spacing: np.ndarray) -> np.ndarray:
@@ -80,14 +126,20 @@ def resampled_shape(shape: Sequence[int], affine: np.ndarray,
 
 
 def resample_to_spacing(volume: np.ndarray, affine: np.ndarray, spacing_mm: Sequence[float],
-                        *, max_voxels: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+                        *, max_voxels: int | None = None, backend: str = "simpleitk"
+                        ) -> tuple[np.ndarray, np.ndarray]:
     """Resample an (i, j, k) volume with 4×4 `affine` (voxel → mm) to `spacing_mm` per axis.
 
-    Returns (float32 volume, its affine). Trilinear interpolation done as three 1-D passes,
-    which is the same result with a fraction of the memory of a 3-D gather. Every grid the
-    passes make is checked against `max_voxels` (see `medfound.io.volume.voxel_budget`)
-    before it is allocated: a MedfoundError names the limit.
+    Returns (float32 volume, its affine). Output voxel m along an axis samples the input at
+    m × new / old voxels (the first voxel centre stays), trilinear, edge values beyond the
+    border. `backend`: "simpleitk" (default, multithreaded) or "numpy" (three 1-D passes, the
+    same result with a fraction of the memory of a 3-D gather). Every grid the numpy passes
+    would make is checked against `max_voxels` (see `medfound.io.volume.voxel_budget`) before
+    anything is allocated, whichever backend runs: a MedfoundError names the limit.
     """
+    if backend not in RESAMPLE_BACKENDS:
+        raise MedfoundError(f"unknown resampling backend {backend!r}",
+                            hint=f"use one of {', '.join(RESAMPLE_BACKENDS)}")
     affine = np.asarray(affine, dtype=np.float64)
     new = np.asarray(spacing_mm, dtype=np.float64)
     old = _check_geometry(affine, new)
@@ -102,9 +154,12 @@ def resample_to_spacing(volume: np.ndarray, affine: np.ndarray, spacing_mm: Sequ
             raise over_budget(voxels, budget, f"resampling the {tuple(out.shape)} study at "
                               f"{np.round(old, 4).tolist()} mm to {new.tolist()} mm: the grid "
                               f"{tuple(grid)}")
-    for axis in range(3):
-        positions = np.arange(target[axis], dtype=np.float64) * (new[axis] / old[axis])
-        out = _linear_along(out, axis, positions)
+    if backend == "simpleitk":
+        out = _resample_sitk(out, old, new, target)
+    else:
+        for axis in range(3):
+            positions = np.arange(target[axis], dtype=np.float64) * (new[axis] / old[axis])
+            out = _linear_along(out, axis, positions)
     new_affine = affine.copy()
     new_affine[:3, :3] = affine[:3, :3] * (new / old)
     return out.astype(np.float32, copy=False), new_affine
