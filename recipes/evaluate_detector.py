@@ -4,7 +4,10 @@
 
 Writes EVAL/predictions.csv (seriesuid,coordX,coordY,coordZ,probability; LPS mm),
 EVAL/metrics.json (cpm, froc at 1/8..8 FPs per scan, cpm_ci95, n_scans, n_nodules, and
-COCO-style mAP at IoU 0.1) and EVAL/froc.png, and logs them to MLflow.
+COCO-style mAP at IoU 0.1) and EVAL/froc.png, and logs them to MLflow (a run named "evaluation
+of ROLE CENTERS on CENTERS", role evaluation, tagged with the model's training run). The
+scores are a function of the model, the data, `seed` (the bootstrap CI) and the torch thread
+count (`threads`, logged as the run's ``torch_threads`` param).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from pathlib import Path
 
 import hydra
 import numpy as np
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from medfound.data.detection import eval_transforms
@@ -22,6 +26,7 @@ from medfound.errors import exit_on_user_error
 from medfound.metrics.froc import coco_map, diameter_agreement, froc, plot_froc
 from medfound.models.detection import DetectorConfig, build_detector, build_network
 from medfound.train import detection as task
+from medfound.train.loop import set_threads
 from medfound.train.package import load_weights, read_model_json
 from medfound.train.tracking import Tracker
 
@@ -31,6 +36,7 @@ from medfound.train.tracking import Tracker
 def main(cfg: DictConfig) -> None:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    set_threads(cfg.get("threads"))
 
     # The package says how it was built and how studies must be prepared.
     meta = read_model_json(cfg.model)
@@ -69,8 +75,17 @@ def main(cfg: DictConfig) -> None:
     plot_froc(curve, out / "froc.png", title=f"{Path(cfg.model).parent.name} on "
               + ", ".join(cfg.data.centers))
 
-    with Tracker(cfg.tracking, out_dir=out, config=OmegaConf.to_container(cfg, resolve=True)
-                 ) as tracker:
+    provenance = meta.get("provenance", {})
+    trained = ("federated" if provenance.get("federated")
+               else provenance.get("role") or ("pooled" if len(trained_on) > 1 else "local"))
+    split = "" if cfg.data.split == "auto" else f" ({cfg.data.split})"
+    settings = {**OmegaConf.to_container(cfg.tracking, resolve=True)}
+    settings["run_name"] = settings.get("run_name") or (
+        f"evaluation of {trained} {'+'.join(trained_on)} on {'+'.join(cfg.data.centers)}{split}")
+    with Tracker(settings, out_dir=out, config=OmegaConf.to_container(cfg, resolve=True),
+                 tags={"task": meta.get("task"), "role": "evaluation", "model": str(Path(cfg.model).resolve()),
+                       "model_role": trained, "model_run_id": provenance.get("mlflow_run_id")}) as tracker:
+        tracker.log_params({"torch_threads": torch.get_num_threads()})
         tracker.log_metrics({"cpm": metrics["cpm"], "map_iou0.1": metrics["coco"]["ap"]})
         for name in ("predictions.csv", "metrics.json", "froc.png"):
             tracker.log_artifact(out / name)

@@ -4,7 +4,10 @@
         data.val_centers=[center_2] experiment=phantoms_smoke out_dir=RUN
 
 Set-up, loop, package, in the order they happen. Leaves RUN/model/ (weights, resolved config,
-preprocessing, metrics), RUN/checkpoints/ and an MLflow run (id in RUN/mlflow_run.json).
+preprocessing, metrics), RUN/checkpoints/ and an MLflow run (id in RUN/mlflow_run.json; named
+"pooled CENTERS" or "local CENTER" and tagged, see medfound.train.tracking). On CPU a rerun with
+the same seed, data, torch threads and data.num_workers writes the same metrics.json and
+weights; the package's provenance and the run's params ("reproducibility.*") record them.
 """
 
 from __future__ import annotations
@@ -22,9 +25,16 @@ from medfound.data.detection import (
 )
 from medfound.errors import exit_on_user_error
 from medfound.train import detection as task
-from medfound.train.loop import TrainerConfig, distributed_loader, fit, is_main_process
+from medfound.train.loop import (
+    TrainerConfig,
+    distributed_loader,
+    fit,
+    is_main_process,
+    reproducibility,
+    set_threads,
+)
 from medfound.train.package import save_model_package
-from medfound.train.tracking import Tracker
+from medfound.train.tracking import Tracker, git_commit
 
 
 @hydra.main(version_base=None, config_path="../configs", config_name="train_detector")
@@ -32,6 +42,8 @@ from medfound.train.tracking import Tracker
 def main(cfg: DictConfig) -> None:
     out = Path(cfg.out_dir)
     data, model_cfg = cfg.data, cfg.network
+    trainer = TrainerConfig.from_dict({**OmegaConf.to_container(cfg.trainer), "seed": cfg.seed})
+    set_threads(trainer.threads)  # before anything computes: results depend on the count
 
     # Data: each center's datalist; preprocessing cached after the first epoch.
     train_items = task.training_items(data, seed=cfg.seed)
@@ -57,9 +69,12 @@ def main(cfg: DictConfig) -> None:
                                    seed=cfg.seed)
         return {"cpm": metrics["cpm"], **{f"froc_{k}fp": v for k, v in metrics["froc"].items()}}
 
-    trainer = TrainerConfig.from_dict({**OmegaConf.to_container(cfg.trainer), "seed": cfg.seed})
+    repro = reproducibility(trainer, num_workers=data.num_workers)
+    role = "pooled" if len(data.train_centers) > 1 else "local"
     with Tracker(cfg.tracking, out_dir=out, config=OmegaConf.to_container(cfg, resolve=True),
-                 resume=cfg.resume) as tracker:
+                 resume=cfg.resume, tags={"task": "lung_nodule_detection", "role": role,
+                                          "deterministic": repro["deterministic"]}) as tracker:
+        tracker.log_params({"reproducibility": repro})
         result = fit(detector, loader, task.train_step, trainer, out, validate=validate,
                      tracker=tracker, resume=cfg.resume)
         if not is_main_process():
@@ -74,7 +89,7 @@ def main(cfg: DictConfig) -> None:
                            "hu_window": list(model_cfg.hu_window), "orientation": "LPS",
                            "intensity": "clip to hu_window, scale to [0, 1]"},
             metrics=metrics, config_yaml=OmegaConf.to_yaml(cfg, resolve=True),
-            provenance={"train_centers": list(data.train_centers),
+            provenance={"role": role, "train_centers": list(data.train_centers),
                         "val_centers": list(data.val_centers), "val_split": data.val_split,
                         "train_split": task.training_split(data),
                         "train_cases": len(train_items),
@@ -83,6 +98,7 @@ def main(cfg: DictConfig) -> None:
                         "init_model": finetune.get("init_model"),
                         "freeze_encoder": bool(finetune.get("freeze_encoder", False)),
                         "train_only": finetune.get("train_only"),
+                        "reproducibility": repro, "git_commit": git_commit(),
                         "mlflow_run_id": tracker.run_id})
         tracker.log_metrics({"final_cpm": metrics["cpm"]})
         tracker.log_artifacts(package, "model")

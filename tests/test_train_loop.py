@@ -267,3 +267,41 @@ def test_distributed_loader_in_one_process_covers_the_dataset_once_per_epoch():
     second = torch.cat([b["target"] for b in loader])
     assert len(first) == 10 and sorted(first.tolist()) == sorted(Cubes(n=10).targets.tolist())
     assert not torch.equal(first, second)
+
+
+def _noisy_batches(workers: int) -> list[torch.Tensor]:
+    from monai.data import Dataset as MonaiDataset
+    from monai.transforms import Compose, RandGaussianNoised
+
+    items = [{"image": torch.zeros(1, 2, 2, 2)} for _ in range(4)]
+    dataset = MonaiDataset(items, Compose([RandGaussianNoised("image", prob=1.0, std=1.0)]))
+    dataset.transform.set_random_state(seed=7)  # as fit seeds it for an epoch
+    loader = distributed_loader(dataset, batch_size=1, shuffle=False, num_workers=workers)
+    return [torch.as_tensor(batch["image"]) for batch in loader]
+
+
+def test_loader_workers_draw_their_own_augmentations_reproducibly():
+    none, one, two = _noisy_batches(0), _noisy_batches(1), _noisy_batches(2)
+    # One worker continues the stream the main process would have used: the same batches.
+    assert all(torch.equal(a, b) for a, b in zip(none, one, strict=True))
+    # Two workers: each its own stream (a copy of the same one would noise items 0 and 1 alike),
+    # and the same again on a rerun.
+    assert not torch.equal(two[0], two[1])
+    assert all(torch.equal(a, b) for a, b in zip(two, _noisy_batches(2), strict=True))
+
+
+def test_trainer_threads_sets_torch_threads_and_is_recorded(tmp_path):
+    from medfound.train.loop import reproducibility
+
+    before = torch.get_num_threads()
+    try:
+        model = tiny_net()
+        fit(model, shuffling_loader(), train_step, config(epochs=1, threads=1), tmp_path)
+        assert torch.get_num_threads() == 1
+        record = reproducibility(config(threads=1), num_workers=0)
+        assert record["torch_threads"] == 1 and record["threads_setting"] == 1
+        assert record["deterministic"] is True and record["device"] == "cpu"
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(MedfoundError, match="threads"):
+        config(threads=0)

@@ -17,6 +17,14 @@ A checkpoint holds everything a resumed run needs to continue bit for bit on CPU
 optimizer, scheduler, scaler, counters, history and every RNG stream (python, numpy, torch CPU and
 CUDA, and the data loader's generators). Launched by ``torchrun`` (``WORLD_SIZE`` > 1), `fit`
 trains with DistributedDataParallel and only rank 0 validates, writes and logs.
+
+Reproducibility: the same seed, data, torch CPU thread count (``threads``), data-loader worker
+count, world size, device and library versions give bit-identical weights and metrics on CPU.
+The thread count changes the order of floating-point sums in convolutions, so 1 and 2 threads
+differ in the last bits after one step and visibly after hundreds of epochs; pin it with
+``trainer.threads``. Workers are seeded from the loader's generator (`distributed_loader`), so
+``num_workers`` 0 and 1 give the same batches and more workers other, equally reproducible
+ones. `reproducibility` is the record a run keeps of these settings.
 """
 
 from __future__ import annotations
@@ -56,7 +64,10 @@ __all__ = [
     "fit",
     "is_main_process",
     "move_to",
+    "reproducibility",
     "seed_everything",
+    "seed_worker",
+    "set_threads",
 ]
 
 TrainStep = Callable[[nn.Module, Any], Mapping[str, Tensor]]
@@ -85,6 +96,7 @@ class TrainerConfig:
     mode: str = "max"  # "max" | "min": which direction of `monitor` is better
     seed: int = 0
     deterministic: bool = True  # deterministic kernels (warn where none exists)
+    threads: int | None = None  # torch CPU threads; null: torch's default (the machine's cores)
     num_workers: int = 0  # data-loader worker processes (used by the recipe's loaders)
     log_every: int = 10  # steps between progress-bar updates
     progress: bool = True  # tqdm bars (also off when stderr is not a terminal and off rank 0)
@@ -123,6 +135,8 @@ class TrainerConfig:
               "early_stopping_patience", "must be an integer >= 0 (0 = off)")
         check(self.mode in ("max", "min"), "mode", "must be 'max' or 'min'")
         check(isinstance(self.num_workers, int) and self.num_workers >= 0, "num_workers", "must be an integer >= 0")
+        check(self.threads is None or (isinstance(self.threads, int) and not isinstance(self.threads, bool)
+                                       and self.threads >= 1), "threads", "must be an integer >= 1, or null")
         check(isinstance(self.log_every, int) and self.log_every >= 1, "log_every", "must be an integer >= 1")
 
 
@@ -166,6 +180,40 @@ def _deterministic_kernels(on: bool) -> None:
         torch.backends.cudnn.deterministic = True
 
 
+def reproducibility(cfg: TrainerConfig | Mapping[str, Any], num_workers: int = 0) -> dict[str, Any]:
+    """The settings a rerun must match to reproduce a run bit for bit, and ``deterministic``:
+    False, with ``why_not``, when a setting of this run is known to break run-to-run equality.
+    `num_workers`: the training loader's worker processes."""
+    cfg = cfg if isinstance(cfg, TrainerConfig) else TrainerConfig.from_dict(cfg)
+    _, world, local_rank = dist_info()
+    if cfg.device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    else:
+        device = torch.device(cfg.device).type
+    why_not = []
+    if not cfg.deterministic:
+        why_not.append("trainer.deterministic=false: torch may choose nondeterministic kernels")
+    if device == "cuda":
+        why_not.append("CUDA: some operations have no deterministic kernel; torch only warns "
+                       "about them (use_deterministic_algorithms warn_only)")
+    return {
+        "deterministic": not why_not, "why_not": "; ".join(why_not) or None,
+        "seed": cfg.seed, "torch_threads": torch.get_num_threads(),
+        "threads_setting": cfg.threads, "num_workers": int(num_workers),
+        "deterministic_algorithms": cfg.deterministic, "device": device, "world_size": world,
+        "torch": torch.__version__,
+        "same_result_needs": "the same seed, data, torch_threads, num_workers, world_size, device "
+                             "and library versions",
+    }
+
+
+def set_threads(threads: int | None) -> int:
+    """Use `threads` torch CPU threads (None: leave torch's choice); returns the count in use."""
+    if threads is not None and torch.get_num_threads() != threads:
+        torch.set_num_threads(int(threads))
+    return torch.get_num_threads()
+
+
 def is_main_process() -> bool:
     """True in a plain process and on torchrun's rank 0: the one that writes, logs and prints."""
     return dist_info()[0] == 0
@@ -183,7 +231,10 @@ def distributed_loader(dataset: Dataset, batch_size: int, shuffle: bool = True, 
 
     `batch_size` is per process. The order is a function of (seed, epoch) only — `fit` calls
     ``sampler.set_epoch`` — so N processes with batch b see, step by step, exactly the samples one
-    process with batch N*b sees. Worker processes are seeded from the loader's own generator.
+    process with batch N*b sees. Worker processes are seeded from the loader's own generator:
+    worker 0 continues the dataset's random transforms as `fit` seeded them for the epoch (so
+    ``num_workers`` 1 gives exactly the batches of 0), worker k > 0 reseeds them from its own
+    worker seed (else every worker would repeat worker 0's crops and flips).
     """
     rank, world, _ = dist_info()
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed,
@@ -191,7 +242,19 @@ def distributed_loader(dataset: Dataset, batch_size: int, shuffle: bool = True, 
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate_fn,
                       num_workers=num_workers, drop_last=drop_last,
                       generator=torch.Generator().manual_seed(seed),
+                      worker_init_fn=seed_worker if num_workers > 0 else None,
                       persistent_workers=False, pin_memory=torch.cuda.is_available())
+
+
+def seed_worker(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: numpy's global stream from the worker's seed (torch seeds
+    python's and its own; numpy's would be a copy of the parent's, or fresh entropy under
+    spawn / forkserver), and the dataset's random transforms of worker k > 0 from it too."""
+    info = torch.utils.data.get_worker_info()
+    np.random.seed(info.seed % 2**32)  # noqa: NPY002 (libraries draw from the global stream)
+    transform = getattr(info.dataset, "transform", None)
+    if worker_id > 0 and hasattr(transform, "set_random_state"):
+        transform.set_random_state(seed=info.seed % 2**31)
 
 
 def move_to(batch: Any, device: torch.device) -> Any:
@@ -234,6 +297,7 @@ def fit(model: nn.Module, train_loader: DataLoader, train_step: TrainStep, cfg: 
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     is_main = rank == 0
     tracker = tracker if is_main else None
+    set_threads(cfg.threads)
 
     try:
         steps_per_epoch = len(train_loader)
