@@ -6,6 +6,7 @@ PYTHON      ?= python3
 VENV        ?= .venv
 TORCH_SPEC  ?= torch==2.13.0
 DEMO_OUT    ?= demo_out
+DEMO_MLRUNS  = $(abspath $(DEMO_OUT))/mlruns# one MLflow store for every step of the demo
 BIN         := $(VENV)/bin
 STAMP       := $(VENV)/.medfound-installed
 
@@ -36,24 +37,25 @@ venv: $(STAMP)
 # model is exported to ONNX (parity-checked) and run on a study from a site none of them saw.
 demo: $(STAMP)
 	rm -rf $(DEMO_OUT)/phantoms $(DEMO_OUT)/run $(DEMO_OUT)/eval $(DEMO_OUT)/fed \
-	    $(DEMO_OUT)/local $(DEMO_OUT)/compare $(DEMO_OUT)/exp $(DEMO_OUT)/new_site $(DEMO_OUT)/findings
+	    $(DEMO_OUT)/local $(DEMO_OUT)/compare $(DEMO_OUT)/exp $(DEMO_OUT)/new_site $(DEMO_OUT)/findings \
+	    $(DEMO_OUT)/mlruns
 	$(BIN)/medfound phantoms --out $(DEMO_OUT)/phantoms --centers 3 --cases 6 --seed 0 --size small
 	for c in $(DEMO_OUT)/phantoms/center_*; do $(BIN)/medfound center card $$c --quiet; echo; done
 	$(BIN)/medfound run train_detector data.root=$(DEMO_OUT)/phantoms \
 	    'data.train_centers=[center_0,center_1]' 'data.val_centers=[center_2]' \
-	    experiment=phantoms_smoke out_dir=$(DEMO_OUT)/run
+	    experiment=phantoms_smoke out_dir=$(DEMO_OUT)/run tracking.uri=$(DEMO_MLRUNS)
 	$(BIN)/medfound run evaluate_detector model=$(DEMO_OUT)/run/model \
-	    data.root=$(DEMO_OUT)/phantoms 'data.centers=[center_2]' out_dir=$(DEMO_OUT)/eval
+	    data.root=$(DEMO_OUT)/phantoms 'data.centers=[center_2]' out_dir=$(DEMO_OUT)/eval tracking.uri=$(DEMO_MLRUNS)
 	$(BIN)/medfound run federate fed.mode=simulation data.root=$(DEMO_OUT)/phantoms \
 	    'fed.centers=[center_0,center_1,center_2]' experiment=phantoms_smoke fed.rounds=2 \
-	    out_dir=$(DEMO_OUT)/fed
+	    out_dir=$(DEMO_OUT)/fed tracking.uri=$(DEMO_MLRUNS)
 	$(BIN)/medfound run train_detector data.root=$(DEMO_OUT)/phantoms \
 	    'data.train_centers=[center_2]' 'data.val_centers=[center_2]' \
-	    experiment=phantoms_smoke out_dir=$(DEMO_OUT)/local
+	    experiment=phantoms_smoke out_dir=$(DEMO_OUT)/local tracking.uri=$(DEMO_MLRUNS)
 	for m in run:pooled local:local fed:federated; do \
 	    $(BIN)/medfound run evaluate_detector model=$(DEMO_OUT)/$${m%%:*}/model \
 	        data.root=$(DEMO_OUT)/phantoms 'data.centers=[center_2]' data.split=validation \
-	        out_dir=$(DEMO_OUT)/compare/$${m##*:} || exit 1; done
+	        out_dir=$(DEMO_OUT)/compare/$${m##*:} tracking.uri=$(DEMO_MLRUNS) || exit 1; done
 	@echo "On center_2's validation studies:"
 	$(BIN)/python scripts/compare_cpm.py "federated (3 centers)=$(DEMO_OUT)/compare/federated" \
 	    "pooled (center_0 + center_1)=$(DEMO_OUT)/compare/pooled" \
@@ -71,8 +73,7 @@ demo: $(STAMP)
 	@echo "federated model  $(DEMO_OUT)/fed/model/  (per-round metrics $(DEMO_OUT)/fed/metrics.json, cross-site matrix $(DEMO_OUT)/fed/cross_site.png, audit logs $(DEMO_OUT)/fed/audit/)"
 	@echo "ONNX export      $(DEMO_OUT)/exp/  (model.onnx, MODEL_CARD.md, parity.json)"
 	@echo "findings         $(DEMO_OUT)/findings/  (per study: findings.json, findings_sr.dcm, overview.png; summary.json)"
-	@echo "MLflow (train)   $(BIN)/mlflow ui --backend-store-uri sqlite:///$(abspath $(DEMO_OUT))/run/mlruns/mlflow.db"
-	@echo "MLflow (eval)    $(BIN)/mlflow ui --backend-store-uri sqlite:///$(abspath $(DEMO_OUT))/eval/mlruns/mlflow.db"
+	@echo "MLflow (every run: pooled, local, federated, evaluations)  $(BIN)/mlflow ui --backend-store-uri sqlite:///$(DEMO_MLRUNS)/mlflow.db"
 	@echo "The smoke model only checks the pipeline (CPM about 0); experiment=phantoms_small trains longer (CPM 0.829 on the held-out center of 3 x 10 small phantoms, last epoch 0.771)."
 
 # Deployment mode on this machine: one SuperLink and three SuperNodes as separate processes

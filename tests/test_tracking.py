@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
 import socket
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -144,3 +146,83 @@ def test_a_file_uri_is_that_folder_not_a_folder_named_file(tmp_path):
         resolved, artifacts = _resolve_store(uri, tmp_path / "run")
         assert resolved == f"sqlite:///{folder.resolve() / 'mlflow.db'}"
         assert artifacts == folder.resolve() / "artifacts"
+
+
+def test_recipes_given_one_store_land_in_one_database_named_and_tagged(tmp_path):
+    import subprocess
+    import sys
+
+    from medfound.data.phantoms import make_phantoms
+    from medfound.train.tracking import git_commit
+
+    data = tmp_path / "phantoms"
+    make_phantoms(data, centers=2, cases=2, seed=4, size="small", progress=False)
+    shared = tmp_path / "demo" / "mlruns"
+
+    def medfound(*args: str) -> None:
+        res = subprocess.run([sys.executable, "-m", "medfound", "run", *args, f"tracking.uri={shared}"],
+                             capture_output=True, text=True, check=False)
+        assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+
+    medfound("train_detector", f"data.root={data}", "data.train_centers=[center_0]",
+             "data.val_centers=[center_1]", "experiment=phantoms_smoke", "trainer.epochs=1",
+             "data.num_patches_per_image=1", "data.batch_size=1", "trainer.progress=false",
+             f"out_dir={tmp_path / 'local'}")
+    medfound("evaluate_detector", f"model={tmp_path / 'local' / 'model'}", f"data.root={data}",
+             "data.centers=[center_1]", "eval.n_bootstraps=10", f"out_dir={tmp_path / 'eval'}")
+
+    # One database holds both; each recipe's own out_dir/mlruns was not made.
+    assert sorted(p.name for p in shared.iterdir()) == ["artifacts", "mlflow.db"]
+    assert not (tmp_path / "local" / "mlruns").exists() and not (tmp_path / "eval" / "mlruns").exists()
+    client = MlflowClient(f"sqlite:///{shared / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("medfound-detection")
+    runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
+    assert sorted(runs) == ["evaluation of local center_0 on center_1", "local center_0"]
+    train, evaluation = runs["local center_0"], runs["evaluation of local center_0 on center_1"]
+    assert train.info.status == evaluation.info.status == "FINISHED"
+    commit = train.data.tags["git_commit"]  # the checkout's HEAD (it may move on while this runs)
+    assert re.fullmatch(r"[0-9a-f]{40}(\+dirty)?", commit) or (commit == "unknown" == git_commit())
+    for run, role, centers in ((train, "local", "center_0"), (evaluation, "evaluation", "center_1")):
+        tags = run.data.tags
+        assert tags["task"] == "lung_nodule_detection" and tags["role"] == role
+        assert tags["centers"] == centers and tags["data"] == f"{data.resolve()} [{centers}]"
+        assert tags["git_commit"] == tags["mlflow.source.git.commit"]
+    assert evaluation.data.tags["model_run_id"] == train.info.run_id
+    assert evaluation.data.tags["model_role"] == "local"
+    assert evaluation.data.params["torch_threads"] == str(torch.get_num_threads())
+    # The package names the run and the commit it came from.
+    provenance = json.loads((tmp_path / "local" / "model" / "model.json").read_text())["provenance"]
+    assert provenance["mlflow_run_id"] == train.info.run_id and provenance["git_commit"] == commit
+
+
+def test_git_commit_is_the_checkout_head_or_unknown_without_git(monkeypatch):
+    import subprocess
+
+    from medfound.train import tracking
+
+    tracking.git_commit.cache_clear()
+    head = subprocess.run(["git", "-C", str(Path(tracking.__file__).parent), "rev-parse", "HEAD"],
+                          capture_output=True, text=True, check=False).stdout.strip()
+    assert tracking.git_commit().split("+")[0] == (head or "unknown")
+    tracking.git_commit.cache_clear()
+    monkeypatch.setenv("PATH", "/nonexistent")  # no git executable
+    try:
+        assert tracking.git_commit() == "unknown"
+    finally:
+        tracking.git_commit.cache_clear()
+
+
+def test_a_run_is_named_and_tagged_from_its_config():
+    from medfound.train.tracking import describe_run
+
+    name, tags = describe_run({"fed": {"centers": ["center_0", "center_1"],
+                                       "strategy": {"name": "fedavg"}},
+                               "task": {"name": "detect"}, "data": {"root": "/d"}})
+    assert name == "federated fedavg center_0+center_1"
+    assert tags["role"] == "federated" and tags["task"] == "lung_nodule_detection"
+    name, tags = describe_run({"center": "center_2", "task": "detect", "data": {"root": "/d"}})
+    assert tags["role"] == "center" and tags["center"] == "center_2" and name == "center center_2"
+    name, tags = describe_run({"data": {"root": "/d", "train_centers": ["a", "b"]}})
+    assert (name, tags["role"], tags["centers"]) == ("pooled a+b", "pooled", "a,b")
+    with pytest.raises(MedfoundError, match="tracking.tags"):
+        Tracker({"tags": "x"})
