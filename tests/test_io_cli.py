@@ -116,3 +116,13 @@ def test_a_folder_of_only_non_image_objects_says_so(tmp_path):
         shutil.copy(shipped(name), tmp_path / name)
     res = inspect(tmp_path)
     assert res.returncode == 2 and "none is a DICOM image" in res.stderr
+
+
+def test_max_voxels_refuses_a_study_over_the_budget_in_one_line(tmp_path):
+    write_series(tmp_path, ramp((5, 4, 6)), origin=(-40, -60, 100))
+    assert inspect(tmp_path, "--max-voxels", "120").returncode == 0  # 5 × 4 × 6 voxels
+    res = inspect(tmp_path, "--max-voxels", "100")
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1 and "100" in res.stderr, res.stderr
+    res = inspect(tmp_path, "--max-voxels", "-3")
+    assert res.returncode == 2 and "positive whole number" in res.stderr and "Traceback" not in res.stderr

@@ -336,6 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="read a series with missing slices or uneven spacing (warns instead)")
     s.add_argument("--workers", type=int, default=None,
                    help="decoding threads for long series (default: CPU count)")
+    _add_max_voxels(s)
     s.set_defaults(func=cmd_inspect)
 
     s = sub.add_parser(
@@ -483,6 +484,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "nodule_type, are shown): prints a found / missed table and the false "
                         "positives, and adds them to findings.json and summary.json")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_max_voxels(s)
     s.set_defaults(func=cmd_infer)
 
     csub = _command_group(sub, "center", "what a center node does: check its data, join a federation",
@@ -495,6 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("dir", type=Path, help="center folder (one subfolder per case)")
     s.add_argument("--json", action="store_true", help="print JSON")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_max_voxels(s)
     s.set_defaults(func=cmd_center_card)
     s = csub.add_parser(
         "prepare", help="turn a folder of DICOM studies into a center folder that trains",
@@ -605,6 +608,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _add_max_voxels(s) -> None:
+    s.add_argument("--max-voxels", type=int, metavar="N",
+                   help="refuse a study (or a resampled grid) of more than N voxels before "
+                        "decoding it (default 536870912, or $MEDFOUND_MAX_VOXELS)")
+
+
 def _command_group(sub, name: str, help_: str, description: str):
     """`medfound NAME COMMAND ...`: a parser whose sub-commands are added to the returned
     action; `medfound NAME` alone prints its help and exits with 2."""
@@ -620,6 +629,12 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    if getattr(args, "max_voxels", None) is not None:  # read by every reader (io.volume)
+        import os
+
+        from medfound.io.volume import MAX_VOXELS_ENV
+
+        os.environ[MAX_VOXELS_ENV] = str(args.max_voxels)
     try:
         return int(args.func(args) or 0)
     except MedfoundError as err:
