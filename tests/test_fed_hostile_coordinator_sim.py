@@ -103,6 +103,16 @@ def launch(out: Path, root: Path, extra: list[str]) -> None:
         pid = int(context.node_config["partition-id"])
         return honest(msg, context) if pid < len(HONEST) else _lie(pid, msg, evaluate=False)
 
+    @app.query()
+    def query(msg: Message, context: Context) -> Message:  # who a node is: liars say theirs
+        from flwr.app import ConfigRecord, RecordDict
+
+        pid = int(context.node_config["partition-id"])
+        if pid < len(HONEST):
+            return honest(msg, context)
+        return Message(RecordDict({"center": ConfigRecord({"name": LIARS[pid - len(HONEST)]})}),
+                       reply_to=msg)
+
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
         pid = int(context.node_config["partition-id"])
