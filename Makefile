@@ -89,13 +89,17 @@ demo-deploy: $(STAMP)
 # under 20 minutes from scratch on 2 cores; the longest federation tests (a center and the
 # coordinator killed in a real deployment, resumed runs equal to uninterrupted ones,
 # differential privacy end to end) are marked `long` and run by `make test-long` (CI runs both).
+# A worker that dies ends the run at once (--max-worker-restart 0; xdist's loadfile scheduler
+# would otherwise wait forever on the dead worker's file), and a test that hangs fails after
+# pytest-timeout's limit (pyproject.toml) with every thread's stack.
 TEST_WORKERS ?= 2
+PYTEST_XDIST = -n $(TEST_WORKERS) --dist loadfile --max-worker-restart 0
 test: $(STAMP)
 	$(BIN)/python -m ruff check .
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not long"
+	$(BIN)/python -m pytest -q $(PYTEST_XDIST) -m "not long"
 
 test-long: $(STAMP)
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m long
+	$(BIN)/python -m pytest -q $(PYTEST_XDIST) -m long
 
 lint: $(STAMP)
 	$(BIN)/python -m ruff check .

@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import multiprocessing
+import multiprocessing.context
 import os
 import random
 import sys
@@ -243,7 +245,22 @@ def distributed_loader(dataset: Dataset, batch_size: int, shuffle: bool = True, 
                       num_workers=num_workers, drop_last=drop_last,
                       generator=torch.Generator().manual_seed(seed),
                       worker_init_fn=seed_worker if num_workers > 0 else None,
+                      multiprocessing_context=worker_context() if num_workers > 0 else None,
                       persistent_workers=False, pin_memory=torch.cuda.is_available())
+
+
+def worker_context() -> multiprocessing.context.BaseContext:
+    """Where data-loader workers come from: a forkserver that imported torch and MONAI once.
+
+    A worker forked from the training process itself inherits whatever threads and native
+    libraries that process holds (OpenMP, gRPC, an inference runtime a notebook or test loaded);
+    fork() of such a process can crash or deadlock it. The forkserver is a clean interpreter, so
+    every worker starts the same way, and its preloaded imports keep the start cheap. The dataset
+    (with its random transforms as `fit` seeded them) is pickled to each worker, as fork copied it.
+    """
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["torch", "monai.transforms", "medfound.data.detection"])
+    return context
 
 
 def seed_worker(worker_id: int) -> None:
