@@ -3,8 +3,9 @@
     medfound run evaluate_detector model=RUN/model data.root=DIR data.centers=[center_2] out_dir=EVAL
 
 Writes EVAL/predictions.csv (seriesuid,coordX,coordY,coordZ,probability; LPS mm),
-EVAL/metrics.json (cpm, froc at 1/8..8 FPs per scan, cpm_ci95, n_scans, n_nodules, and
-COCO-style mAP at IoU 0.1) and EVAL/froc.png, and logs them to MLflow (a run named "evaluation
+EVAL/metrics.json (cpm, froc at 1/8..8 FPs per scan, cpm_ci95, n_scans, n_nodules; the same
+by size bin and, where the datalist names them, by nodule type; diameter errors by size bin;
+nodules with more than one finding; COCO-style mAP at IoU 0.1) and EVAL/froc.png, and logs them to MLflow (a run named "evaluation
 of ROLE CENTERS on CENTERS", role evaluation, tagged with the model's training run). The
 scores are a function of the model, the data, `seed` (the bootstrap CI) and the torch thread
 count (`threads`, logged as the run's ``torch_threads`` param).
@@ -23,7 +24,16 @@ from omegaconf import DictConfig, OmegaConf
 
 from medfound.data.detection import eval_transforms
 from medfound.errors import exit_on_user_error
-from medfound.metrics.froc import coco_map, diameter_agreement, froc, plot_froc
+from medfound.metrics.froc import (
+    coco_map,
+    diameter_agreement,
+    diameter_by_size,
+    duplicate_findings,
+    froc,
+    froc_by_group,
+    plot_froc,
+    size_bin,
+)
 from medfound.models.detection import DetectorConfig, build_detector, build_network
 from medfound.train import detection as task
 from medfound.train.loop import set_threads
@@ -64,7 +74,20 @@ def main(cfg: DictConfig) -> None:
     metrics["coco"] = coco_map(pred_boxes, pred_scores, [gt[u] for u in uids],
                                iou=cfg.eval.map_iou)
     # Sizes: LUNA16 scores centres only, but a finding's diameter is what a reader sees.
-    metrics["diameter"] = diameter_agreement(rows, task.annotations_of(items), uids)
+    annotations = task.annotations_of(items)
+    metrics["diameter"] = diameter_agreement(rows, annotations, uids)
+    metrics["diameter_by_size"] = diameter_by_size(rows, annotations, uids)
+    # Subgroups: sensitivity of each size bin / nodule type against all false positives.
+    n_boot = cfg.eval.n_bootstraps
+    metrics["by_size"] = froc_by_group(rows, annotations, uids,
+                                       [size_bin(a["diameter_mm"]) for a in annotations],
+                                       n_bootstraps=n_boot, seed=cfg.seed)
+    if annotations and all(a["nodule_type"] for a in annotations):
+        metrics["by_type"] = froc_by_group(rows, annotations, uids,
+                                           [a["nodule_type"] for a in annotations],
+                                           n_bootstraps=n_boot, seed=cfg.seed)
+    # One finding per nodule: nodules with a second finding at medfound infer's default threshold.
+    metrics["duplicates"] = duplicate_findings(rows, annotations, uids, threshold=0.5)
 
     with (out / "predictions.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=task.PREDICTION_COLUMNS, extrasaction="ignore")
@@ -97,6 +120,15 @@ def main(cfg: DictConfig) -> None:
         print(f"diameters of the {size['n_matched']} detected nodules: median error "
               f"{100 * size['median_relative_error']:+.0f}% (median |error| "
               f"{100 * size['median_abs_relative_error']:.0f}%, mean {size['mean_abs_error_mm']:.1f} mm)")
+    for key, what in (("by_size", "size"), ("by_type", "type")):
+        for group, m in metrics.get(key, {}).items():
+            points = " / ".join(f"{m['froc'][r]:.2f}" for r in ("0.125", "0.25", "1", "4"))
+            print(f"  {what} {group:>12}: CPM {m['cpm']:.3f} ({m['cpm_ci95'][0]:.2f}–"
+                  f"{m['cpm_ci95'][1]:.2f}) on {m['n_nodules']} nodules; sensitivity at 1/8, "
+                  f"1/4, 1, 4 FP/scan {points}")
+    dup = metrics["duplicates"]
+    print(f"nodules with more than one finding at p ≥ {dup['threshold']:g}: "
+          f"{dup['n_with_duplicates']} of {dup['n_nodules']}")
 
 
 if __name__ == "__main__":

@@ -378,3 +378,64 @@ def test_coco_map_with_monai():
     assert coco_map(with_fp, [scores[0], scores[1], np.array([0.99])], gt)["ap"] < 1.0
     with pytest.raises(MedfoundError, match="6"):
         coco_map([np.zeros((1, 4))], [np.ones(1)], [np.zeros((1, 6))])
+
+
+def _subgroup_tables():
+    # Two scans; a 4 mm and an 8 mm nodule in s1, a 14 mm nodule in s2.
+    ann = [{"seriesuid": "s1", "coordX": 0.0, "coordY": 0.0, "coordZ": 0.0, "diameter_mm": 4.0},
+           {"seriesuid": "s1", "coordX": 50.0, "coordY": 0.0, "coordZ": 0.0, "diameter_mm": 8.0},
+           {"seriesuid": "s2", "coordX": 0.0, "coordY": 0.0, "coordZ": 0.0, "diameter_mm": 14.0}]
+    pred = [  # the 8 mm nodule twice (0.9 and 0.6), the 14 mm one once, the 4 mm one missed
+        {"seriesuid": "s1", "coordX": 51.0, "coordY": 0.0, "coordZ": 0.0, "probability": 0.9,
+         "diameter_mm": 10.0},
+        {"seriesuid": "s1", "coordX": 49.0, "coordY": 1.0, "coordZ": 0.0, "probability": 0.6,
+         "diameter_mm": 6.0},
+        {"seriesuid": "s2", "coordX": 1.0, "coordY": 0.0, "coordZ": 0.0, "probability": 0.8,
+         "diameter_mm": 12.0},
+        {"seriesuid": "s2", "coordX": 90.0, "coordY": 0.0, "coordZ": 0.0, "probability": 0.95,
+         "diameter_mm": 5.0}]  # a false positive above every hit
+    return pred, ann
+
+
+def test_subgroups_count_their_own_nodules_against_every_false_positive():
+    from medfound.metrics.froc import froc_by_group, size_bin
+
+    pred, ann = _subgroup_tables()
+    labels = [size_bin(a["diameter_mm"]) for a in ann]
+    assert labels == ["<6 mm", "6-10 mm", ">10 mm"] and size_bin(10.0) == "6-10 mm"
+    groups = froc_by_group(pred, ann, ["s1", "s2"], labels, n_bootstraps=20)
+    assert {g: m["n_nodules"] for g, m in groups.items()} == {"<6 mm": 1, "6-10 mm": 1, ">10 mm": 1}
+    assert groups["<6 mm"]["cpm"] == 0.0  # missed
+    # One FP in 2 scans scores above both hits: at 1/8 and 1/4 FP/scan neither group is found
+    # yet; from 1/2 FP/scan on (the FP's own point) both are.
+    for name in ("6-10 mm", ">10 mm"):
+        assert groups[name]["froc"]["0.25"] < 1.0 and groups[name]["froc"]["1"] == 1.0
+    whole = froc(pred, ann, ["s1", "s2"])
+    assert whole.n_nodules == 3 and whole.sensitivities[3] == pytest.approx(2 / 3)
+    with pytest.raises(MedfoundError, match="one label per annotation row"):
+        froc_by_group(pred, ann, ["s1", "s2"], labels[:2])
+
+
+def test_diameters_by_size_bin_and_duplicate_findings_are_counted():
+    from medfound.metrics.froc import diameter_by_size, duplicate_findings
+
+    pred, ann = _subgroup_tables()
+    sizes = diameter_by_size(pred, ann, ["s1", "s2"])
+    assert sizes["<6 mm"] == {"n_nodules": 1, "n_matched": 0}
+    assert sizes["6-10 mm"]["n_matched"] == 1 and sizes["6-10 mm"]["mean_abs_error_mm"] == 2.0
+    assert sizes[">10 mm"]["median_relative_error"] == pytest.approx(-2 / 14)
+    assert duplicate_findings(pred, ann, ["s1", "s2"], 0.5) == {
+        "threshold": 0.5, "n_nodules": 3, "n_with_duplicates": 1, "n_duplicate_findings": 1}
+    assert duplicate_findings(pred, ann, ["s1", "s2"], 0.7)["n_with_duplicates"] == 0
+
+
+def test_findings_on_one_object_merge_to_the_most_probable():
+    from medfound.infer.boxes import merge_by_centre
+
+    centres = np.array([[0, 0, 0], [3, 0, 0], [20, 0, 0], [0, 0, 9], [24, 0, 0]], float)
+    diameters = np.array([10, 8, 6, 6, 20], float)
+    scores = np.array([0.9, 0.8, 0.7, 0.95, 0.5])
+    # [3] first; [0] is 9 mm from it (radii 3 and 5: apart); [1] lies inside [0]; [2] is kept
+    # (14 mm from [0]'s radius 5 and 17 from [3]); [4]'s 10 mm radius holds [2]'s centre.
+    assert merge_by_centre(centres, diameters, scores).tolist() == [3, 0, 2]
+    assert merge_by_centre(np.zeros((0, 3)), np.zeros(0), np.zeros(0)).tolist() == []

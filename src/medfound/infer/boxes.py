@@ -23,6 +23,7 @@ __all__ = [
     "cell_anchors",
     "decode_boxes",
     "grid_anchors",
+    "merge_by_centre",
     "nms",
     "reshape_head_output",
     "select_boxes",
@@ -169,3 +170,26 @@ def select_boxes(boxes_per_level: Sequence[np.ndarray], logits_per_level: Sequen
     offsets = labels.astype(_F32) * (boxes.max() + _F32(1.0))
     keep = nms(boxes + offsets[:, None], scores, nms_thresh, detections_per_img)
     return boxes[keep], scores[keep], labels[keep]
+
+
+def merge_by_centre(centres_mm: np.ndarray, diameters_mm: np.ndarray, scores: np.ndarray
+                    ) -> np.ndarray:
+    """Indices of the findings to keep, highest score first: one finding per object.
+
+    NMS on boxes (IoU) leaves two findings on one nodule when sliding windows or pyramid levels
+    give it boxes of different sizes that barely overlap. Here a finding is dropped when its
+    centre lies within the radius of a higher-scoring finding kept before it, or that finding's
+    centre within its own radius (the larger of the two radii, in mm): the rule LUNA16 uses to
+    call a candidate a hit, so a kept finding never has a second one on the same nodule.
+    """
+    c = np.asarray(centres_mm, dtype=np.float64).reshape(-1, 3)
+    r = np.asarray(diameters_mm, dtype=np.float64).reshape(-1) / 2.0
+    order = np.argsort(-np.asarray(scores, dtype=np.float64).reshape(-1), kind="stable")
+    kept: list[int] = []
+    for i in order:
+        if kept:
+            d2 = ((c[kept] - c[i]) ** 2).sum(axis=1)
+            if (d2 < np.maximum(r[kept], r[i]) ** 2).any():
+                continue
+        kept.append(int(i))
+    return np.asarray(kept, dtype=np.int64)

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from medfound.errors import MedfoundError
+from medfound.infer.boxes import merge_by_centre
 from medfound.infer.engine import OnnxDetector, load_model_card
 from medfound.infer.preprocess import preprocess
 from medfound.infer.reference import (
@@ -74,14 +75,17 @@ def findings_from_boxes(boxes: np.ndarray, scores: np.ndarray, input_affine: np.
                         study_affine: np.ndarray, threshold: float, max_findings: int
                         ) -> list[dict[str, Any]]:
     """Detector boxes (voxels of the network input, whose affine is `input_affine`) → findings
-    with probability ≥ `threshold`, highest first, at most `max_findings`.
+    with probability ≥ `threshold`, highest first, at most `max_findings`; findings on one
+    object are merged first (`medfound.infer.boxes.merge_by_centre`).
 
     Each finding: ``center_lps_mm``, ``center_voxel`` (fractional (i, j, k) of the study as read,
     whose affine is `study_affine`), ``diameter_mm`` (mean of the box's three sizes),
     ``size_mm`` (along the input's i, j, k) and ``probability``.
     """
-    keep = np.flatnonzero(np.asarray(scores) >= threshold)[: max(int(max_findings), 0)]
-    centres, sizes = voxel_boxes_to_world(np.asarray(boxes)[keep], input_affine)
+    centres, sizes = voxel_boxes_to_world(np.asarray(boxes), input_affine)
+    merged = merge_by_centre(centres, sizes.mean(axis=1), scores)  # one finding per nodule
+    keep = merged[np.asarray(scores)[merged] >= threshold][: max(int(max_findings), 0)]
+    centres, sizes = centres[keep], sizes[keep]
     a = np.asarray(study_affine, dtype=np.float64)
     voxels = (centres - a[:3, 3]) @ np.linalg.inv(a[:3, :3]).T
     return [{"id": n + 1,

@@ -26,6 +26,7 @@ vector of per-scan counts, so all samples are evaluated together without copying
 from __future__ import annotations
 
 import csv
+import dataclasses
 import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -80,6 +81,7 @@ class _Matched:
     n_candidates: int
     nodule_diameter: np.ndarray  # (N,) its annotated diameter, mm
     nodule_best: np.ndarray  # (N,) row of its highest-probability hit in the predictions; -1 when missed
+    nodule_row: np.ndarray  # (N,) its row in the annotations table
 
 
 # ---------------------------------------------------------------------------------------------
@@ -175,6 +177,92 @@ def diameter_agreement(predictions: Any, annotations: Any, seriesuids: Any) -> d
     return {"n_matched": int(found.sum()), "median_relative_error": float(np.median(rel)),
             "median_abs_relative_error": float(np.median(np.abs(rel))),
             "mean_abs_error_mm": float(np.mean(np.abs(d - a)))}
+
+
+SIZE_BINS_MM = ((0.0, 6.0, "<6 mm"), (6.0, 10.0, "6-10 mm"), (10.0, math.inf, ">10 mm"))
+
+
+def size_bin(diameter_mm: float) -> str:
+    """The nodule size bin of a diameter: "<6 mm", "6-10 mm" (10 included) or ">10 mm"."""
+    for lo, hi, name in SIZE_BINS_MM:
+        if lo <= diameter_mm < hi or (hi == 10.0 and diameter_mm == 10.0):
+            return name
+    raise MedfoundError(f"diameter {diameter_mm!r} mm is not a positive number")
+
+
+def froc_by_group(predictions: Any, annotations: Any, seriesuids: Any, labels: Sequence[str], *,
+                  n_bootstraps: int = 1000, seed: int = 0) -> dict[str, dict[str, Any]]:
+    """CPM and sensitivities of each nodule subgroup (size bin, nodule type, …).
+
+    `labels` gives each row of `annotations` its group. A group's sensitivity counts its own
+    nodules only; false positives are every candidate that hits no nodule, so the FP-per-scan
+    axis is the same for every group (a subgroup does not get a smaller FP budget). Per group:
+    ``{"n_nodules", "cpm", "cpm_ci95", "froc"}`` (the CI by the same scan bootstrap as the
+    whole)."""
+    matched = _match(predictions, annotations, seriesuids, None)
+    labels = np.asarray([str(v) for v in labels])
+    if len(labels) != len(_table(annotations, ("diameter_mm",), "annotations")["seriesuid"]):
+        raise MedfoundError("froc_by_group: one label per annotation row is needed")
+    of_nodule = labels[matched.nodule_row]
+    out = {}
+    for group in sorted(set(of_nodule.tolist())):
+        sel = of_nodule == group
+        sub = dataclasses.replace(matched, nodule_scan=matched.nodule_scan[sel],
+                                  nodule_score=matched.nodule_score[sel],
+                                  nodule_diameter=matched.nodule_diameter[sel],
+                                  nodule_best=matched.nodule_best[sel],
+                                  nodule_row=matched.nodule_row[sel])
+        result = _froc_result(sub, LUNA16_FP_RATES)
+        lo, hi = _bootstrap_ci(sub, LUNA16_FP_RATES, n_bootstraps, seed, 0.95)
+        out[group] = {"n_nodules": result.n_nodules, "cpm": result.cpm, "cpm_ci95": [lo, hi],
+                      "froc": {f"{r:g}": v for r, v in zip(result.fps_per_scan,
+                                                           result.sensitivities, strict=True)}}
+    return out
+
+
+def diameter_by_size(predictions: Any, annotations: Any, seriesuids: Any) -> dict[str, Any]:
+    """`diameter_agreement` of the detected nodules in each size bin (`SIZE_BINS_MM`)."""
+    matched = _match(predictions, annotations, seriesuids, None)
+    found = matched.nodule_best >= 0
+    sizes = _table(predictions, ("diameter_mm",), "predictions")["diameter_mm"]
+    out = {}
+    for lo, hi, name in SIZE_BINS_MM:
+        a = matched.nodule_diameter
+        in_bin = (a >= lo) & ((a < hi) | ((hi == 10.0) & (a == 10.0)))
+        sel = found & in_bin
+        entry: dict[str, Any] = {"n_nodules": int(in_bin.sum()), "n_matched": int(sel.sum())}
+        if sel.any():
+            d, t = sizes[matched.nodule_best[sel]], a[sel]
+            entry.update(median_relative_error=float(np.median((d - t) / t)),
+                         median_abs_error_mm=float(np.median(np.abs(d - t))),
+                         mean_abs_error_mm=float(np.mean(np.abs(d - t))))
+        out[name] = entry
+    return out
+
+
+def duplicate_findings(predictions: Any, annotations: Any, seriesuids: Any,
+                       threshold: float) -> dict[str, int]:
+    """How many nodules carry more than one finding of probability ≥ `threshold` within their
+    radius (LUNA16's hit rule): ``{"threshold", "n_nodules", "n_with_duplicates",
+    "n_duplicate_findings"}`` (the findings beyond the first on each nodule)."""
+    uids = _seriesuids(seriesuids)
+    index = {u: i for i, u in enumerate(uids)}
+    pred = _table(predictions, ("probability",), "predictions")
+    ann = _table(annotations, ("diameter_mm",), "annotations")
+    p_scan, p_keep = _scan_index(pred["seriesuid"], index)
+    a_scan, a_keep = _scan_index(ann["seriesuid"], index)
+    strong = p_keep & (pred["probability"] >= threshold)
+    with_dups = extra = 0
+    for s in np.unique(a_scan[a_keep]):
+        cands = pred["xyz"][strong & (p_scan == s)]
+        nods = a_keep & (a_scan == s)
+        if not len(cands):
+            continue
+        per_nodule = _hits(cands, ann["xyz"][nods], ann["diameter_mm"][nods]).sum(axis=0)
+        with_dups += int((per_nodule > 1).sum())
+        extra += int(np.clip(per_nodule - 1, 0, None).sum())
+    return {"threshold": float(threshold), "n_nodules": int(a_keep.sum()),
+            "n_with_duplicates": with_dups, "n_duplicate_findings": extra}
 
 
 def plot_froc(result: FrocResult, path: str | os.PathLike, title: str | None = None) -> Path:
@@ -467,7 +555,8 @@ def _match(predictions: Any, annotations: Any, seriesuids: Any, excluded: Any) -
         is_fp[cands[ignored]] = False
     return _Matched(n_scans=len(uids), nodule_scan=a_scan, nodule_score=nodule_score,
                     fp_scan=p_scan[is_fp], fp_score=p_prob[is_fp], n_candidates=len(p_scan),
-                    nodule_diameter=a_diam, nodule_best=nodule_best)
+                    nodule_diameter=a_diam, nodule_best=nodule_best,
+                    nodule_row=np.flatnonzero(a_keep))
 
 
 def _hits(cand_xyz: np.ndarray, nod_xyz: np.ndarray, diameter: np.ndarray) -> np.ndarray:

@@ -271,12 +271,16 @@ def predict(detector, items: Sequence[dict[str, Any]], transform: Callable,
 
 
 def annotations_of(items: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """LUNA16 annotation rows from datalist items (world cccwhd boxes, LPS mm)."""
+    """LUNA16 annotation rows from datalist items (world cccwhd boxes, LPS mm), with each
+    nodule's ``nodule_type`` where the datalist names it (None otherwise)."""
     rows = []
     for item in items:
-        for box in np.asarray(item["box"], dtype=np.float64).reshape(-1, 6):
+        boxes = np.asarray(item["box"], dtype=np.float64).reshape(-1, 6)
+        types = list(item.get("nodule_type") or [])
+        for n, box in enumerate(boxes):
             rows.append({"seriesuid": item["seriesuid"], "coordX": box[0], "coordY": box[1],
-                         "coordZ": box[2], "diameter_mm": float(np.mean(box[3:]))})
+                         "coordZ": box[2], "diameter_mm": float(np.mean(box[3:])),
+                         "nodule_type": str(types[n]) if len(types) == len(boxes) else None})
     return rows
 
 
