@@ -136,6 +136,7 @@ def _uid_of(item: dict[str, Any], tag: str) -> str | None:
 
 def _associate(ae, address: PacsAddress, **kwargs):
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = TIMEOUT_S
+    ae.maximum_pdu_size = 0  # the PACS may send PDUs of any size (C-GET: fewer, larger reads)
     try:
         assoc = ae.associate(address.host, address.port, ae_title=address.ae_title, **kwargs)
     except (OSError, RuntimeError, ValueError) as err:

@@ -174,6 +174,7 @@ def _scp(node: Node, bind: str, port: int):
 
     ae = AE(ae_title=node.ae_title)
     ae.maximum_associations = 16
+    ae.maximum_pdu_size = 0  # no limit on the PDUs a sender may use: fewer, larger reads
     for cx in AllStoragePresentationContexts:
         ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
     ae.add_supported_context(Verification)
