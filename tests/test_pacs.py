@@ -50,9 +50,33 @@ def setup(tmp_path_factory) -> dict:
     cfg = DetectorConfig.preset("tiny", spacing_mm=[2.8125, 2.8125, 3.0], patch_size=[32, 32, 16],
                                 sw_roi_size=[64, 64, 32], score_thresh=0.02)
     export_tiny_detector(root, cfg)
+    seg = _export_segmenter(root / "seg")
     studies = sorted(Path(phantoms / "center_0").glob("case_*/ct"))
-    return {"root": root, "exp": root / "exp", "studies": studies,
+    return {"root": root, "exp": root / "exp", "seg_exp": seg, "studies": studies,
             "card": json.loads((root / "exp" / "model_card.json").read_text())}
+
+
+def _export_segmenter(root: Path) -> Path:
+    """A tiny segmenter whose head labels every voxel 'nodule' (zero weights, bias favouring
+    class 1), exported: enough to carry a DICOM SEG through the node."""
+    import torch
+
+    from medfound.export.onnx import export_model_package
+    from medfound.models.segmentation import SegmenterConfig, build_segmenter
+    from medfound.train.package import save_model_package
+
+    cfg = SegmenterConfig.preset("tiny", spacing_mm=[2.8125, 2.8125, 3.0], patch_size=[32, 32, 16],
+                                 sw_roi_size=[64, 64, 32])
+    net = build_segmenter(cfg, seed=0)
+    with torch.no_grad():
+        net.head.weight.zero_()
+        net.head.bias.copy_(torch.tensor([0.0, 1.0]))
+    package = save_model_package(root / "model", net, task="nodule_segmentation",
+                                 model_config=cfg.to_dict(),
+                                 preprocessing={"spacing_mm": cfg.spacing_mm, "hu_window": cfg.hu_window,
+                                                "modality": "CT"})  # as train_segmenter records
+    export_model_package(package, root / "exp", parity_patches=1, allow_unvalidated=True)
+    return root / "exp"
 
 
 def _files(study: Path) -> list[Path]:
@@ -84,10 +108,10 @@ class Serve:
     """`medfound serve` as a process (torch blocked); stop() ends it, kill() is kill -9."""
 
     def __init__(self, setup: dict, work: Path, port: int, send_to: str, *extra: str,
-                 idle_s: float = 1.5):
+                 idle_s: float = 1.5, model: Path | None = None):
         self.work, self.port = work, port
         self.log = work.parent / f"{work.name}.log"
-        self.args = ["serve", "--model", str(setup["exp"]), "--work", str(work),
+        self.args = ["serve", "--model", str(model or setup["exp"]), "--work", str(work),
                      "--port", str(port), "--bind", "127.0.0.1", "--send-to", send_to,
                      "--idle-s", str(idle_s), "--threshold", THRESHOLD, "--max-findings", "5",
                      "--threads", "1", "--retry-s", "0.5", "--retry-max-s", "2", *extra]
@@ -223,6 +247,32 @@ def test_the_same_over_dicomweb_stow_rs_both_ways(setup, pacs, tmp_path, serve_p
     assert bad.status_code == 400
 
 
+def test_a_segmenter_node_stores_a_dicom_seg_over_the_source_series(setup, pacs, tmp_path,
+                                                                    serve_procs):
+    import highdicom as hd
+
+    orthanc, ports = pacs["orthanc"], pacs["ports"]
+    node = Serve(setup, tmp_path / "work", ports["serve"],
+                 f"dimse:ORTHANC@127.0.0.1:{ports['dicom']}", model=setup["seg_exp"]).start()
+    serve_procs.append(node)
+    study = setup["studies"][1]  # sent before over DICOMweb: the node here has not seen it
+    orthanc_id = orthanc.study_id(_uid(study)) or orthanc.upload(_files(study))
+    orthanc.post("/modalities/medfound/store", {"Resources": [orthanc_id], "Synchronous": True})
+    deadline = time.monotonic() + 90
+    while not orthanc.series_of(_uid(study), "SEG"):
+        assert time.monotonic() < deadline, node.log.read_text()
+        time.sleep(0.5)
+    (series,) = orthanc.series_of(_uid(study), "SEG")
+    ds = pydicom.dcmread(__import__("io").BytesIO(orthanc.instance_bytes(series["Instances"][0])))
+    seg = hd.seg.Segmentation.from_dataset(ds)
+    sources = {pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in _files(study)}
+    assert ds.StudyInstanceUID == _uid(study) and seg.number_of_segments == 1
+    (ref,) = ds.ReferencedSeriesSequence
+    assert ref.SeriesInstanceUID == _uid(study, "SeriesInstanceUID")
+    assert {r.ReferencedSOPInstanceUID for r in ref.ReferencedInstanceSequence} == sources
+    assert node.usage()[0]["status"] == "stored"
+
+
 @pytest.mark.parametrize("kind", ["dimse", "dicomweb"])
 def test_center_pull_by_uid_and_by_query(setup, pacs, tmp_path, kind):
     orthanc, ports = pacs["orthanc"], pacs["ports"]
@@ -339,9 +389,13 @@ def test_hostile_inputs_each_get_a_logged_decision(setup, tmp_path, serve_procs)
 
     port = free_port_block(2)
     node = Serve(setup, tmp_path / "work", port, f"dimse:NOBODY@127.0.0.1:{port + 1}",
-                 "--max-study-s", "5", idle_s=2.5).start()
+                 "--max-study-s", "5", "--accept-from", "TESTSCU", idle_s=2.5).start()
     serve_procs.append(node)
     files = _files(setup["studies"][0])
+    stranger = AE(ae_title="STRANGER")
+    stranger.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    refused = stranger.associate("127.0.0.1", port, ae_title="MEDFOUND")
+    assert refused.is_rejected  # --accept-from: only TESTSCU may send
     ae = AE(ae_title="TESTSCU")
     for cls in (CTImageStorage, MRImageStorage, BasicTextSRStorage):
         ae.add_requested_context(cls, ExplicitVRLittleEndian)

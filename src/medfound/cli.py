@@ -378,7 +378,8 @@ def cmd_serve(args) -> int:
                  bind=args.bind, stow_port=args.stow_port, ae_title=args.ae_title,
                  idle_s=args.idle_s, max_study_s=args.max_study_s, threshold=args.threshold,
                  max_findings=args.max_findings, engine=args.engine, precision=args.precision,
-                 threads=args.threads, retry_s=args.retry_s, retry_max_s=args.retry_max_s)
+                 threads=args.threads, retry_s=args.retry_s, retry_max_s=args.retry_max_s,
+                 accept_from=args.accept_from)
 
 
 def add_serve(sub) -> None:
@@ -409,6 +410,9 @@ def add_serve(sub) -> None:
     s.add_argument("--port", type=int, metavar="N", help="DICOM port to listen on (e.g. 11112)")
     s.add_argument("--bind", default="0.0.0.0", metavar="ADDRESS",
                    help="address to listen on (default 0.0.0.0: every interface)")
+    s.add_argument("--accept-from", action="append", metavar="AET",
+                   help="accept DICOM associations only from this calling AE title (repeatable; "
+                        "default: any)")
     s.add_argument("--stow-port", type=int, metavar="N",
                    help="also receive by STOW-RS on this HTTP port (POST /studies) and answer "
                         "GET /status")

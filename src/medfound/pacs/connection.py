@@ -14,6 +14,7 @@ retries (medfound serve) can tell it from a bug.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import re
 from collections.abc import Callable, Iterable, Sequence
@@ -28,6 +29,7 @@ from pydicom.dataset import Dataset
 from medfound.errors import MedfoundError
 
 __all__ = ["DEFAULT_AE_TITLE", "PacsAddress", "PacsError", "check_ae_title", "echo", "find_studies",
+           "no_delay",
            "parse_address", "parse_query", "retrieve_study", "store_files"]
 
 DEFAULT_AE_TITLE = "MEDFOUND"
@@ -134,11 +136,27 @@ def _uid_of(item: dict[str, Any], tag: str) -> str | None:
 # --- DIMSE --------------------------------------------------------------------------------
 
 
-def _associate(ae, address: PacsAddress, **kwargs):
+def no_delay(event) -> None:
+    """EVT_CONN_OPEN handler: TCP_NODELAY on the association's socket. pynetdicom leaves Nagle's
+    algorithm on, and each small DIMSE response then waits for the peer's delayed ACK (about
+    40 ms): a C-GET or C-STORE of a 100-slice series took 5 s instead of a fraction of one."""
+    import socket
+
+    sock = getattr(getattr(event.assoc.dul, "socket", None), "socket", None)
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def _associate(ae, address: PacsAddress, evt_handlers=(), **kwargs):
+    from pynetdicom import evt
+
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = TIMEOUT_S
     ae.maximum_pdu_size = 0  # the PACS may send PDUs of any size (C-GET: fewer, larger reads)
+    handlers = [(evt.EVT_CONN_OPEN, no_delay), *evt_handlers]
     try:
-        assoc = ae.associate(address.host, address.port, ae_title=address.ae_title, **kwargs)
+        assoc = ae.associate(address.host, address.port, ae_title=address.ae_title,
+                             evt_handlers=handlers, **kwargs)
     except (OSError, RuntimeError, ValueError) as err:
         raise PacsError(f"cannot associate ({err})", path=str(address),
                         hint="check the address and that the PACS is up") from None

@@ -106,6 +106,7 @@ class WorkQueue:
         self._mutex = threading.RLock()
         self.studies: dict[str, dict[str, Any]] = {}
         self._activity: dict[str, float] = {}  # last instance (or restart), monotonic clock
+        self._saved: dict[str, float] = {}  # when each study's state was last written
         self.work.mkdir(parents=True, exist_ok=True)
         (self.work / "studies").mkdir(exist_ok=True)
         (self.work / "rejected").mkdir(exist_ok=True)
@@ -176,20 +177,21 @@ class WorkQueue:
                 if state is None:
                     continue
                 key = folder.name
+                state["n_instances"] = len(list((folder / "instances").glob("*.dcm")))
                 self.studies[key] = state
                 for r in state.get("rounds", []):
                     self._own_series.update(r.get("result_series", []))
                 if state["status"] == "running":
                     state["status"] = "queued"
-                    self._decide(key, "resumed", "inference was interrupted by a stop; it runs again")
+                    self.decide(key, "resumed", "inference was interrupted by a stop; it runs again")
                 elif state["status"] == "receiving":
                     self._activity[key] = time.monotonic()
-                    self._decide(key, "resumed", f"still receiving: complete {self.idle_s:g} s "
-                                 "after its last instance, counted from this start")
+                    self.decide(key, "resumed", f"still receiving: complete {self.idle_s:g} s "
+                                "after its last instance, counted from this start")
                 elif state["status"] == "storing":
                     for p in state.get("pending", []):
                         p["next_try"] = 0.0
-                    self._decide(key, "resumed", "its result waits to be stored; retried now")
+                    self.decide(key, "resumed", "its result waits to be stored; retried now")
                 self._save(key)
                 self._write_usage(key)
 
@@ -207,20 +209,21 @@ class WorkQueue:
         # Instances whose study state was never written (a stop between the two writes).
         instances = sorted((folder / "instances").glob("*.dcm")) if (folder / "instances").is_dir() else []
         if not instances:
-            self._decide(folder.name, "ignored", f"study folder {why} and no instances")
+            self.decide(folder.name, "ignored", f"study folder {why} and no instances")
             return None
         try:
             uid = str(pydicom.dcmread(str(instances[0]), stop_before_pixels=True).StudyInstanceUID)
         except Exception:
-            self._decide(folder.name, "ignored", f"study folder {why}; its instances cannot be read")
+            self.decide(folder.name, "ignored", f"study folder {why}; its instances cannot be read")
             return None
-        self._decide(folder.name, "rebuilt", f"study folder {why}; state rebuilt from its instances")
+        self.decide(folder.name, "rebuilt", f"study folder {why}; state rebuilt from its instances")
         return self._new_state(uid, time.time())
 
     # --- records ----------------------------------------------------------------------------
 
-    def _decide(self, key: str | None, decision: str, detail: str) -> None:
-        """Log a decision about an input: one line in decisions.jsonl and on the node's log."""
+    def decide(self, key: str | None, decision: str, detail: str) -> None:
+        """Log a decision about an input or a study: one line in decisions.jsonl (time, study
+        key, decision, detail) and on the node's log."""
         record = {"time": now_iso(), "study": key, "decision": decision, "detail": detail}
         line = json.dumps(record) + "\n"
         with self._mutex, open(self.work / "decisions.jsonl", "a") as f:
@@ -229,6 +232,7 @@ class WorkQueue:
 
     def _save(self, key: str) -> None:
         write_json(self.work / "studies" / key / "state.json", self.studies[key], fsync=True)
+        self._saved[key] = time.monotonic()
 
     def _new_state(self, study_uid: str, t: float) -> dict[str, Any]:
         return {"format": STATE_FORMAT, "study_uid": study_uid, "status": "receiving",
@@ -270,8 +274,8 @@ class WorkQueue:
         except Exception as err:
             name = hashlib.sha256(data).hexdigest()[:16]
             write_once(self.work / "rejected" / f"{name}.dcm", data, fsync=True)
-            self._decide(None, "rejected", f"an instance from {source or 'a sender'} cannot be "
-                         f"decoded ({type(err).__name__}); kept as rejected/{name}.dcm")
+            self.decide(None, "rejected", f"an instance from {source or 'a sender'} cannot be "
+                        f"decoded ({type(err).__name__}); kept as rejected/{name}.dcm")
             return Received(CANNOT_UNDERSTAND, "undecodable")
         sop = (str(ds.get("SOPClassUID", "")), sop_uid)
         key = hashlib.sha256(study_uid.encode()).hexdigest()[:32]  # the study's folder name
@@ -283,46 +287,47 @@ class WorkQueue:
                 self.studies[key] = self._new_state(study_uid, time.time())
                 self._activity[key] = time.monotonic()
                 self._save(key)
-                self._decide(key, "new study", f"first instance from {source or 'a sender'}")
+                self.decide(key, "new study", f"first instance from {source or 'a sender'}")
         if series_uid in self._own_series:
-            self._decide(key, "ignored", "an instance of this node's own result series came back")
+            self.decide(key, "ignored", "an instance of this node's own result series came back")
             return Received(SUCCESS, "own result", key, sop)
         if not _is_image(ds):
             (folder / "other").mkdir(exist_ok=True)
             outcome = write_once(folder / "other" / name, data, fsync=True)
             if outcome == "written":
                 what = getattr(ds.get("SOPClassUID"), "name", str(ds.get("SOPClassUID", "")))
-                self._decide(key, "kept, not read", f"non-image object ({what}) {sop_uid}")
+                self.decide(key, "kept, not read", f"non-image object ({what}) {sop_uid}")
             return Received(SUCCESS, "non-image", key, sop)
         why = _truncated(ds)
         if why is not None:
             (folder / "rejected").mkdir(exist_ok=True)
             write_once(folder / "rejected" / name, data, fsync=True)
-            self._decide(key, "rejected", f"truncated instance {sop_uid}: {why}; kept in "
-                         "rejected/, the sender is told it failed")
+            self.decide(key, "rejected", f"truncated instance {sop_uid}: {why}; kept in "
+                        "rejected/, the sender is told it failed")
             return Received(DOES_NOT_MATCH, "truncated", key, sop)
         (folder / "instances").mkdir(exist_ok=True)
         outcome = write_once(folder / "instances" / name, data, fsync=True)
         if outcome == "same":
-            self._decide(key, "duplicate", f"instance {sop_uid} again, identical: ignored")
+            self.decide(key, "duplicate", f"instance {sop_uid} again, identical: ignored")
             self._touch(key)
             return Received(SUCCESS, "duplicate", key, sop)
         if outcome == "different":
             (folder / "rejected").mkdir(exist_ok=True)
             alt = f"{safe_uid(sop_uid)}.{hashlib.sha256(data).hexdigest()[:8]}.dcm"
             write_once(folder / "rejected" / alt, data, fsync=True)
-            self._decide(key, "duplicate", f"instance {sop_uid} again with different content: the "
-                         f"first is kept and read, this one kept as rejected/{alt}")
+            self.decide(key, "duplicate", f"instance {sop_uid} again with different content: the "
+                        f"first is kept and read, this one kept as rejected/{alt}")
             self._touch(key)
             return Received(SUCCESS, "conflicting duplicate", key, sop)
         with self._mutex:
             state = self.studies[key]
             state["n_instances"] += 1
+            before = (state["status"], state["round"])
             if state["status"] not in ("receiving", "queued"):
                 state["round"] += 1
                 state["round_opened_t"] = time.time()
-                self._decide(key, "reopened", f"a new image instance after the study was "
-                             f"{state['status']}: round {state['round']} reads it again once "
+                self.decide(key, "reopened", f"a new image instance after the study was "
+                            f"{state['status']}: round {state['round']} reads it again once "
                              "complete")
                 if state["status"] == "running":  # back to receiving when this run ends
                     state["reopen"] = True
@@ -330,10 +335,15 @@ class WorkQueue:
                     state["status"] = "receiving"
             elif state["status"] == "queued":
                 state["status"] = "receiving"
-                self._decide(key, "waiting again", "a new instance after the study was "
-                             "complete; waiting for the rest")
+                self.decide(key, "waiting again", "a new instance after the study was "
+                            "complete; waiting for the rest")
             self._touch(key)
-            self._save(key)
+            # The instance itself is what must survive; the state (its count, last time) is
+            # saved on every change of status and at most once a second otherwise, and a
+            # restart recounts the instances from the folder.
+            if (state["status"], state["round"]) != before or \
+                    time.monotonic() - self._saved.get(key, 0.0) >= 1.0:
+                self._save(key)
         return Received(SUCCESS, "stored", key, sop)
 
     def _touch(self, key: str) -> None:
@@ -357,12 +367,12 @@ class WorkQueue:
                 open_s = time.time() - state.get("round_opened_t", state["first_received_t"])
                 if idle >= self.idle_s:
                     state["status"] = "queued"
-                    self._decide(key, "complete", f"{state['n_instances']} instance(s), none "
-                                 f"for {idle:.1f} s")
+                    self.decide(key, "complete", f"{state['n_instances']} instance(s), none "
+                                f"for {idle:.1f} s")
                 elif open_s >= self.max_study_s:
                     state["status"] = "queued"
-                    self._decide(key, "closed", f"still receiving after {open_s:.0f} s "
-                                 f"(--max-study-s {self.max_study_s:g}): read with the "
+                    self.decide(key, "closed", f"still receiving after {open_s:.0f} s "
+                                f"(--max-study-s {self.max_study_s:g}): read with the "
                                  f"{state['n_instances']} instance(s) it has")
                 else:
                     continue
@@ -431,8 +441,8 @@ class WorkQueue:
             if state["status"] == "storing" and not state["pending"]:
                 state["status"] = "done"
             self._save(key)
-            self._decide(key, "stored", f"round {pending['round']}'s result stored"
-                         + (f" after {pending['attempts'] + 1} attempts" if pending["attempts"] else ""))
+            self.decide(key, "stored", f"round {pending['round']}'s result stored"
+                        + (f" after {pending['attempts'] + 1} attempts" if pending["attempts"] else ""))
             self._write_usage(key)
 
     def store_failed(self, key: str, pending: dict[str, Any], error: str, base_s: float,
@@ -444,8 +454,8 @@ class WorkQueue:
             pending["next_try"] = time.time() + wait
             pending["last_error"] = error
             self._save(key)
-        self._decide(key, "store failed", f"attempt {pending['attempts']}: {error}; the result is "
-                     f"kept and tried again in {wait:g} s")
+        self.decide(key, "store failed", f"attempt {pending['attempts']}: {error}; the result is "
+                    f"kept and tried again in {wait:g} s")
         return wait
 
 

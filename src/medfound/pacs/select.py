@@ -4,7 +4,8 @@ A study from a PACS holds more than the model was made for: localizers, reformat
 recons, other modalities, dose reports. The rules come from the model card's
 ``input.accepts`` (each key optional), else from the defaults below:
 
-- ``modality``: the card's ``input.modality`` (CT for the nodule detector);
+- ``modality``: the card's ``input.modality`` (CT for the nodule detector; a card naming none
+  of CT, MR, PT, US constrains none);
 - ``orientation``: slice planes accepted, from ImageOrientationPatient (``axial``: the slice
   normal within 30° of the patient's S axis; also ``coronal``, ``sagittal``, ``oblique``);
 - ``max_slice_thickness_mm``: SliceThickness at most this (5 mm; thicker recons hide nodules);
@@ -44,7 +45,9 @@ class SeriesChoice:
 def accepted_series(card: dict[str, Any]) -> dict[str, Any]:
     """The acceptance rules for `card`: its ``input.accepts`` over the defaults."""
     rules = dict(DEFAULT_ACCEPTS)
-    rules["modality"] = str(card.get("input", {}).get("modality", "")).upper() or None
+    modality = str(card.get("input", {}).get("modality", "")).upper()
+    # as medfound.infer reads it: a card that names no known modality constrains none
+    rules["modality"] = modality if modality in ("CT", "MR", "PT", "US") else None
     rules.update(card.get("input", {}).get("accepts") or {})
     return rules
 

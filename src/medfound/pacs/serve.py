@@ -36,6 +36,7 @@ from medfound.pacs.connection import (
     PacsAddress,
     PacsError,
     check_ae_title,
+    no_delay,
     store_files,
 )
 from medfound.pacs.queue import OUT_OF_RESOURCES, SUCCESS, WorkQueue, now_iso, read_status
@@ -90,21 +91,21 @@ class Node:
         try:
             series = find_series(folder / "instances", progress=False)
         except MedfoundError as err:
-            q._decide(key, "failed", f"no image series to read ({err})")
+            q.decide(key, "failed", f"no image series to read ({err})")
             q.finish_round(key, {**record, "status": "no_series", "finished": now_iso(),
                                  "error": "no image series"}, None)
             return
         choice = choose_series(series, self.net.card)
         for s in choice.skipped:
-            q._decide(key, "series skipped", f"{s['modality']} series {s['series_uid']} "
-                      f"({s['count']} instance(s), '{s['description']}'): {s['reason']}")
+            q.decide(key, "series skipped", f"{s['modality']} series {s['series_uid']} "
+                     f"({s['count']} instance(s), '{s['description']}'): {s['reason']}")
         if choice.series is None:
             q.finish_round(key, {**record, "status": "no_series", "finished": now_iso(),
                                  "error": "no series the model accepts"}, None)
             return
         uid = choice.series.series_uid
-        q._decide(key, "reading", f"series {uid} ({choice.series.count} instance(s), "
-                  f"'{choice.series.description}')")
+        q.decide(key, "reading", f"series {uid} ({choice.series.count} instance(s), "
+                 f"'{choice.series.description}')")
         out = folder / "results" / f"round_{n}"
         if out.exists():  # a run of this round that was stopped: this node's own leftovers
             shutil.rmtree(out)
@@ -113,13 +114,13 @@ class Node:
             rec = infer_one_study(self.net, folder / "instances", out, self.model, self.threshold,
                                   self.max_findings, True, set(), uid)
         except MedfoundError as err:
-            q._decide(key, "failed", str(err))
+            q.decide(key, "failed", str(err))
             q.finish_round(key, {**record, "status": "failed", "finished": now_iso(),
                                  "error": str(err)[:300]}, None)
             return
         except Exception as err:  # a library failure on one study must not stop the node
             first = (str(err).strip().splitlines() or [""])[0][:200]
-            q._decide(key, "failed", f"cannot be processed ({type(err).__name__}: {first})")
+            q.decide(key, "failed", f"cannot be processed ({type(err).__name__}: {first})")
             q.finish_round(key, {**record, "status": "failed", "finished": now_iso(),
                                  "error": type(err).__name__}, None)
             return
@@ -138,6 +139,10 @@ class Node:
             store_files(self.send_to, pending["files"], self.ae_title)
         except (PacsError, OSError) as err:
             self.queue.store_failed(key, pending, str(err), self.retry_s, self.retry_max_s)
+            return
+        except Exception as err:  # e.g. a result file that no longer parses: keep trying, say why
+            self.queue.store_failed(key, pending, f"{type(err).__name__}: {err}", self.retry_s,
+                                    self.retry_max_s)
             return
         self.queue.stored(key, pending, time.perf_counter() - t0)
 
@@ -166,15 +171,17 @@ def _series_uid(path: str) -> str:
 # --- the network side -----------------------------------------------------------------------
 
 
-def _scp(node: Node, bind: str, port: int):
+def _scp(node: Node, bind: str, port: int, accept_from: list[str] | None = None):
     """pynetdicom's association server: C-STORE of every storage class in any transfer syntax
-    pynetdicom knows, and C-ECHO."""
+    pynetdicom knows, and C-ECHO; with `accept_from`, only from those calling AE titles."""
     from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
     from pynetdicom.sop_class import Verification
 
     ae = AE(ae_title=node.ae_title)
     ae.maximum_associations = 16
     ae.maximum_pdu_size = 0  # no limit on the PDUs a sender may use: fewer, larger reads
+    if accept_from:
+        ae.require_calling_aet = [check_ae_title(a, "--accept-from") for a in accept_from]
     for cx in AllStoragePresentationContexts:
         ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
     ae.add_supported_context(Verification)
@@ -193,7 +200,8 @@ def _scp(node: Node, bind: str, port: int):
 
     try:
         return ae.start_server((bind, int(port)), block=False,
-                               evt_handlers=[(evt.EVT_C_STORE, handle_store)])
+                               evt_handlers=[(evt.EVT_C_STORE, handle_store),
+                                             (evt.EVT_CONN_OPEN, no_delay)])
     except OSError as err:
         raise MedfoundError(f"cannot listen on {bind}:{port} ({err.strerror or err})",
                             hint="choose a free --port") from None
@@ -324,9 +332,10 @@ def serve(model: str | Path, work: str | Path, send_to: PacsAddress, *, port: in
           idle_s: float = 30.0, max_study_s: float = 3600.0, threshold: float = 0.5,
           max_findings: int = 20, engine: str = "auto", precision: str = "auto",
           threads: int | None = None, retry_s: float = 2.0, retry_max_s: float = 300.0,
-          log: Callable[[str], None] | None = None) -> int:
+          accept_from: list[str] | None = None, log: Callable[[str], None] | None = None) -> int:
     """Run the node until SIGTERM or SIGINT (see the module docstring). Returns 0. `log`
-    gets each line of the node's log (default: stdout, flushed)."""
+    gets each line of the node's log (default: stdout, flushed); `accept_from`: the calling AE
+    titles allowed to associate (default: any)."""
     log = log or (lambda line: print(line, flush=True))
     node = Node(model, work, send_to, ae_title=ae_title, idle_s=idle_s, max_study_s=max_study_s,
                 threshold=threshold, max_findings=max_findings, engine=engine,
@@ -334,7 +343,7 @@ def serve(model: str | Path, work: str | Path, send_to: PacsAddress, *, port: in
                 log=log)
     scp = http = None
     try:
-        scp = _scp(node, bind, port)
+        scp = _scp(node, bind, port, accept_from)
         http = _http(node, bind, stow_port) if stow_port else None
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: node.stop.set())
