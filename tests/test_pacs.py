@@ -468,3 +468,27 @@ def test_hostile_inputs_each_get_a_logged_decision(setup, tmp_path, serve_procs)
     usage = node.usage()
     assert [u["status"] for u in usage] == ["no_series"] * 3
     assert sorted(u["round"] for u in usage) == [1, 1, 2]
+
+
+def test_bad_arguments_are_one_line_errors(tmp_path):
+    from medfound.errors import MedfoundError
+    from medfound.pacs.connection import parse_address, parse_query
+
+    assert parse_address("dimse:PACS@10.0.0.5:104").port == 104
+    assert str(parse_address("dicomweb:http://u:secret@pacs:8042/dicom-web/")) == \
+        "dicomweb:http://pacs:8042/dicom-web"  # no password in what is printed
+    for bad in ("pacs:104", "dimse:PACS@host", "dimse:@host:104", "dimse:A\\B@host:104",
+                "dimse:WAY_TOO_LONG_AE_TITLE@host:104", "dicomweb:ftp://pacs/x", "dimse:P@h:99999"):
+        with pytest.raises(MedfoundError):
+            parse_address(bad)
+    with pytest.raises(MedfoundError, match="not a DICOM keyword"):
+        parse_query(["PatientNmae=X"])
+    cases = [(["serve", "--port", "11112"], "needs --model, --send-to, --work"),
+             (["serve", "status"], "needs --work"),
+             (["serve", "status", "--work", str(tmp_path)], "not a medfound serve work folder"),
+             (["center", "pull", "--from", "dimse:P@127.0.0.1:9", "--out", str(tmp_path / "r")],
+              "nothing to pull")]
+    for args, message in cases:
+        proc = medfound(*args)
+        assert proc.returncode == 2, proc.stderr
+        assert message in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
