@@ -313,8 +313,8 @@ def test_center_pull_by_uid_and_by_query(setup, pacs, tmp_path, kind):
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "AET@HOST:PORT" in bad.stderr
 
 
-def test_serve_killed_mid_study_resumes_and_the_result_arrives_once(setup, pacs, tmp_path,
-                                                                    serve_procs):
+def test_serve_killed_mid_study_and_mid_inference_resumes_and_the_result_arrives_once(
+        setup, pacs, tmp_path, serve_procs):
     orthanc, ports = pacs["orthanc"], pacs["ports"]
     study = setup["studies"][2]
     uid = _uid(study)
@@ -333,6 +333,16 @@ def test_serve_killed_mid_study_resumes_and_the_result_arrives_once(setup, pacs,
     serve_procs.append(node)
     job = orthanc.post("/modalities/medfound/store", {"Resources": [orthanc_id], "Synchronous": True})
     assert job["FailedInstancesCount"] == 0
+    # and kill -9 again while the model runs on it
+    (state_file,) = node.work.glob("studies/*/state.json")
+    deadline = time.monotonic() + 60
+    while json.loads(state_file.read_text())["status"] != "running":
+        assert time.monotonic() < deadline, node.log.read_text()
+        time.sleep(0.05)
+    node.kill()
+    assert not orthanc.series_of(uid, "SR")
+    node = Serve(*args, idle_s=5.0).start()
+    serve_procs.append(node)
     sr_series = _wait_for_sr(orthanc, uid, node=node)
     time.sleep(3)  # nothing more comes
     sr_series = orthanc.series_of(uid, "SR")
@@ -340,6 +350,8 @@ def test_serve_killed_mid_study_resumes_and_the_result_arrives_once(setup, pacs,
     _sr_checks(orthanc, sr_series[0], study, node)  # read with every instance, not half
     decided = [d["decision"] for d in node.decisions()]
     assert "resumed" in decided and decided.count("duplicate") == len(half)
+    assert any(d["detail"] == "inference was interrupted by a stop; it runs again"
+               for d in node.decisions())
     assert len(node.usage()) == 1 and node.usage()[0]["instances"] == len(instances)
 
 
