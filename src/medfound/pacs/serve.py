@@ -43,7 +43,7 @@ from medfound.pacs.queue import OUT_OF_RESOURCES, SUCCESS, WorkQueue, now_iso, r
 
 __all__ = ["MAX_BODY", "Node", "multipart_parts", "serve"]
 
-MAX_BODY = 4 << 30  # bytes of one STOW-RS request
+MAX_BODY = 2 << 30  # bytes of one STOW-RS request (held in memory while its parts are kept)
 
 
 class Node:
