@@ -41,6 +41,26 @@ def _write_scan(path: Path, centres_mm, direction, origin, spacing=(1.5, 1.5, 2.
     sitk.WriteImage(out, str(path))
 
 
+def export_tiny_detector(root: Path, cfg) -> tuple:
+    """(network, export folder): the tiny detector `cfg` with random weights and a zero prior
+    bias (scores near 0.5, so every study has findings), packaged and exported (ONNX, marked
+    not validated) under `root`."""
+    import torch
+
+    from medfound.export.onnx import export_model_package
+    from medfound.models.detection import build_network
+    from medfound.train.package import save_model_package
+
+    network = build_network(cfg, seed=0)
+    with torch.no_grad():
+        network.classification_head.cls_logits.bias.zero_()
+    package = save_model_package(root / "model", network, task="lung_nodule_detection",
+                                 model_config=cfg.to_dict(),
+                                 preprocessing={"spacing_mm": cfg.spacing_mm, "hu_window": cfg.hu_window})
+    export_model_package(package, root / "exp", parity_patches=1, allow_unvalidated=True)
+    return network, root / "exp"
+
+
 @pytest.fixture(scope="module")
 def luna(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("luna16")

@@ -20,14 +20,12 @@ import pydicom
 import pytest
 import torch
 
-from conftest import BLOCK_TORCH
+from conftest import BLOCK_TORCH, export_tiny_detector
 from medfound.data.detection import eval_transforms, load_datalist, predictions_to_rows
 from medfound.data.phantoms import make_phantoms
-from medfound.export.onnx import export_model_package
 from medfound.infer.study import FINDINGS_FORMAT, run_studies
 from medfound.io.reader import read_volume
-from medfound.models.detection import DetectorConfig, build_detector, build_network
-from medfound.train.package import save_model_package
+from medfound.models.detection import DetectorConfig, build_detector
 
 torch.set_num_threads(1)
 
@@ -41,15 +39,9 @@ def setup(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("infer_study")
     phantoms = make_phantoms(root / "phantoms", centers=1, cases=2, seed=5, size="small",
                              progress=False)
-    network = build_network(CFG, seed=0)
-    with torch.no_grad():
-        network.classification_head.cls_logits.bias.zero_()
-    package = save_model_package(root / "model", network, task="lung_nodule_detection",
-                                 model_config=CFG.to_dict(),
-                                 preprocessing={"spacing_mm": CFG.spacing_mm, "hu_window": CFG.hu_window})
-    export_model_package(package, root / "exp", parity_patches=1, allow_unvalidated=True)
+    network, exp = export_tiny_detector(root, CFG)
     items = load_datalist(phantoms, None, "all")
-    return {"root": root, "exp": root / "exp", "network": network.eval(), "items": items}
+    return {"root": root, "exp": exp, "network": network.eval(), "items": items}
 
 
 def _corrupt_copy(study: Path, dst: Path) -> Path:

@@ -284,6 +284,164 @@ def cmd_infer(args) -> int:
     return 1 if summary["n_failed"] else 0
 
 
+# --- the PACS side: `medfound center pull` and `medfound serve` (each parser beside its handler)
+
+
+def cmd_center_pull(args) -> int:
+    from medfound.pacs.connection import parse_address, parse_query
+    from medfound.pacs.pull import pull_studies
+
+    address = parse_address(args.source, "--from")
+    query = parse_query(args.query)
+
+    def report(rec: dict) -> None:
+        line = (f"{rec['study_uid']}: {rec['instances']} instance(s): {rec['written']} written, "
+                f"{rec['unchanged']} already there, {rec['conflicts']} conflict(s), "
+                f"{rec['failed']} not kept")
+        print(line if "error" not in rec else f"{line}; failed: {rec['error']}",
+              file=sys.stderr if "error" in rec else sys.stdout)
+        for path in rec["conflict_files"]:
+            print(f"warning: {path} holds a different file; left as it is", file=sys.stderr)
+
+    r = pull_studies(address, args.out, studies=args.study or (), query=query,
+                     ae_title=args.ae_title, report=report)
+    print(f"pulled {r['n_studies']} study(ies) from {r['from']} into {r['out']}: {r['written']} "
+          f"file(s) written, {r['unchanged']} already there, {r['conflicts']} conflict(s) left "
+          f"alone, {r['failed']} not kept; {r['n_failed_studies']} study(ies) failed")
+    if r["n_studies"] == 0:
+        print("warning: no study matched", file=sys.stderr)
+    return 1 if r["n_failed_studies"] or r["conflicts"] or r["failed"] else 0
+
+
+def add_center_pull(csub) -> None:
+    s = csub.add_parser(
+        "pull", help="copy studies from a PACS into a folder (for `center prepare`)",
+        description="Find studies in a PACS by StudyInstanceUID (--study) or by a study-level "
+        "query (--query KEY=VALUE: QIDO-RS or C-FIND) and fetch every instance (WADO-RS, or "
+        "C-GET over the same association) into OUT/<StudyInstanceUID>/<SeriesInstanceUID>/"
+        "<SOPInstanceUID>.dcm. Each file is written through a temporary file and linked into "
+        "place, so a rerun after an interruption fetches again but writes only what is missing; "
+        "an existing file is never replaced (a different one is reported as a conflict). Exit "
+        "status 1 if a study failed or a file conflicted.")
+    s.add_argument("--from", dest="source", required=True, metavar="URL",
+                   help="the PACS: dicomweb:http://HOST:PORT/PATH (e.g. Orthanc's "
+                        "http://pacs:8042/dicom-web) or dimse:AET@HOST:PORT")
+    s.add_argument("--out", required=True, type=Path, metavar="RAW",
+                   help="folder to write into (created if missing)")
+    s.add_argument("--study", action="append", metavar="UID",
+                   help="a StudyInstanceUID to fetch (repeatable)")
+    s.add_argument("--query", action="append", metavar="KEY=VALUE",
+                   help="a study-level matching key, DICOM keyword and value (repeatable, all "
+                        "must match): PatientID=P001, StudyDate=20240101-20240131, "
+                        "ModalitiesInStudy=CT, AccessionNumber=…")
+    s.add_argument("--ae-title", default="MEDFOUND", metavar="AET",
+                   help="this node's AE title for DIMSE (default MEDFOUND; the PACS must allow "
+                        "it C-FIND and C-GET)")
+    s.set_defaults(func=cmd_center_pull)
+
+
+def cmd_serve(args) -> int:
+    from medfound.pacs.queue import read_status
+
+    if args.action == "status":
+        if args.work is None:
+            raise MedfoundError("`medfound serve status` needs --work DIR",
+                                hint="the work folder of the node")
+        status = read_status(args.work)
+        if args.json:
+            _print_json(status)
+            return 0
+        counts = ", ".join(f"{n} {k}" for k, n in status["counts"].items())
+        print(f"{status['work']}: node {'running' if status['node_running'] else 'not running'};"
+              f" {counts}")
+        for st in status["studies"]:
+            extra = (f"; result waiting, {st['store_attempts']} store attempt(s), last: "
+                     f"{st['last_store_error']}" if st["waiting_results"] else "")
+            if st["error"]:
+                extra += f"; {st['error']}"
+            print(f"{st['study'][:16]}  {st['status']:<9} round {st['round']}  "
+                  f"{st['instances']} instance(s)  last received {st['last_received']}  "
+                  f"stored {st['stored'] or '-'}  findings {st['findings']}{extra}")
+        return 0
+    from medfound.pacs.connection import parse_address
+    from medfound.pacs.serve import serve
+
+    missing = [f"--{k.replace('_', '-')}" for k in ("model", "port", "send_to", "work")
+               if getattr(args, k) is None]
+    if missing:
+        raise MedfoundError(f"medfound serve needs {', '.join(missing)}",
+                            hint="see `medfound serve --help`")
+    if args.idle_s <= 0 or args.max_study_s <= args.idle_s:
+        raise MedfoundError("--idle-s must be > 0 and below --max-study-s",
+                            hint="e.g. --idle-s 30 --max-study-s 3600")
+    return serve(args.model, args.work, parse_address(args.send_to, "--send-to"), port=args.port,
+                 bind=args.bind, stow_port=args.stow_port, ae_title=args.ae_title,
+                 idle_s=args.idle_s, max_study_s=args.max_study_s, threshold=args.threshold,
+                 max_findings=args.max_findings, engine=args.engine, precision=args.precision,
+                 threads=args.threads, retry_s=args.retry_s, retry_max_s=args.retry_max_s,
+                 accept_from=args.accept_from)
+
+
+def add_serve(sub) -> None:
+    s = sub.add_parser(
+        "serve", help="the inference node: receive studies from a PACS, send the SR back",
+        description="Run a center's inference node: a DICOM C-STORE SCP (and C-ECHO) on --port "
+        "and, with --stow-port, a STOW-RS endpoint (POST /studies; GET /status). Every received "
+        "instance is written to WORK and fsync'd before it is acknowledged. A study is complete "
+        "after --idle-s seconds without a new instance; the node then picks the series the "
+        "model card accepts (modality, orientation, slice thickness; the others are logged "
+        "with their reason), runs the exported model with onnxruntime or OpenVINO (no torch), "
+        "and stores the DICOM SR (TID 1500; a DICOM SEG for a segmenter) in the same study as a "
+        "new series, by C-STORE or STOW-RS to --send-to. A PACS that is down or refuses is "
+        "retried with backoff; the result waits in WORK until stored. Stopped (even with kill "
+        "-9) and started again on the same WORK, it resumes every unfinished study. "
+        "WORK/decisions.jsonl logs every decision (duplicates, non-image objects, truncated "
+        "instances, skipped series, retries); WORK/usage.jsonl has one line per study (its "
+        "keyed hash, times received / started / stored, model sha256, engine, status). "
+        "`medfound serve status --work WORK` says what is queued, running, done and failed.")
+    s.add_argument("action", nargs="?", choices=("run", "status"), default="run",
+                   help="run (default) the node, or print the status of --work")
+    s.add_argument("--model", type=Path, metavar="EXP", help="the export folder (`medfound export`)")
+    s.add_argument("--work", type=Path, metavar="DIR",
+                   help="the node's work folder: received instances, queue, results, logs")
+    s.add_argument("--ae-title", default="MEDFOUND", metavar="AET",
+                   help="this node's AE title (default MEDFOUND); register it, with --port, as a "
+                        "modality in the PACS")
+    s.add_argument("--port", type=int, metavar="N", help="DICOM port to listen on (e.g. 11112)")
+    s.add_argument("--bind", default="0.0.0.0", metavar="ADDRESS",
+                   help="address to listen on (default 0.0.0.0: every interface)")
+    s.add_argument("--accept-from", action="append", metavar="AET",
+                   help="accept DICOM associations only from this calling AE title (repeatable; "
+                        "default: any)")
+    s.add_argument("--stow-port", type=int, metavar="N",
+                   help="also receive by STOW-RS on this HTTP port (POST /studies) and answer "
+                        "GET /status")
+    s.add_argument("--send-to", metavar="URL",
+                   help="where results go: dimse:AET@HOST:PORT (C-STORE) or "
+                        "dicomweb:http://HOST:PORT/PATH (STOW-RS)")
+    s.add_argument("--idle-s", type=float, default=30.0, metavar="S",
+                   help="a study is complete after S seconds without a new instance (default 30)")
+    s.add_argument("--max-study-s", type=float, default=3600.0, metavar="S",
+                   help="a study still receiving S seconds after its first instance is read with "
+                        "what it has (default 3600)")
+    s.add_argument("--threshold", type=float, default=0.5,
+                   help="report findings with probability ≥ this (default 0.5)")
+    s.add_argument("--max-findings", type=int, default=20, help="at most this many per study")
+    s.add_argument("--engine", choices=("auto", "onnxruntime", "openvino"), default="auto",
+                   help="what runs the network (as for `medfound infer`)")
+    s.add_argument("--precision", choices=("auto", "fp32", "bf16", "int8"), default="auto",
+                   help="network arithmetic (as for `medfound infer`)")
+    s.add_argument("--threads", type=int, help="the engine's intra-op threads (default: all cores)")
+    s.add_argument("--retry-s", type=float, default=2.0, metavar="S",
+                   help="first wait before storing a result again in a PACS that failed "
+                        "(doubled each attempt; default 2)")
+    s.add_argument("--retry-max-s", type=float, default=300.0, metavar="S",
+                   help="longest wait between store attempts (default 300)")
+    s.add_argument("--json", action="store_true", help="status: print JSON")
+    _add_max_voxels(s)
+    s.set_defaults(func=cmd_serve)
+
+
 def recipes_dir() -> Path:
     """recipes/ of the checkout medfound runs from (MEDFOUND_RECIPES overrides)."""
     import os
@@ -486,6 +644,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_max_voxels(s)
     s.set_defaults(func=cmd_infer)
+    add_serve(sub)
 
     csub = _command_group(sub, "center", "what a center node does: check its data, join a federation",
                           "Commands a center node runs on its own data.")
@@ -572,6 +731,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--center", required=True, help="this center's name (names the files)")
     s.add_argument("--overwrite", action="store_true", help="replace an existing key pair")
     s.set_defaults(func=cmd_center_keys)
+    add_center_pull(csub)
 
     fsub = _command_group(sub, "fed", "the coordinator's side of a federation",
                           "Commands the coordinator (the federation's server) runs.")

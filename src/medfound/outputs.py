@@ -10,6 +10,9 @@ goes through these functions:
   under a name nothing else holds; an existing file or folder is never removed or replaced;
 - `atomic_write` writes a file through a temporary sibling renamed over the target, and removes
   the temporary on failure;
+- `write_once` writes a file that must not replace anything: through a temporary sibling
+  hard-linked to the target (which fails if the target exists), optionally fsync'd with its
+  folder, so a file that is there is whole;
 - `disk_error` turns the OSError of a full, read-only or unwritable disk into a `MedfoundError`
   naming the path, the reason and, where known, how much space was needed and how much is free.
 """
@@ -29,7 +32,7 @@ from typing import Any
 from medfound.errors import MedfoundError
 
 __all__ = ["DiskError", "atomic_write", "check_output_folder", "disk_error", "free_bytes", "publish_dir",
-           "staged_dir", "unique_name", "write_json", "writable_folder"]
+           "staged_dir", "unique_name", "write_json", "write_once", "writable_folder"]
 
 # Errors of the disk itself (as opposed to a bug): reported as one line, never a traceback.
 _DISK_ERRNOS = {errno.ENOSPC: "no space left on the device",
@@ -175,9 +178,10 @@ def publish_dir(work: Path, final: Path) -> Path:
     return final
 
 
-def atomic_write(path: str | Path, data: bytes | str) -> Path:
+def atomic_write(path: str | Path, data: bytes | str, *, fsync: bool = False) -> Path:
     """Write `data` to `path` through a temporary file in the same folder renamed over it; on
-    any failure the temporary is removed and `path` is as it was."""
+    any failure the temporary is removed and `path` is as it was. With `fsync` the file and
+    its folder are flushed to the disk before this returns (the new content survives a crash)."""
     path = Path(path)
     raw = data.encode() if isinstance(data, str) else data
     try:
@@ -187,7 +191,12 @@ def atomic_write(path: str | Path, data: bytes | str) -> Path:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(raw)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
+        if fsync:
+            _fsync_folder(path.parent)
     except OSError as err:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
@@ -199,6 +208,58 @@ def atomic_write(path: str | Path, data: bytes | str) -> Path:
     return path
 
 
-def write_json(path: str | Path, data: Any, **dumps: Any) -> Path:
-    """`data` as indented JSON at `path`, atomically (`atomic_write`)."""
-    return atomic_write(path, json.dumps(data, indent=2, **dumps) + "\n")
+def write_json(path: str | Path, data: Any, *, fsync: bool = False, **dumps: Any) -> Path:
+    """`data` as indented JSON at `path`, atomically (`atomic_write`; `fsync` as there)."""
+    return atomic_write(path, json.dumps(data, indent=2, **dumps) + "\n", fsync=fsync)
+
+
+def _fsync_folder(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_once(path: str | Path, data: bytes, *, fsync: bool = False) -> str:
+    """Write `data` to `path` unless something is there: "written", or "same" when `path`
+    already holds exactly `data`, or "different" when it holds something else (left as it is).
+
+    The bytes go to a temporary sibling first, which is hard-linked to `path` (atomic, and
+    refused by the file system if `path` exists, so two writers cannot both win); with `fsync`
+    the file and its folder are flushed to the disk before this returns, so a caller may then
+    acknowledge the data as kept."""
+    path = Path(path)
+    if os.path.lexists(path):
+        return _same_bytes(path, data)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".medfound-", suffix=".partial", dir=path.parent)
+    except OSError as err:
+        raise disk_error(err, path, needed=len(data)) from err
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return _same_bytes(path, data)
+        if fsync:
+            _fsync_folder(path.parent)
+        return "written"
+    except OSError as err:
+        raise disk_error(err, path, needed=len(data)) from err
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+
+
+def _same_bytes(path: Path, data: bytes) -> str:
+    try:
+        if path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data:
+            return "same"
+    except OSError:
+        pass
+    return "different"

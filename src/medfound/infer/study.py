@@ -61,7 +61,8 @@ from medfound.outputs import (
 )
 
 __all__ = ["FINDINGS_FORMAT", "SEGMENTS_FORMAT", "detect_study", "findings_from_boxes",
-           "model_validation", "render_overview", "run_studies", "segment_study"]
+           "infer_one_study", "model_validation", "open_model", "render_overview", "run_studies",
+           "segment_study"]
 
 FINDINGS_FORMAT = "medfound-findings/1"
 SEGMENTS_FORMAT = "medfound-segments/1"
@@ -243,10 +244,16 @@ def _is_dicom_source(study: Path) -> bool:
     return not study.name.lower().endswith((".nii", ".nii.gz", ".mhd", ".mha"))
 
 
-def _one_study(net: OnnxDetector | OnnxSegmenter, study: Path, out: Path, model: dict[str, Any],
-               threshold: float, max_findings: int, sr: bool, used: set[str],
-               series_uid: str | None, annotations: dict[str, Any] | None = None
-               ) -> dict[str, Any]:
+def infer_one_study(net: OnnxDetector | OnnxSegmenter, study: Path, out: Path,
+                    model: dict[str, Any], threshold: float, max_findings: int, sr: bool,
+                    used: set[str], series_uid: str | None,
+                    annotations: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One study through `net` (from `open_model`, whose record is `model`): its results in
+    a fresh folder ``OUT/<series_uid>`` (a name in `used` or in OUT gets ``_2``, …; the name
+    taken is added to `used`). Returns the study's record: ``series_uid``, ``out``, ``outputs``
+    (file names: findings/sr/overview or segments/mask/seg/overview), counts, ``input_shape``
+    and ``timings_s`` (read, preprocess, network, postprocess, write). MedfoundError for a
+    study that cannot be read; DiskError for a full or read-only OUT."""
     labels = None
     if isinstance(net, OnnxSegmenter):
         volume, labels, findings, facts = segment_study(net, study, series_uid)
@@ -342,6 +349,38 @@ def _write_segments(work: Path, study: Path, volume: Volume, labels: np.ndarray,
     return outputs
 
 
+def open_model(model: str | Path, *, providers: Sequence[str] | str | None = None,
+               threads: int | None = None, precision: str = "fp32",
+               trt_cache: str | Path | None = None, fp16: bool = False,
+               engine: str = "onnxruntime", scoring: bool = False
+               ) -> tuple[OnnxDetector | OnnxSegmenter, dict[str, Any]]:
+    """The exported detector or segmenter `model`, loaded once, and the model record results
+    carry (name, version, sha256, engine, precision, engine_reason, export, providers,
+    validation). `scoring`: annotations will be scored (refused for a segmenter)."""
+    net: OnnxDetector | OnnxSegmenter
+    if "segmentation" in load_model_card(model)[1]:
+        if scoring:
+            raise MedfoundError("--annotations scores a detector's findings; this export is a "
+                                "segmenter", path=model, hint="drop --annotations")
+        if precision not in ("fp32", "auto"):
+            raise MedfoundError(f"a segmenter export runs in fp32 only, not {precision}",
+                                path=model, hint="drop --int8 / --precision")
+        net = OnnxSegmenter(model, providers=providers, threads=threads, engine=engine)
+        sha256 = net.card["onnx"]["sha256"]
+    else:
+        net = OnnxDetector(model, providers=providers, threads=threads, precision=precision,
+                           trt_cache=trt_cache, fp16=fp16, engine=engine)
+        sha256 = net.sha256
+    card = net.card
+    model_info = {"name": f"medfound-{card.get('task') or 'detector'}",
+                  "version": str(card.get("versions", {}).get("medfound", "")),
+                  "sha256": sha256, "engine": net.choice["engine"],
+                  "precision": net.choice["precision"], "engine_reason": net.choice["reason"],
+                  "export": str(Path(model)), "providers": net.providers,
+                  "validation": model_validation(card)}
+    return net, model_info
+
+
 def run_studies(model: str | Path, studies: Sequence[str | Path], out: str | Path, *,
                 providers: Sequence[str] | str | None = None, threads: int | None = None,
                 precision: str = "fp32", trt_cache: str | Path | None = None, fp16: bool = False,
@@ -383,28 +422,10 @@ def run_studies(model: str | Path, studies: Sequence[str | Path], out: str | Pat
         raise MedfoundError(f"holds the {SUMMARY} of an earlier run", path=out,
                             hint="choose a new --out folder (nothing in an existing one is replaced)")
     nodules = None if annotations is None else read_annotations(annotations)
-    net: OnnxDetector | OnnxSegmenter
-    if "segmentation" in load_model_card(model)[1]:
-        if nodules is not None:
-            raise MedfoundError("--annotations scores a detector's findings; this export is a "
-                                "segmenter", path=model, hint="drop --annotations")
-        if precision not in ("fp32", "auto"):
-            raise MedfoundError(f"a segmenter export runs in fp32 only, not {precision}",
-                                path=model, hint="drop --int8 / --precision")
-        net = OnnxSegmenter(model, providers=providers, threads=threads, engine=engine)
-        sha256 = net.card["onnx"]["sha256"]
-    else:
-        net = OnnxDetector(model, providers=providers, threads=threads, precision=precision,
-                           trt_cache=trt_cache, fp16=fp16, engine=engine)
-        sha256 = net.sha256
+    net, model_info = open_model(model, providers=providers, threads=threads, precision=precision,
+                                 trt_cache=trt_cache, fp16=fp16, engine=engine,
+                                 scoring=nodules is not None)
     writable_folder(out)
-    card = net.card
-    model_info = {"name": f"medfound-{card.get('task') or 'detector'}",
-                  "version": str(card.get("versions", {}).get("medfound", "")),
-                  "sha256": sha256, "engine": net.choice["engine"],
-                  "precision": net.choice["precision"], "engine_reason": net.choice["reason"],
-                  "export": str(Path(model)), "providers": net.providers,
-                  "validation": model_validation(card)}
     if announce is not None:
         announce(model_info)
     summary: dict[str, Any] = {"model": model_info, "threshold": threshold, "studies": [],
@@ -424,7 +445,7 @@ def run_studies(model: str | Path, studies: Sequence[str | Path], out: str | Pat
         t0 = time.perf_counter()
         try:
             rec = {"study": str(study), "status": "ok",
-                   **_one_study(net, study, out, model_info, threshold, max_findings, sr, used,
+                   **infer_one_study(net, study, out, model_info, threshold, max_findings, sr, used,
                                 series_uid, None if nodules is None else
                                 {"path": str(annotations), "nodules": nodules})}
             summary["n_ok"] += 1
