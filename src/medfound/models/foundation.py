@@ -1,6 +1,6 @@
 """Multi-modal foundation encoder: one 3D encoder for CT, MR, PET and ultrasound.
 
-Shape of the network (why: see the README's "Foundation model" section):
+Shape of the network (why: see docs/foundation.md, "Encoder"):
 
     volume (B, 1, i, j, k) of modality m, intensities already in [0, 1] (medfound.data.pretrain)
       │  stems[m]: conv1 (conv1_t_size, stride conv1_t_stride) → bn1 → + embedding[m] → ReLU
