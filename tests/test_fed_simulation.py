@@ -232,6 +232,28 @@ def test_a_separate_evaluate_exchange_gives_the_same_scores_and_model(
         torch.testing.assert_close(separate[key], straight[key], rtol=0, atol=0)
 
 
+def test_evaluate_every_scores_only_those_rounds_and_trains_the_same_model(
+        federated: Path, phantoms: Path, tmp_path: Path) -> None:
+    """fed.evaluate_every=2 over 2 rounds: round 1's model is never scored (no evaluate request
+    reaches a center), the last one is, and what the centers train is unchanged."""
+    out = tmp_path / "FED"
+    res = federate(f"data.root={phantoms}", "fed.rounds=2", f"out_dir={out}",
+                   "fed.cross_site=false", "fed.evaluate_every=2")
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    a = json.loads((federated / "metrics.json").read_text())
+    b = json.loads((out / "metrics.json").read_text())
+    assert [g["round"] for g in b["global"]] == [2] and b["global"][0] == a["global"][1]
+    assert b["rounds"][0]["evaluate"]["skipped"] is True
+    for center in CENTERS:
+        audit = read_audit(out / "audit" / f"{center}.jsonl")
+        assert [(x["round"], x["kind"]) for x in audit] == [(1, "query"), (1, "train"),
+                                                            (2, "train"), (2, "evaluate")]
+    straight = torch.load(federated / "model" / "weights.pt", weights_only=True)
+    every = torch.load(out / "model" / "weights.pt", weights_only=True)
+    for key in straight:
+        torch.testing.assert_close(every[key], straight[key], rtol=0, atol=0)
+
+
 @pytest.mark.long
 def test_resume_after_a_completed_round_gives_the_uninterrupted_result(
         federated: Path, phantoms: Path, tmp_path: Path) -> None:
@@ -306,6 +328,7 @@ def test_adapter_only_fine_tuning_exchanges_a_tenth_of_the_model_after_round_1(
 @pytest.mark.parametrize(("override", "expected"), [
     ("fed.centers=[center_0,center_9]", "center_9"),
     ("fed.transfer_dtype=int8", "fed.transfer_dtype"),
+    ("fed.evaluate_every=0", "fed.evaluate_every"),
 ])
 def test_bad_config_ends_in_one_line(phantoms: Path, tmp_path: Path, override: str,
                                      expected: str) -> None:

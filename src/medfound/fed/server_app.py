@@ -211,7 +211,9 @@ def run_coordinator(grid: Grid, cfg: Mapping[str, Any], config_yaml: str = "") -
                 tracker.log_metrics(_flat_evaluate(scored["evaluate"]), step=scored["round"])
             global_arrays = {**global_arrays, **new}
             train_s = time.time() - started
-            if evaluate_with_train and rnd < settings.rounds:
+            if rnd % settings.evaluate_every and rnd < settings.rounds:
+                evaluate = {"global": {}, "centers": {}, "failed": [], "skipped": True}
+            elif evaluate_with_train and rnd < settings.rounds:
                 evaluate = {"global": {}, "centers": {}, "failed": [], "pending": True}
             else:
                 evaluate = _evaluate_round(grid, strategy, rnd,
@@ -759,7 +761,7 @@ def write_metrics(path: Path, history: list[dict[str, Any]], settings: FedSettin
         "model_bytes_fp32": model_bytes,
         "privacy": privacy_report(history, settings, cross_site),
         "global": [{"round": r["round"], **r["evaluate"]["global"]} for r in history
-                   if not r["evaluate"].get("pending")],
+                   if not (r["evaluate"].get("pending") or r["evaluate"].get("skipped"))],
         "bytes_per_center": totals,
         "round_durations_s": [r["duration_s"] for r in history],
         "rejected_replies": list(rejected),

@@ -52,6 +52,7 @@ class FedSettings:
     privacy: dict[str, Any] = dataclasses.field(default_factory=dict)
     exchange: str = "all"  # "all" | "trainable" (see configs/federate.yaml)
     evaluate_with_train: bool = True  # score round r's model in round r+1's train message
+    evaluate_every: int = 1  # score the global model every this many rounds (and the last one)
     stream_aggregation: bool = True  # spool updates to disk, average array by array
     task: str = "detect"  # task.name: "detect" (the nodule detector) | "pretrain" (the encoder)
     # cross-site validation also sends each center's last local update to every other center
@@ -93,7 +94,8 @@ class FedSettings:
              "must be a non-empty list of center names (letters, digits, '_', '.', '-'; up to "
              "64), e.g. fed.centers=[center_0,center_1]")
         need(len(set(names)) == len(names), "centers", "lists a center twice")
-        for key in ("rounds", "local_epochs", "min_centers"):
+        fed.setdefault("evaluate_every", 1)
+        for key in ("rounds", "local_epochs", "min_centers", "evaluate_every"):
             need(_int(fed.get(key)) and fed[key] >= 1, key, "must be an integer >= 1")
         need(fed["min_centers"] <= len(names), "min_centers",
              f"is more than the {len(names)} centers in fed.centers")
@@ -188,7 +190,8 @@ class FedSettings:
                    strategy=strategy,
                    simulation=simulation, deployment=deployment, privacy=privacy,
                    exchange=exchange, task=task, share_local_models=share,
-                   max_cases=int(max_cases), declared_cases=declared, nodes=nodes, **switches)
+                   max_cases=int(max_cases), declared_cases=declared, nodes=nodes,
+                   evaluate_every=int(fed["evaluate_every"]), **switches)
 
 
 # fed.privacy keys and their defaults (configs/federate.yaml explains each).
