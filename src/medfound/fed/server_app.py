@@ -54,6 +54,7 @@ the name it claimed, why) and ``privacy`` (`privacy_report`).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import time
@@ -68,6 +69,7 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from medfound.errors import MedfoundError
+from medfound.fed.audit import ReceiptLog
 from medfound.fed.params import decode_arrays, encode_arrays, payload_bytes, shared_state
 from medfound.fed.protocol import (
     ARRAYS,
@@ -97,6 +99,7 @@ __all__ = ["STATE_FILE", "make_server_app", "run_coordinator"]
 STATE_FILE = Path("server") / "state.pt"
 SPOOL_DIR = Path("server") / "spool"  # a round's updates while it aggregates (fed.stream_aggregation)
 METRICS_FILE = "metrics.json"
+RECEIPTS_FILE = "receipts.jsonl"  # one chained receipt per message sent or received
 _FORMAT = "medfound-fed-server/1"
 
 
@@ -188,6 +191,7 @@ def run_coordinator(grid: Grid, cfg: Mapping[str, Any], config_yaml: str = "") -
         gate.refused.extend(resumed_refusals)
         gate.take_refused()
     known = gate.known
+    receipts = ReceiptLog(out / RECEIPTS_FILE)
     local_models: dict[str, dict[str, np.ndarray]] = {}  # the last round's accepted updates
     cross_site: dict[str, Any] | None = None
 
@@ -195,7 +199,7 @@ def run_coordinator(grid: Grid, cfg: Mapping[str, Any], config_yaml: str = "") -
         # --- the loop ---
         for rnd in range(first_round, settings.rounds + 1):
             started = time.time()
-            traffic = _Traffic()
+            traffic = _Traffic(receipts)
             cross_site_now = settings.cross_site and not pretrain and rnd == settings.rounds
             keep = local_models if cross_site_now and settings.share_local_models else None
             sent = _exchanged(global_arrays, exchanged, whole=rnd == 1)
@@ -243,7 +247,7 @@ def run_coordinator(grid: Grid, cfg: Mapping[str, Any], config_yaml: str = "") -
         if settings.cross_site and not pretrain:
             cross_site = _cross_site(grid, out, _exchanged(global_arrays, exchanged, whole=False),
                                      local_models, instruction,
-                                     settings, gate, history[-1]["round"], tracker)
+                                     settings, gate, history[-1]["round"], tracker, receipts)
 
         # --- package the global model ---
         for name, value in shared_state(network.state_dict()).items():
@@ -425,7 +429,7 @@ def _secure_train_round(grid: Grid, rnd: int, messages: list[Message],
 def _cross_site(grid: Grid, out: Path, global_arrays: dict[str, np.ndarray],
                 local_models: Mapping[str, dict[str, np.ndarray]], instruction: Any,
                 settings: FedSettings, gate: ReplyGate, rnd: int, tracker: Any,
-                ) -> dict[str, Any]:
+                receipts: ReceiptLog | None = None) -> dict[str, Any]:
     """Cross-site validation (medfound.fed.cross_site): FED/cross_site.csv and .png, to MLflow.
 
     Each center gets the global model and, only with fed.share_local_models, the other
@@ -436,7 +440,7 @@ def _cross_site(grid: Grid, out: Path, global_arrays: dict[str, np.ndarray],
     shared = local_models if settings.share_local_models else {}
     models = {GLOBAL: global_arrays,
               **{local_name(c): shared[c] for c in settings.centers if c in shared}}
-    traffic = _Traffic()
+    traffic = _Traffic(receipts)
     result = cross_site_evaluate(
         grid, models, instruction, rnd, known=known,
         exchange=lambda messages: _exchange(grid, messages, settings, gate, traffic,
@@ -490,11 +494,19 @@ def _evaluate_record(centers: Mapping[str, dict[str, float]], failed: list[dict[
 
 
 class _Traffic:
-    """Bytes per round: sent to each node, received from each center."""
+    """Bytes per round: sent to each node, received from each center; and with `receipts`
+    (FED/receipts.jsonl) a receipt for every message either way."""
 
-    def __init__(self) -> None:
+    def __init__(self, receipts: ReceiptLog | None = None) -> None:
         self.to_node: dict[int, int] = {}
         self.from_center: dict[str, int] = {}
+        self.receipts = receipts
+
+    def receipt(self, direction: str, node: int, center: str | None, rnd: int, kind: str,
+                digest: str, size: int, origin: str | None = None) -> None:
+        if self.receipts is not None:
+            self.receipts.record(direction=direction, node=node, center=center, round=rnd,
+                                 kind=kind, digest=digest, size=size, origin=origin)
 
     def by_center(self, known: Mapping[int, str]) -> dict[str, dict[str, int]]:
         """{center: {"sent": bytes the center sent, "received": bytes it was sent}}."""
@@ -545,15 +557,18 @@ def _exchange(grid: Grid, messages: Iterable[Message], settings: FedSettings,
     known = gate.known
     models = list(models)
     messages = list(messages)
-    sizes: dict[int, int] = {}
+    sizes: dict[int, tuple[int, str]] = {}
     for msg in messages:
         content = msg.content
         if id(content) not in sizes:  # strategies share one content among their messages
             for key in list(content.array_records):
                 content[key] = encode_arrays(decode_arrays(content[key]), settings.transfer_dtype)
-            sizes[id(content)] = len(payload_bytes(content))
+            data = payload_bytes(content)
+            sizes[id(content)] = (len(data), hashlib.sha256(data).hexdigest())
         node = msg.metadata.dst_node_id
-        traffic.to_node[node] = traffic.to_node.get(node, 0) + sizes[id(content)]
+        size, digest = sizes[id(content)]
+        traffic.to_node[node] = traffic.to_node.get(node, 0) + size
+        traffic.receipt("sent", node, known.get(node), rnd, kind, digest, size)
     if not messages:
         return []
     nodes = {m.metadata.dst_node_id for m in messages}
@@ -564,17 +579,24 @@ def _exchange(grid: Grid, messages: Iterable[Message], settings: FedSettings,
             sent.update({m.metadata.message_id: m for m in messages})
         # An error the SuperLink makes for a center that stopped answering (no heartbeat)
         # comes from the SuperLink itself: re-address it as coming from the center's node.
+        origin = None
         if (msg.has_error() and msg.metadata.src_node_id not in nodes
                 and msg.metadata.reply_to_message_id in sent):
             msg = Message(msg.error, reply_to=sent[msg.metadata.reply_to_message_id])
+            origin = "superlink"
         asked = sent.get(msg.metadata.reply_to_message_id)
         if asked is not None and asked.metadata.dst_node_id != msg.metadata.src_node_id:
             asked = None  # a reply to a message sent to another node
-        size = len(payload_bytes(msg.content)) if msg.has_content() else len(str(msg.error.reason))
+        data = _reply_bytes(msg)
+        size = len(data)
         admitted = gate.admit(msg, sent=asked, kind=kind, rnd=rnd, arrays=arrays,
                               transfer_dtype=settings.transfer_dtype, models=models)
-        center = known.get(msg.metadata.src_node_id, f"node-{msg.metadata.src_node_id}")
+        node = int(msg.metadata.src_node_id)
+        center = known.get(node, f"node-{node}")
         traffic.from_center[center] = traffic.from_center.get(center, 0) + size
+        traffic.receipt("received", node, known.get(node), rnd,
+                        "error" if msg.has_error() else kind, hashlib.sha256(data).hexdigest(),
+                        size, origin)
         for note in gate.notes:
             print(f"round {rnd}: {note}", flush=True)
         gate.notes.clear()
@@ -604,6 +626,10 @@ def _name_nodes(grid: Grid, settings: FedSettings, gate: ReplyGate, traffic: _Tr
         return
     messages = [Message(RecordDict({}), dst_node_id=n, message_type=MessageType.QUERY,
                         group_id=str(rnd)) for n in unnamed]
+    empty = payload_bytes(RecordDict({}))
+    for n in unnamed:
+        traffic.receipt("sent", n, None, rnd, "query", hashlib.sha256(empty).hexdigest(),
+                        len(empty))
     sent: dict[str, Message] = {}
 
     def named(reply: Message) -> None:
@@ -611,21 +637,39 @@ def _name_nodes(grid: Grid, settings: FedSettings, gate: ReplyGate, traffic: _Tr
             sent.update({m.metadata.message_id: m for m in messages})
         asked = sent.get(reply.metadata.reply_to_message_id)
         node = int(reply.metadata.src_node_id)
-        if reply.has_error() or asked is None or asked.metadata.dst_node_id != node:
-            return None
-        if gate.admit(reply, sent=asked, kind="query", rnd=rnd) is None:
-            item = gate.refused[-1]
-            print(f"round {rnd}: refused a query reply from node {node}: {item['reason']}",
-                  flush=True)
-            return None
-        center = gate.known[node]
-        traffic.to_node[node] = traffic.to_node.get(node, 0) + len(payload_bytes(asked.content))
-        traffic.from_center[center] = (traffic.from_center.get(center, 0)
-                                       + len(payload_bytes(reply.content)))
-        return None
+        data = _reply_bytes(reply)
+        try:
+            if reply.has_error() or asked is None or asked.metadata.dst_node_id != node:
+                return None
+            return _admit_name(reply, asked, node, gate, traffic, rnd)
+        finally:
+            traffic.receipt("received", node, gate.known.get(node), rnd,
+                            "error" if reply.has_error() else "query",
+                            hashlib.sha256(data).hexdigest(), len(data))
 
     _send_and_receive(grid, messages, timeout=min(NAME_TIMEOUT_S, settings.round_timeout_s),
                       on_reply=named)
+
+
+def _reply_bytes(msg: Message) -> bytes:
+    """A reply's content as the center's audit log hashes it: the content, or the error's
+    reason."""
+    return payload_bytes(msg.content) if msg.has_content() else str(msg.error.reason).encode()
+
+
+def _admit_name(reply: Message, asked: Message, node: int, gate: ReplyGate, traffic: _Traffic,
+                rnd: int) -> None:
+    """A query reply through the gate (which binds the node's name) and into the traffic."""
+    if gate.admit(reply, sent=asked, kind="query", rnd=rnd) is None:
+        item = gate.refused[-1]
+        print(f"round {rnd}: refused a query reply from node {node}: {item['reason']}",
+              flush=True)
+        return None
+    center = gate.known[node]
+    traffic.to_node[node] = traffic.to_node.get(node, 0) + len(payload_bytes(asked.content))
+    traffic.from_center[center] = (traffic.from_center.get(center, 0)
+                                   + len(payload_bytes(reply.content)))
+    return None
 
 
 def _refusals(items: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
