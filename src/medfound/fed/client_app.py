@@ -413,6 +413,8 @@ def _evaluate_weights(task: Mapping[str, Any], arrays: Any, items: list[dict[str
                                 n_bootstraps=int(task["eval_bootstraps"]), seed=task["seed"])
     metrics["cpm"] = float(luna["cpm"])
     metrics.update({f"froc/{rate}": float(s) for rate, s in luna["froc"].items()})
+    if task.get("score_loss"):  # fed.contribution: a score that moves before the CPM does
+        metrics.update(task_lib.validation_scores(detector, items, transform))
     return metrics, (float(luna["cpm_ci95"][0]), float(luna["cpm_ci95"][1]))
 
 
