@@ -148,3 +148,17 @@ def test_reconcile_lists_the_message_one_side_lacks(run: Path, tmp_path: Path, c
     assert extra["direction"] == "received" and extra["kind"] == "train"
     assert result["only_coordinator"] == []
     assert result["receipts_chain"] is not None and "removed" in result["receipts_chain"]
+
+
+def test_contribution_json_counts_what_each_center_did(run: Path) -> None:
+    """Without fed.contribution the record is the coordinator's bookkeeping only."""
+    doc = json.loads((run / "contribution.json").read_text())
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert doc["effect"] is None and "fed.contribution=true" in doc["method"]
+    assert not (run / "contribution.png").exists()
+    for center in CENTERS:
+        per = doc["centers"][center]
+        assert per["rounds"] == [1] and per["accepted_rounds"] == [1]
+        assert per["accepted_updates"] == 1 and per["rejected_updates"] == 0
+        assert per["cases"] == metrics["rounds"][0]["train"]["centers"][center]["num-examples"]
+        assert per["bytes"] == metrics["bytes_per_center"][center]
