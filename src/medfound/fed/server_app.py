@@ -194,7 +194,7 @@ def run_coordinator(grid: Grid, cfg: Mapping[str, Any], config_yaml: str = "") -
         gate.take_refused()
     known = gate.known
     receipts = ReceiptLog(out / RECEIPTS_FILE)
-    # fed.contribution: each center's share of every round's aggregate (medfound.fed.contribution)
+    # fed.contribution: each center's share of the last round's aggregate (fed.contribution)
     loo = LeaveOneOut() if settings.contribution else None
     if loo is not None and cfg.get("resume"):
         loo.restore(state.get("contribution"))
