@@ -16,6 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from medfound.cli import main
 from processes import free_port_block, medfound_env, three_centers
 
 REPO = Path(__file__).resolve().parents[1]
@@ -62,14 +63,22 @@ def test_local_federation_over_tls_trains_a_round_and_stops_every_process(
 
     # Each center's own audit log, written by its SuperNode, lists what it sent: a train
     # reply, an evaluate reply and a cross-site one, whose sizes add up to what the
-    # coordinator received.
+    # coordinator received. It is signed with the center's node key, and every message in it
+    # is in the coordinator's receipts with the same hash, both ways, across the real wire.
     for center in CENTERS:
-        lines = (out / "centers" / center / "audit" / f"{center}.jsonl").read_text().splitlines()
-        records = [json.loads(line) for line in lines]
-        assert sorted(r["kind"] for r in records) == ["cross-site", "evaluate", "query", "train"]
-        sent = sum(r["bytes"] for r in records)
+        log = out / "centers" / center / "audit" / f"{center}.jsonl"
+        records = [json.loads(line) for line in log.read_text().splitlines()]
+        sent_records = [r for r in records if r["direction"] == "sent"]
+        assert sorted(r["kind"] for r in sent_records) == ["cross-site", "evaluate", "query",
+                                                           "train"]
+        sent = sum(r["bytes"] for r in sent_records)
         assert sent == (sum(r["bytes"][center]["sent"] for r in metrics["rounds"])
                         + metrics["cross_site"]["bytes"][center]["sent"])
+        assert all(r["sig"] for r in records)
+        assert main(["center", "audit", "--verify", str(log), "--public-key",
+                     str(out / "keys" / f"{center}.pub")]) == 0
+        assert main(["fed", "reconcile", "--center-log", str(log),
+                     "--receipts", str(out / "receipts.jsonl")]) == 0
     # Cross-site validation ran over the real processes too: four models, three centers.
     assert (out / "cross_site.csv").read_text().splitlines()[0] == "model," + ",".join(CENTERS)
     assert sorted(metrics["cross_site"]["models"]) == ["global", *(f"local:{c}" for c in CENTERS)]
@@ -99,7 +108,7 @@ def test_secure_aggregation_over_real_supernodes_and_their_workers(phantoms: Pat
     for center in CENTERS:
         assert "worker is not running" not in (out / "logs" / f"{center}.log").read_text()
         lines = (out / "centers" / center / "audit" / f"{center}.jsonl").read_text().splitlines()
-        assert [json.loads(line)["kind"] for line in lines] == [
+        assert [r["kind"] for line in lines if (r := json.loads(line))["direction"] == "sent"] == [
             "query", "secagg-setup", "secagg-share_keys", "secagg-collect_masked_vectors",
             "secagg-unmask", "evaluate"]
 

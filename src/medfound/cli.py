@@ -128,14 +128,46 @@ def cmd_center_prepare(args) -> int:
 
 
 def cmd_center_audit(args) -> int:
-    from medfound.fed.audit import audit_totals, format_audit, read_audit
+    from medfound.fed.audit import (
+        audit_totals,
+        format_audit,
+        format_verification,
+        read_audit,
+        verify_log,
+    )
 
-    records = read_audit(args.file)
+    if args.public_key and not args.verify:
+        raise MedfoundError("--public-key checks signatures: it needs --verify",
+                            hint=f"medfound center audit --verify {args.file} --public-key "
+                                 f"{args.public_key}")
+    if args.verify:
+        v = verify_log(args.file, args.public_key)
+        if args.json:
+            _print_json({"ok": v.ok, "records": v.records, "signed": v.signed,
+                         "key": v.fingerprint, "key_source": v.key_source,
+                         "problem": v.problem, "line": v.line, "tail": v.tail, "notes": v.notes})
+        else:
+            print(format_verification(v))
+        return 0 if v.ok else 1
+    records = read_audit(args.file, direction=None)
     if args.json:
         _print_json({"records": records, "totals": audit_totals(records)})
     else:
         print(format_audit(records))
     return 0
+
+
+def cmd_fed_reconcile(args) -> int:
+    from medfound.fed.audit import format_reconcile, reconcile
+
+    result = reconcile(args.center_log, args.receipts)
+    if args.json:
+        _print_json(result)
+    else:
+        print(format_reconcile(result))
+    clean = not (result["only_center"] or result["only_coordinator"] or result["center_chain"]
+                 or result["receipts_chain"])
+    return 0 if clean else 1
 
 
 def cmd_fed_superlink(args) -> int:
@@ -684,12 +716,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_center_prepare)
     s = csub.add_parser(
-        "audit", help="show what a center sent to the federation",
-        description="Print a center's outbound audit log (FED/audit/<center>.jsonl: one line "
-        "per message that left the center, with its round, kind, size, sha256 and the names "
-        "of the metrics it carried) as a table, with totals.")
+        "audit", help="show, or check, what a center sent to and received from the federation",
+        description="Print a center's audit log (FED/audit/<center>.jsonl: one line per "
+        "message that left the center or arrived at it, with its round, direction, kind, size, "
+        "sha256 and the names of the metrics it carried) as a table, with totals. --verify "
+        "checks the log's hash chain and its signatures (the center's node key) and names the "
+        "first record edited, removed, inserted or reordered; exit 1 when it finds one.")
     s.add_argument("file", type=Path, metavar="FILE", help="the center's audit log (.jsonl)")
     s.add_argument("--json", action="store_true", help="print the records and totals as JSON")
+    s.add_argument("--verify", action="store_true",
+                   help="check the chain, the signatures and the tail (against LOG's head file)")
+    s.add_argument("--public-key", type=Path, metavar="PUB",
+                   help="the center's public key (CENTER.pub, OpenSSH, or PEM): check the "
+                        "signatures against it rather than the key the log names")
     s.set_defaults(func=cmd_center_audit)
     s = csub.add_parser(
         "join", help="join a federation: run this center's Flower SuperNode",
@@ -765,6 +804,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--root-certificates", required=True, metavar="CA.crt",
                    help="CA certificate the SuperLink's certificate is signed with")
     s.set_defaults(func=cmd_fed_register)
+    s = fsub.add_parser(
+        "reconcile", help="compare a center's audit log with the coordinator's receipts",
+        description="List every message one side has and the other has not: what the center's "
+        "log says it sent that the coordinator has no receipt of, and the other way round, in "
+        "both directions (matched by sha256 of the content). Also says whether each chain is "
+        "whole. Exit 0 when both sides agree, 1 otherwise.")
+    s.add_argument("--center-log", required=True, type=Path, metavar="LOG",
+                   help="the center's audit log (WORK/audit/CENTER.jsonl)")
+    s.add_argument("--receipts", required=True, type=Path, metavar="RECEIPTS",
+                   help="the coordinator's receipts (FED/receipts.jsonl)")
+    s.add_argument("--json", action="store_true", help="print the result as JSON")
+    s.set_defaults(func=cmd_fed_reconcile)
     return p
 
 

@@ -6,8 +6,10 @@ The pieces, in the order a round uses them (see DESIGN.md for where fed sits):
     protocol.py    what each message carries, both ways, and the version check
     params.py      network weights ⇄ Flower ArrayRecords (float32 or float16), payload bytes
     client_app.py  the ClientApp at each center: train with medfound.train.fit, evaluate
-                   (LUNA16 CPM), audit every outbound reply, keep failures' details local
-    audit.py       a center's outbound audit log and its table (`medfound center audit`)
+                   (LUNA16 CPM), audit every message both ways, keep failures' details local
+    chain.py       hash-chained, signed JSON-lines logs and their check (which record broke)
+    audit.py       a center's audit log, the coordinator's receipts, their table, their
+                   check and their reconciliation (`medfound center audit`, `fed reconcile`)
     screening.py   the coordinator's checks on each update before aggregation
     strategies.py  configs/fed/<name>.yaml → Flower's Message-API strategy, and its state
     secagg.py      fed.privacy.secagg: Flower's SecAgg+ in the round loop, both ends

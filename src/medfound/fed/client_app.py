@@ -32,15 +32,17 @@ error reply naming the field, is recorded in the audit log like every reply, and
 serves the next message as before.
 
 Privacy at the boundary:
-- every outbound reply passes the audit mod, which appends a line to the center's audit log
-  (medfound.fed.audit) before the reply leaves;
+- every message passes the audit mod, which appends a line to the center's audit log
+  (medfound.fed.audit: a hash chain, signed with the center's node key where it has one) for
+  what arrived, and one for the reply before it leaves;
 - an exception inside the center is logged locally (``work_dir/center.log`` and stderr) and
   the coordinator only learns its type: messages can quote paths or series UIDs. A version
   refusal is the exception — it quotes version numbers only.
 
 Where a center's data and folders are: in simulation `make_client_app` gets one `Site` per
 virtual node (Flower's ``partition-id`` picks it); under a Flower SuperNode the node config
-gives them (``center``, ``data-dir``, ``work-dir``, optional ``audit-file``), and the
+gives them (``center``, ``data-dir``, ``work-dir``, optional ``audit-file`` and ``audit-key``,
+the node key that signs the audit log), and the
 module-level ``app`` is the ClientApp to point the SuperNode at.
 """
 
@@ -100,6 +102,10 @@ class Site:
     work_dir: Path  # local training state between rounds, cache, center.log
     audit_file: Path  # outbound audit log (JSON lines)
     keep_payloads: bool = False  # also keep each outbound payload beside the audit log
+    signing_key: Path | None = None  # the center's node key: signs the audit log (None: unsigned)
+
+    def audit_log(self) -> AuditLog:
+        return AuditLog(self.audit_file, self.center, self.keep_payloads, self.signing_key)
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any]) -> Site:
@@ -111,9 +117,11 @@ class Site:
                                      "work-dir='DIR'\"")
         work = Path(str(node_config["work-dir"]))
         audit = node_config.get("audit-file") or work / "audit" / f"{node_config['center']}.jsonl"
+        key = node_config.get("audit-key")
         return cls(center=str(node_config["center"]), data_dir=Path(str(node_config["data-dir"])),
                    work_dir=work, audit_file=Path(str(audit)),
-                   keep_payloads=bool(node_config.get("keep-payloads", False)))
+                   keep_payloads=bool(node_config.get("keep-payloads", False)),
+                   signing_key=Path(str(key)) if key else None)
 
 
 def make_client_app(sites: Sequence[Site] | None = None) -> ClientApp:
@@ -167,8 +175,10 @@ class _CenterApp(ClientApp):
         reason = (f"center {site.center} refused a message of type {kind[:40]!r}: it serves "
                   f"{', '.join(self.SERVED)}")
         _log_at_center(site, f"refused a message of type {kind!r}")
-        AuditLog(site.audit_file, site.center, site.keep_payloads).record(
-            round=-1, kind="error", payload=reason.encode())
+        log = site.audit_log()
+        log.record(round=-1, kind=kind[:40], payload=_content_bytes(message),
+                   direction="received")
+        log.record(round=-1, kind="error", payload=reason.encode())
         return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason),
                        reply_to=message)
 
@@ -403,6 +413,8 @@ def _evaluate_weights(task: Mapping[str, Any], arrays: Any, items: list[dict[str
                                 n_bootstraps=int(task["eval_bootstraps"]), seed=task["seed"])
     metrics["cpm"] = float(luna["cpm"])
     metrics.update({f"froc/{rate}": float(s) for rate, s in luna["froc"].items()})
+    if task.get("score_loss"):  # fed.contribution: a score that moves before the CPM does
+        metrics.update(task_lib.validation_scores(detector, items, transform))
     return metrics, (float(luna["cpm_ci95"][0]), float(luna["cpm_ci95"][1]))
 
 
@@ -630,32 +642,40 @@ def _secagg_mod(site_of: Callable[[Context], Site]) -> Callable:
 
 
 def _audit_mod(site_of: Callable[[Context], Site]) -> Callable:
-    """A Flower mod that records every reply in the center's audit log before it leaves."""
+    """A Flower mod that records every message in the center's audit log as it arrives, and
+    its reply before it leaves."""
 
     def audit(msg: Message, context: Context, call_next: Callable) -> Message:
         step = f"secagg-{stage_of(msg)}" if is_secagg(msg) else None  # before the mod pops it
         site = site_of(context)
-        # What the inner mods raise (a refused clipping norm, a SecAgg+ step) is answered and
-        # recorded like a failure of the job itself.
-        reply = _reply_privately(msg, site, lambda: call_next(msg, context))
+        log = site.audit_log()
         config = msg.content.config_records.get(CONFIG) if msg.has_content() else None
         group = msg.metadata.group_id  # SecAgg+ steps carry the round only there
         round_ = _audit_round(config.get(ROUND, 0) if config is not None
                               else int(group) if group.isascii() and group.isdigit()
                               and len(group) <= 6 else 0)
+        received_kind = step or ("cross-site" if config is not None and CROSS_SITE in config
+                                 else msg.metadata.message_type)
+        # What arrived, hashed as the coordinator hashed what it sent (before any mod changes it).
+        log.record(round=round_, kind=received_kind, payload=_content_bytes(msg),
+                   direction="received")
+        # What the inner mods raise (a refused clipping norm, a SecAgg+ step) is answered and
+        # recorded like a failure of the job itself.
+        reply = _reply_privately(msg, site, lambda: call_next(msg, context))
         if reply.has_error():
             payload, kind, names = str(reply.error.reason).encode(), "error", []
         else:
-            payload, kind = payload_bytes(reply.content), msg.metadata.message_type
-            if config is not None and CROSS_SITE in config:
-                kind = "cross-site"
-            kind = step or kind
+            payload, kind = payload_bytes(reply.content), received_kind
             names = [n for rec in reply.content.metric_records.values() for n in rec]
-        AuditLog(site.audit_file, site.center, site.keep_payloads).record(
-            round=round_, kind=kind, payload=payload, metric_names=names)
+        log.record(round=round_, kind=kind, payload=payload, metric_names=names)
         return reply
 
     return audit
+
+
+def _content_bytes(msg: Message) -> bytes:
+    """A received message's content as the coordinator's receipt hashes it (b"" for none)."""
+    return payload_bytes(msg.content) if msg.has_content() else b""
 
 
 def _audit_round(value: Any) -> int:

@@ -266,7 +266,8 @@ def join_command(*, superlink: str, center: str, data: str, work: str,
     """The ``flower-supernode`` command line for `medfound center join`.
 
     The node config tells medfound's ClientApp which center this is and where its data and
-    work folders are (the audit log goes to WORK/audit/CENTER.jsonl), and where the center's
+    work folders are (the audit log goes to WORK/audit/CENTER.jsonl, signed with `auth_key`
+    when given), and where the center's
     worker listens, if it has one (medfound.fed.worker).
     """
     data_dir = Path(data).resolve()
@@ -277,6 +278,9 @@ def join_command(*, superlink: str, center: str, data: str, work: str,
     node_config = (f"center={_toml_string(center)} data-dir={_toml_string(str(data_dir))} "
                    f"work-dir={_toml_string(str(work_dir))}"
                    + (" keep-payloads=true" if keep_payloads else "")
+                   # the node key also signs the center's audit log (medfound.fed.chain)
+                   + (f" audit-key={_toml_string(str(Path(auth_key).resolve()))}"
+                      if auth_key else "")
                    + (f" worker-socket={_toml_string(worker_socket)}" if worker_socket else ""))
     cmd = [_executable("flower-supernode"), "--superlink", superlink, "--node-config", node_config]
     if runtime_port:  # the SuperNode's local API for its ClientApp processes (default 9094)

@@ -63,6 +63,7 @@ NUM_EXAMPLES = "num-examples"  # the key Flower's strategies weight by
 ROUND = "server-round"
 PROXIMAL_MU = "proximal-mu"  # set by Flower's FedProx
 EVALUATE_RECEIVED = "evaluate-received"  # train config: score the received weights first
+SCORE_LOSS = "score-loss"  # cross-site config: also the detection loss on the validation studies
 EVALUATION = "evaluate-metrics"  # train reply: those scores (the coordinator pops them)
 CROSS_SITE = "cross-site-models"  # JSON list of the models a cross-site evaluation scores
 
@@ -152,6 +153,9 @@ def read_task(config: Mapping[str, Any]) -> dict[str, Any]:
     task["evaluate_received"] = bool(config.get(EVALUATE_RECEIVED, False))
     if CROSS_SITE in config:
         task["cross_site_models"] = cross_site_models(config[CROSS_SITE])
+    if SCORE_LOSS in config:
+        _need(isinstance(config[SCORE_LOSS], bool), SCORE_LOSS, "must be true or false")
+    task["score_loss"] = bool(config.get(SCORE_LOSS, False))
     _check_task(task)
     return task
 

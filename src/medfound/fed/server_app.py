@@ -54,6 +54,7 @@ the name it claimed, why) and ``privacy`` (`privacy_report`).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import time
@@ -68,6 +69,8 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from medfound.errors import MedfoundError
+from medfound.fed.audit import ReceiptLog
+from medfound.fed.contribution import LeaveOneOut, contribution_report, write_contribution
 from medfound.fed.params import decode_arrays, encode_arrays, payload_bytes, shared_state
 from medfound.fed.protocol import (
     ARRAYS,
@@ -75,6 +78,7 @@ from medfound.fed.protocol import (
     EVALUATION,
     METRICS,
     NUM_EXAMPLES,
+    SCORE_LOSS,
     center_of,
     task_spec,
     versions,
@@ -97,6 +101,7 @@ __all__ = ["STATE_FILE", "make_server_app", "run_coordinator"]
 STATE_FILE = Path("server") / "state.pt"
 SPOOL_DIR = Path("server") / "spool"  # a round's updates while it aggregates (fed.stream_aggregation)
 METRICS_FILE = "metrics.json"
+RECEIPTS_FILE = "receipts.jsonl"  # one chained receipt per message sent or received
 _FORMAT = "medfound-fed-server/1"
 
 
@@ -188,6 +193,11 @@ def run_coordinator(grid: Grid, cfg: Mapping[str, Any], config_yaml: str = "") -
         gate.refused.extend(resumed_refusals)
         gate.take_refused()
     known = gate.known
+    receipts = ReceiptLog(out / RECEIPTS_FILE)
+    # fed.contribution: each center's share of the last round's aggregate (fed.contribution)
+    loo = LeaveOneOut() if settings.contribution else None
+    if loo is not None and cfg.get("resume"):
+        loo.restore(state.get("contribution"))
     local_models: dict[str, dict[str, np.ndarray]] = {}  # the last round's accepted updates
     cross_site: dict[str, Any] | None = None
 
@@ -195,7 +205,7 @@ def run_coordinator(grid: Grid, cfg: Mapping[str, Any], config_yaml: str = "") -
         # --- the loop ---
         for rnd in range(first_round, settings.rounds + 1):
             started = time.time()
-            traffic = _Traffic()
+            traffic = _Traffic(receipts)
             cross_site_now = settings.cross_site and not pretrain and rnd == settings.rounds
             keep = local_models if cross_site_now and settings.share_local_models else None
             sent = _exchanged(global_arrays, exchanged, whole=rnd == 1)
@@ -205,7 +215,7 @@ def run_coordinator(grid: Grid, cfg: Mapping[str, Any], config_yaml: str = "") -
             train, new = _train_round(grid, strategy, rnd, sent, instruction, settings, gate,
                                       traffic, seed=int(cfg["seed"]), keep=keep,
                                       evaluate_received=scored is not None,
-                                      spool_dir=out / SPOOL_DIR)
+                                      spool_dir=out / SPOOL_DIR, loo=loo)
             if scored is not None:  # the previous round's model, scored by this round's centers
                 scored["evaluate"] = train.pop("evaluated")
                 tracker.log_metrics(_flat_evaluate(scored["evaluate"]), step=scored["round"])
@@ -231,7 +241,8 @@ def run_coordinator(grid: Grid, cfg: Mapping[str, Any], config_yaml: str = "") -
                              "transfer_dtype": settings.transfer_dtype,
                              "model": {k: torch.from_numpy(v) for k, v in global_arrays.items()},
                              "strategy": strategy_state(strategy), "history": history,
-                             "gate": gate.state(), "rejected_replies": gate.refused},
+                             "gate": gate.state(), "rejected_replies": gate.refused,
+                             "contribution": None if loo is None else _tensors(loo.state())},
                             out / STATE_FILE)
             write_metrics(out / METRICS_FILE, history, settings, model_bytes,
                           rejected=gate.refused)
@@ -245,7 +256,8 @@ def run_coordinator(grid: Grid, cfg: Mapping[str, Any], config_yaml: str = "") -
         if settings.cross_site and not pretrain:
             cross_site = _cross_site(grid, out, _exchanged(global_arrays, exchanged, whole=False),
                                      local_models, instruction,
-                                     settings, gate, history[-1]["round"], tracker)
+                                     settings, gate, history[-1]["round"], tracker, receipts,
+                                     loo)
 
         # --- package the global model ---
         for name, value in shared_state(network.state_dict()).items():
@@ -255,6 +267,11 @@ def run_coordinator(grid: Grid, cfg: Mapping[str, Any], config_yaml: str = "") -
         write_metrics(out / METRICS_FILE, history, settings, model_bytes, cross_site,
                       rejected=gate.refused)
         tracker.log_artifact(out / METRICS_FILE)
+        for path in write_contribution(out, contribution_report(
+                history, settings.centers, gate.cases, gate.refused,
+                byte_totals(history, cross_site), cross_site, measured=loo is not None,
+                strategy=settings.strategy_name)):
+            tracker.log_artifact(path)
         tracker.log_artifacts(package, package.name)
     eps = privacy_report(history, settings, cross_site).get("epsilon")
     if eps:
@@ -305,6 +322,7 @@ def _train_round(grid: Grid, strategy: Any, rnd: int, global_arrays: dict[str, n
                  traffic: _Traffic, seed: int = 0,
                  keep: dict[str, dict[str, np.ndarray]] | None = None,
                  evaluate_received: bool = False, spool_dir: Path | None = None,
+                 loo: LeaveOneOut | None = None,
                  ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Send the global weights for training, screen the updates, aggregate the accepted ones.
 
@@ -314,7 +332,8 @@ def _train_round(grid: Grid, strategy: Any, rnd: int, global_arrays: dict[str, n
     `evaluate_received` the centers first score the weights they receive; the record's
     "evaluated" is then the evaluate record of those weights (`_evaluate_round`'s).
     `spool_dir`: aggregate from the updates spooled there (medfound.fed.spool), for the
-    strategies `streams` allows."""
+    strategies `streams` allows. `loo`: records each accepted center's share of the
+    aggregate (fed.contribution)."""
     messages = strategy.configure_train(rnd, encode_arrays(global_arrays, "float32"),
                                         instruction(evaluate_received), grid)
     if settings.privacy["secagg"]:
@@ -362,6 +381,13 @@ def _train_round(grid: Grid, strategy: Any, rnd: int, global_arrays: dict[str, n
             keep.update({center_of(m, known): spool.load(m) if spool is not None
                          else decode_arrays(m.content[ARRAYS]) for m in screening.accepted})
         if len(screening.accepted) >= settings.min_centers:
+            if loo is not None:  # before the strategies consume the replies' arrays
+                by_center = {center_of(m, known): m for m in screening.accepted}
+                loo.add_round(rnd, {c: float(m.content[METRICS][NUM_EXAMPLES])
+                                    for c, m in by_center.items()},
+                              lambda c: (spool.load(by_center[c]) if spool is not None
+                                         else decode_arrays(by_center[c].content[ARRAYS])),
+                              global_arrays)
             # Flower's DP noise draws from numpy's global RNG: seed it from (seed, round) so a
             # resumed run adds the noise an uninterrupted one would have.
             np.random.seed(np.random.SeedSequence([seed, rnd]).generate_state(1)[0])  # noqa: NPY002
@@ -427,20 +453,30 @@ def _secure_train_round(grid: Grid, rnd: int, messages: list[Message],
 def _cross_site(grid: Grid, out: Path, global_arrays: dict[str, np.ndarray],
                 local_models: Mapping[str, dict[str, np.ndarray]], instruction: Any,
                 settings: FedSettings, gate: ReplyGate, rnd: int, tracker: Any,
+                receipts: ReceiptLog | None = None, loo: LeaveOneOut | None = None,
                 ) -> dict[str, Any]:
     """Cross-site validation (medfound.fed.cross_site): FED/cross_site.csv and .png, to MLflow.
 
     Each center gets the global model and, only with fed.share_local_models, the other
-    centers' last local updates (`local_models` is empty otherwise)."""
+    centers' last local updates (`local_models` is empty otherwise) and, with `loo`
+    (fed.contribution), the global model without each center's shares, scored with the
+    detection loss too."""
     from medfound.fed.cross_site import GLOBAL, cross_site_evaluate, local_name, write_cross_site
 
     known = gate.known
     shared = local_models if settings.share_local_models else {}
     models = {GLOBAL: global_arrays,
-              **{local_name(c): shared[c] for c in settings.centers if c in shared}}
-    traffic = _Traffic()
+              **{local_name(c): shared[c] for c in settings.centers if c in shared},
+              **(loo.models(global_arrays) if loo is not None else {})}
+    ask = instruction
+    if loo is not None:
+        def ask() -> ConfigRecord:
+            config = instruction()
+            config[SCORE_LOSS] = True
+            return config
+    traffic = _Traffic(receipts)
     result = cross_site_evaluate(
-        grid, models, instruction, rnd, known=known,
+        grid, models, ask, rnd, known=known,
         exchange=lambda messages: _exchange(grid, messages, settings, gate, traffic,
                                             kind="cross-site", rnd=rnd, models=list(models)))
     result["rejected"] = _refusals(gate.take_refused())
@@ -492,11 +528,19 @@ def _evaluate_record(centers: Mapping[str, dict[str, float]], failed: list[dict[
 
 
 class _Traffic:
-    """Bytes per round: sent to each node, received from each center."""
+    """Bytes per round: sent to each node, received from each center; and with `receipts`
+    (FED/receipts.jsonl) a receipt for every message either way."""
 
-    def __init__(self) -> None:
+    def __init__(self, receipts: ReceiptLog | None = None) -> None:
         self.to_node: dict[int, int] = {}
         self.from_center: dict[str, int] = {}
+        self.receipts = receipts
+
+    def receipt(self, direction: str, node: int, center: str | None, rnd: int, kind: str,
+                digest: str, size: int, origin: str | None = None) -> None:
+        if self.receipts is not None:
+            self.receipts.record(direction=direction, node=node, center=center, round=rnd,
+                                 kind=kind, digest=digest, size=size, origin=origin)
 
     def by_center(self, known: Mapping[int, str]) -> dict[str, dict[str, int]]:
         """{center: {"sent": bytes the center sent, "received": bytes it was sent}}."""
@@ -547,15 +591,18 @@ def _exchange(grid: Grid, messages: Iterable[Message], settings: FedSettings,
     known = gate.known
     models = list(models)
     messages = list(messages)
-    sizes: dict[int, int] = {}
+    sizes: dict[int, tuple[int, str]] = {}
     for msg in messages:
         content = msg.content
         if id(content) not in sizes:  # strategies share one content among their messages
             for key in list(content.array_records):
                 content[key] = encode_arrays(decode_arrays(content[key]), settings.transfer_dtype)
-            sizes[id(content)] = len(payload_bytes(content))
+            data = payload_bytes(content)
+            sizes[id(content)] = (len(data), hashlib.sha256(data).hexdigest())
         node = msg.metadata.dst_node_id
-        traffic.to_node[node] = traffic.to_node.get(node, 0) + sizes[id(content)]
+        size, digest = sizes[id(content)]
+        traffic.to_node[node] = traffic.to_node.get(node, 0) + size
+        traffic.receipt("sent", node, known.get(node), rnd, kind, digest, size)
     if not messages:
         return []
     nodes = {m.metadata.dst_node_id for m in messages}
@@ -566,17 +613,24 @@ def _exchange(grid: Grid, messages: Iterable[Message], settings: FedSettings,
             sent.update({m.metadata.message_id: m for m in messages})
         # An error the SuperLink makes for a center that stopped answering (no heartbeat)
         # comes from the SuperLink itself: re-address it as coming from the center's node.
+        origin = None
         if (msg.has_error() and msg.metadata.src_node_id not in nodes
                 and msg.metadata.reply_to_message_id in sent):
             msg = Message(msg.error, reply_to=sent[msg.metadata.reply_to_message_id])
+            origin = "superlink"
         asked = sent.get(msg.metadata.reply_to_message_id)
         if asked is not None and asked.metadata.dst_node_id != msg.metadata.src_node_id:
             asked = None  # a reply to a message sent to another node
-        size = len(payload_bytes(msg.content)) if msg.has_content() else len(str(msg.error.reason))
+        data = _reply_bytes(msg)
+        size = len(data)
         admitted = gate.admit(msg, sent=asked, kind=kind, rnd=rnd, arrays=arrays,
                               transfer_dtype=settings.transfer_dtype, models=models)
-        center = known.get(msg.metadata.src_node_id, f"node-{msg.metadata.src_node_id}")
+        node = int(msg.metadata.src_node_id)
+        center = known.get(node, f"node-{node}")
         traffic.from_center[center] = traffic.from_center.get(center, 0) + size
+        traffic.receipt("received", node, known.get(node), rnd,
+                        "error" if msg.has_error() else kind, hashlib.sha256(data).hexdigest(),
+                        size, origin)
         for note in gate.notes:
             print(f"round {rnd}: {note}", flush=True)
         gate.notes.clear()
@@ -606,6 +660,10 @@ def _name_nodes(grid: Grid, settings: FedSettings, gate: ReplyGate, traffic: _Tr
         return
     messages = [Message(RecordDict({}), dst_node_id=n, message_type=MessageType.QUERY,
                         group_id=str(rnd)) for n in unnamed]
+    empty = payload_bytes(RecordDict({}))
+    for n in unnamed:
+        traffic.receipt("sent", n, None, rnd, "query", hashlib.sha256(empty).hexdigest(),
+                        len(empty))
     sent: dict[str, Message] = {}
 
     def named(reply: Message) -> None:
@@ -613,21 +671,39 @@ def _name_nodes(grid: Grid, settings: FedSettings, gate: ReplyGate, traffic: _Tr
             sent.update({m.metadata.message_id: m for m in messages})
         asked = sent.get(reply.metadata.reply_to_message_id)
         node = int(reply.metadata.src_node_id)
-        if reply.has_error() or asked is None or asked.metadata.dst_node_id != node:
-            return None
-        if gate.admit(reply, sent=asked, kind="query", rnd=rnd) is None:
-            item = gate.refused[-1]
-            print(f"round {rnd}: refused a query reply from node {node}: {item['reason']}",
-                  flush=True)
-            return None
-        center = gate.known[node]
-        traffic.to_node[node] = traffic.to_node.get(node, 0) + len(payload_bytes(asked.content))
-        traffic.from_center[center] = (traffic.from_center.get(center, 0)
-                                       + len(payload_bytes(reply.content)))
-        return None
+        data = _reply_bytes(reply)
+        try:
+            if reply.has_error() or asked is None or asked.metadata.dst_node_id != node:
+                return None
+            return _admit_name(reply, asked, node, gate, traffic, rnd)
+        finally:
+            traffic.receipt("received", node, gate.known.get(node), rnd,
+                            "error" if reply.has_error() else "query",
+                            hashlib.sha256(data).hexdigest(), len(data))
 
     _send_and_receive(grid, messages, timeout=min(NAME_TIMEOUT_S, settings.round_timeout_s),
                       on_reply=named)
+
+
+def _reply_bytes(msg: Message) -> bytes:
+    """A reply's content as the center's audit log hashes it: the content, or the error's
+    reason."""
+    return payload_bytes(msg.content) if msg.has_content() else str(msg.error.reason).encode()
+
+
+def _admit_name(reply: Message, asked: Message, node: int, gate: ReplyGate, traffic: _Traffic,
+                rnd: int) -> None:
+    """A query reply through the gate (which binds the node's name) and into the traffic."""
+    if gate.admit(reply, sent=asked, kind="query", rnd=rnd) is None:
+        item = gate.refused[-1]
+        print(f"round {rnd}: refused a query reply from node {node}: {item['reason']}",
+              flush=True)
+        return None
+    center = gate.known[node]
+    traffic.to_node[node] = traffic.to_node.get(node, 0) + len(payload_bytes(asked.content))
+    traffic.from_center[center] = (traffic.from_center.get(center, 0)
+                                   + len(payload_bytes(reply.content)))
+    return None
 
 
 def _refusals(items: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -717,11 +793,14 @@ def data_flows(history: list[dict[str, Any]], settings: FedSettings,
                       if r.get("bytes", {}).get(center, {}).get("received", 0) > 0]
         models = list((cross_site or {}).get("sent", {}).get(center, []))
         others = sorted(m.split(":", 1)[1] for m in models if m.startswith("local:"))
+        loo = sorted(m.split(":", 1)[1] for m in models if m.startswith("without:"))
         sent = {"to": "coordinator", "train_rounds": trained, "update": form,
                 "metrics": "training losses and case count each round; validation scores of "
                            "the models it was sent"}
         received = {"from": "coordinator", "global_model_rounds": got_global,
                     "cross_site_models": models, "local_updates_of": others}
+        if loo:  # fed.contribution: the global model less each center's shares
+            received["leave_one_out_of"] = loo
         words = (f"{center} → coordinator: {form}, rounds {_rounds_text(trained)}, with its "
                  f"metrics; coordinator → {center}: the global model, rounds "
                  f"{_rounds_text(got_global)}")
@@ -729,6 +808,9 @@ def data_flows(history: list[dict[str, Any]], settings: FedSettings,
             words += ("; cross-site: " + (f"the global model and the local updates of "
                                           f"{', '.join(others)}" if others else
                                           "the global model only"))
+            if loo:
+                words += (f", and the global model without each of {', '.join(loo)} "
+                          "(leave-one-out: each reveals that center's share of the updates)")
         flows[center] = {"sent": sent, "received": received, "summary": words}
     return flows
 
@@ -741,12 +823,9 @@ def _rounds_text(rounds: list[int]) -> str:
     return ", ".join(map(str, rounds))
 
 
-def write_metrics(path: Path, history: list[dict[str, Any]], settings: FedSettings,
-                  model_bytes: int, cross_site: Mapping[str, Any] | None = None,
-                  rejected: Iterable[Mapping[str, Any]] = ()) -> None:
-    """FED/metrics.json from the round records, the cross-site validation and `rejected`,
-    every reply the coordinator refused (medfound.fed.screening.ReplyGate) (atomic:
-    temporary file, then rename)."""
+def byte_totals(history: list[dict[str, Any]], cross_site: Mapping[str, Any] | None
+                ) -> dict[str, dict[str, int]]:
+    """{center: {"sent", "received"}} over every round and the cross-site exchange."""
     totals: dict[str, dict[str, int]] = {}
     exchanges = [r["bytes"] for r in history] + ([cross_site["bytes"]] if cross_site else [])
     for by_center in exchanges:
@@ -754,6 +833,25 @@ def write_metrics(path: Path, history: list[dict[str, Any]], settings: FedSettin
             t = totals.setdefault(center, {"sent": 0, "received": 0})
             t["sent"] += b["sent"]
             t["received"] += b["received"]
+    return totals
+
+
+def _tensors(tree: Any) -> Any:
+    """numpy arrays in `tree` as torch tensors (state.pt is loaded with weights_only)."""
+    if isinstance(tree, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(tree))
+    if isinstance(tree, dict):
+        return {k: _tensors(v) for k, v in tree.items()}
+    return tree
+
+
+def write_metrics(path: Path, history: list[dict[str, Any]], settings: FedSettings,
+                  model_bytes: int, cross_site: Mapping[str, Any] | None = None,
+                  rejected: Iterable[Mapping[str, Any]] = ()) -> None:
+    """FED/metrics.json from the round records, the cross-site validation and `rejected`,
+    every reply the coordinator refused (medfound.fed.screening.ReplyGate) (atomic:
+    temporary file, then rename)."""
+    totals = byte_totals(history, cross_site)
     doc = {
         "format": "medfound-fed-metrics/1", "strategy": settings.strategy,
         "centers": list(settings.centers), "rounds_planned": settings.rounds,

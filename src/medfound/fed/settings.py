@@ -58,6 +58,9 @@ class FedSettings:
     # cross-site validation also sends each center's last local update to every other center
     # (never under differential privacy or secure aggregation)
     share_local_models: bool = False
+    # leave-one-out models of each center scored at every center after the last round
+    # (FED/contribution.json; medfound.fed.contribution); needs share_local_models
+    contribution: bool = False
     max_cases: int = MAX_CASES  # the most training cases a center's reply may claim
     # {center: its case count from its data card}: a reply claiming more is rejected
     declared_cases: dict[str, int] = dataclasses.field(default_factory=dict)
@@ -145,6 +148,14 @@ class FedSettings:
                 "other center, which fed.privacy." + ("dp" if privacy["dp"] else "secagg")
                 + " is there to prevent", hint="set fed.share_local_models=false (cross-site "
                 "validation then scores the global model only)")
+        contribution = fed.get("contribution", False)
+        need(isinstance(contribution, bool), "contribution", "must be true or false")
+        if contribution and not (share and fed["cross_site"]):
+            raise MedfoundError(
+                "fed.contribution=true scores, at every center, the model without each center's "
+                "updates, which reveals that center's share of the updates to the others",
+                hint="set fed.share_local_models=true and fed.cross_site=true if the centers "
+                     "agreed to see each other's updates, or fed.contribution=false")
         max_cases = fed.get("max_cases", MAX_CASES)
         need(_int(max_cases) and max_cases >= 1, "max_cases", "must be an integer >= 1")
         declared = _center_ints(fed.get("declared_cases"), names, "declared_cases", minimum=1)
@@ -190,6 +201,7 @@ class FedSettings:
                    strategy=strategy,
                    simulation=simulation, deployment=deployment, privacy=privacy,
                    exchange=exchange, task=task, share_local_models=share,
+                   contribution=contribution and task == "detect",
                    max_cases=int(max_cases), declared_cases=declared, nodes=nodes,
                    evaluate_every=int(fed["evaluate_every"]), **switches)
 

@@ -244,6 +244,64 @@ def train_step(detector, batch: Sequence[dict[str, Any]], cls_weight: float = 1.
 
 
 @torch.no_grad()
+def validation_scores(detector, items: Sequence[dict[str, Any]], transform: Callable
+                      ) -> dict[str, float]:
+    """Scores of `detector` on whole studies that move before the CPM does (an untrained
+    detector finds nothing, so its CPM is 0 whatever it learnt):
+
+    - ``loss``, ``loss/classification``, ``loss/box_regression``: the training loss, averaged
+      over `items` (BatchNorm with its running statistics);
+    - ``anchor_auc``: how well the classification logits rank the anchors matched to a
+      nodule (by the training matcher) above the background anchors, pooled over `items`
+      (the probability that a random matched anchor outscores a random background one; 0.5
+      is chance). It does not depend on calibration, which is most of what early training
+      changes.
+
+    `transform` is the evaluation transform (voxel boxes)."""
+    from monai.apps.detection.utils.detector_utils import preprocess_images
+
+    det = getattr(detector, "module", detector)
+    was_training = det.training
+    det.eval()
+    device = next(det.parameters()).device
+    totals = {"loss": 0.0, "loss/classification": 0.0, "loss/box_regression": 0.0}
+    above, pairs = 0.0, 0.0
+    try:
+        for item in items:
+            data = transform(dict(item))
+            images, _ = preprocess_images([data["image"].to(device)], det.spatial_dims,
+                                          det.size_divisible)
+            head = det.network(images)
+            det.anchors, det.previous_image_shape = None, None  # predict's windows cached theirs
+            det.generate_anchors(images, head)
+            per_level = [x.shape[2:].numel() for x in head[det.cls_key]]
+            for key in (det.cls_key, det.box_reg_key):
+                head[key] = det._reshape_maps(head[key])
+            targets = [{det.target_box_key: data["box"].to(device),
+                        det.target_label_key: data["label"].to(device)}]
+            losses = det.compute_loss(head, targets, det.anchors, per_level)
+            cls, reg = float(losses[det.cls_key]), float(losses[det.box_reg_key])
+            totals["loss"] += cls + reg
+            totals["loss/classification"] += cls
+            totals["loss/box_regression"] += reg
+            matched = det.compute_anchor_matched_idxs(det.anchors, targets, per_level)[0]
+            logits = head[det.cls_key][0].max(dim=-1).values
+            positive, negative = logits[matched >= 0], torch.sort(logits[matched == -1]).values
+            if len(positive) and len(negative):
+                below = torch.searchsorted(negative, positive, right=False).double()
+                upto = torch.searchsorted(negative, positive, right=True).double()
+                above += float((below + upto).sum()) / 2  # ties count half
+                pairs += float(len(positive) * len(negative))
+    finally:
+        det.train(was_training)
+        det.anchors, det.previous_image_shape = None, None
+    scores = {k: v / max(len(items), 1) for k, v in totals.items()}
+    if pairs:
+        scores["anchor_auc"] = above / pairs
+    return scores
+
+
+@torch.no_grad()
 def predict(detector, items: Sequence[dict[str, Any]], transform: Callable,
             progress: bool = False) -> list[dict[str, Any]]:
     """LUNA16 prediction rows (LPS mm centre + probability) for whole studies.
