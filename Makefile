@@ -37,8 +37,8 @@ venv: $(STAMP)
 # is trained pooled on center_0..2, federated across them (Flower simulation, 12 rounds x 5
 # local epochs) and on center_2 alone; the three are scored on center_3's studies; the federated
 # model is exported to ONNX and run on a study from a site none of them saw, against that study's
-# annotations. On this budget the detector does not yet learn (CPM 0 on center_3), so the export
-# is marked "not validated" (--allow-unvalidated) and infer says so on every study.
+# annotations. On this budget the detector has not learned yet (CPM below 0.1 on center_3), so
+# the export is marked "not validated" (--allow-unvalidated) and infer says so on every study.
 DEMO_TRAIN = [center_0,center_1,center_2]
 demo: $(STAMP)
 	rm -rf $(DEMO_OUT)/phantoms $(DEMO_OUT)/pooled $(DEMO_OUT)/fed $(DEMO_OUT)/local \

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import faulthandler
+import os
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +20,18 @@ class _Blocked:
             raise ImportError(name + " is blocked in this test")
 sys.meta_path.insert(0, _Blocked())
 """
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_configure(config: pytest.Config) -> None:
+    """With MEDFOUND_FAULT_LOG_DIR set, each test process writes the Python stack of every
+    thread to DIR/faulthandler-PID.log on a fatal signal (a pytest-xdist worker's stderr, where
+    pytest's own faulthandler writes, is lost when the worker dies)."""
+    folder = os.environ.get("MEDFOUND_FAULT_LOG_DIR")
+    if folder:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        config._medfound_fault_log = open(Path(folder) / f"faulthandler-{os.getpid()}.log", "w")  # noqa: SIM115
+        faulthandler.enable(file=config._medfound_fault_log, all_threads=True)
 
 
 def _write_scan(path: Path, centres_mm, direction, origin, spacing=(1.5, 1.5, 2.0),

@@ -269,39 +269,66 @@ def test_distributed_loader_in_one_process_covers_the_dataset_once_per_epoch():
     assert not torch.equal(first, second)
 
 
-def _noisy_batches(workers: int) -> list[torch.Tensor]:
-    from monai.data import Dataset as MonaiDataset
-    from monai.transforms import Compose, RandGaussianNoised
+# Data-loader workers and torch's thread count are process-wide state: these checks run in a
+# fresh interpreter each, so they neither inherit nor leave behind the state of other tests.
+_NOISY_BATCHES = """
+import hashlib, sys, torch
+from monai.data import Dataset
+from monai.transforms import Compose, RandGaussianNoised
+from medfound.train import distributed_loader
 
+def batches(workers):
     items = [{"image": torch.zeros(1, 2, 2, 2)} for _ in range(4)]
-    dataset = MonaiDataset(items, Compose([RandGaussianNoised("image", prob=1.0, std=1.0)]))
+    dataset = Dataset(items, Compose([RandGaussianNoised("image", prob=1.0, std=1.0)]))
     dataset.transform.set_random_state(seed=7)  # as fit seeds it for an epoch
     loader = distributed_loader(dataset, batch_size=1, shuffle=False, num_workers=workers)
-    return [torch.as_tensor(batch["image"]) for batch in loader]
+    return [hashlib.sha256(torch.as_tensor(b["image"]).numpy().tobytes()).hexdigest()[:16]
+            for b in loader]
+
+if __name__ == "__main__":
+    print(" ".join(batches(int(sys.argv[1]))))
+"""
 
 
-def test_loader_workers_draw_their_own_augmentations_reproducibly():
-    none, one, two = _noisy_batches(0), _noisy_batches(1), _noisy_batches(2)
+def _noisy_batches(workers: int, tmp_path: Path) -> list[str]:
+    script = tmp_path / "noisy_batches.py"
+    script.write_text(_NOISY_BATCHES)
+    res = subprocess.run([sys.executable, str(script), str(workers)], capture_output=True,
+                         text=True, timeout=300, check=False)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res.stdout.split()
+
+
+def test_loader_workers_draw_their_own_augmentations_reproducibly(tmp_path):
+    none, one, two = (_noisy_batches(n, tmp_path) for n in (0, 1, 2))
+    assert len(none) == len(one) == len(two) == 4
     # One worker continues the stream the main process would have used: the same batches.
-    assert all(torch.equal(a, b) for a, b in zip(none, one, strict=True))
+    assert none == one
     # Two workers: each its own stream (a copy of the same one would noise items 0 and 1 alike),
     # and the same again on a rerun.
-    assert not torch.equal(two[0], two[1])
-    assert all(torch.equal(a, b) for a, b in zip(two, _noisy_batches(2), strict=True))
+    assert two[0] != two[1]
+    assert two == _noisy_batches(2, tmp_path)
+
+
+_THREADS = """
+import json, sys, torch
+sys.path.insert(0, sys.argv[1])
+import test_train_loop as t
+from medfound.train.loop import fit, reproducibility
+fit(t.tiny_net(), t.shuffling_loader(), t.train_step, t.config(epochs=1, threads=1), sys.argv[2])
+print(json.dumps({"threads": torch.get_num_threads(),
+                  "record": reproducibility(t.config(threads=1), num_workers=0)}))
+"""
 
 
 def test_trainer_threads_sets_torch_threads_and_is_recorded(tmp_path):
-    from medfound.train.loop import reproducibility
-
-    before = torch.get_num_threads()
-    try:
-        model = tiny_net()
-        fit(model, shuffling_loader(), train_step, config(epochs=1, threads=1), tmp_path)
-        assert torch.get_num_threads() == 1
-        record = reproducibility(config(threads=1), num_workers=0)
-        assert record["torch_threads"] == 1 and record["threads_setting"] == 1
-        assert record["deterministic"] is True and record["device"] == "cpu"
-    finally:
-        torch.set_num_threads(before)
+    res = subprocess.run([sys.executable, "-c", _THREADS, str(TESTS), str(tmp_path)],
+                         capture_output=True, text=True, timeout=300, check=False)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    record = out["record"]
+    assert out["threads"] == 1
+    assert record["torch_threads"] == 1 and record["threads_setting"] == 1
+    assert record["deterministic"] is True and record["device"] == "cpu"
     with pytest.raises(MedfoundError, match="threads"):
         config(threads=0)
