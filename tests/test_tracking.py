@@ -170,7 +170,8 @@ def test_recipes_given_one_store_land_in_one_database_named_and_tagged(tmp_path)
              "data.num_patches_per_image=1", "data.batch_size=1", "trainer.progress=false",
              f"out_dir={tmp_path / 'local'}")
     medfound("evaluate_detector", f"model={tmp_path / 'local' / 'model'}", f"data.root={data}",
-             "data.centers=[center_1]", "eval.n_bootstraps=10", f"out_dir={tmp_path / 'eval'}")
+             "data.centers=[center_1]", "eval.n_bootstraps=10", f"out_dir={tmp_path / 'eval'}",
+             "threads=1")
 
     # One database holds both; each recipe's own out_dir/mlruns was not made.
     assert sorted(p.name for p in shared.iterdir()) == ["artifacts", "mlflow.db"]
@@ -193,7 +194,7 @@ def test_recipes_given_one_store_land_in_one_database_named_and_tagged(tmp_path)
         assert tags["git_commit"] == tags["mlflow.source.git.commit"]
     assert evaluation.data.tags["model_run_id"] == train.info.run_id, listing
     assert evaluation.data.tags["model_role"] == "local"
-    assert evaluation.data.params["torch_threads"] == str(torch.get_num_threads())
+    assert evaluation.data.params["torch_threads"] == "1"  # as asked (threads=1)
     # The package names the run and the commit it came from.
     provenance = json.loads((tmp_path / "local" / "model" / "model.json").read_text())["provenance"]
     assert provenance["mlflow_run_id"] == train.info.run_id and provenance["git_commit"] == commit
