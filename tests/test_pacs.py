@@ -504,3 +504,14 @@ def test_bad_arguments_are_one_line_errors(tmp_path):
         proc = medfound(*args)
         assert proc.returncode == 2, proc.stderr
         assert message in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+    # A --work folder that holds someone else's files is refused before anything is written.
+    from medfound.pacs.queue import WorkQueue
+
+    theirs = tmp_path / "theirs"
+    (theirs / "studies" / "x" / "results" / "round_1").mkdir(parents=True)
+    (theirs / "notes.txt").write_text("not medfound's")
+    with pytest.raises(MedfoundError, match="not a medfound serve work folder"):
+        WorkQueue(theirs)
+    assert sorted(p.name for p in theirs.iterdir()) == ["notes.txt", "studies"]
+    WorkQueue(tmp_path / "new").close()  # a new folder becomes a node's
+    WorkQueue(tmp_path / "new").close()  # and is one on the next start

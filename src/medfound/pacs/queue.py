@@ -107,6 +107,13 @@ class WorkQueue:
         self.studies: dict[str, dict[str, Any]] = {}
         self._activity: dict[str, float] = {}  # last instance (or restart), monotonic clock
         self._saved: dict[str, float] = {}  # when each study's state was last written
+        # Restarts delete this node's own leftovers (partial instances, a stopped round's
+        # results) under studies/: only in a folder that is new or already a node's.
+        if (self.work.is_dir() and any(self.work.iterdir())
+                and not any((self.work / n).is_file() for n in ("usage.key", "serve.lock"))):
+            raise MedfoundError("--work holds files but is not a medfound serve work folder",
+                                path=self.work, hint="give serve a new or empty folder, or the "
+                                "--work folder of an earlier medfound serve")
         self.work.mkdir(parents=True, exist_ok=True)
         (self.work / "studies").mkdir(exist_ok=True)
         (self.work / "rejected").mkdir(exist_ok=True)
