@@ -185,27 +185,33 @@ def atomic_write(path: str | Path, data: bytes | str, *, fsync: bool = False) ->
     path = Path(path)
     raw = data.encode() if isinstance(data, str) else data
     try:
-        fd, tmp = tempfile.mkstemp(prefix=".medfound-", suffix=".partial", dir=path.parent)
-    except OSError as err:
-        raise disk_error(err, path, needed=len(raw)) from err
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(raw)
-            if fsync:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with _temporary(path, raw, fsync) as tmp:
+            os.replace(tmp, path)
         if fsync:
             _fsync_folder(path.parent)
     except OSError as err:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
         raise disk_error(err, path, needed=len(raw)) from err
-    except BaseException:
+    return path
+
+
+@contextlib.contextmanager
+def _temporary(path: Path, data: bytes, fsync: bool) -> Iterator[str]:
+    """A hidden temporary sibling of `path` holding `data` (flushed to the disk with `fsync`);
+    removed on the way out unless the caller renamed it into place."""
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".medfound-", suffix=".partial", dir=path.parent)
+    except OSError as err:
+        raise disk_error(err, path, needed=len(data)) from err
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        yield tmp
+    finally:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-        raise
-    return path
 
 
 def write_json(path: str | Path, data: Any, *, fsync: bool = False, **dumps: Any) -> Path:
@@ -233,27 +239,16 @@ def write_once(path: str | Path, data: bytes, *, fsync: bool = False) -> str:
     if os.path.lexists(path):
         return _same_bytes(path, data)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=".medfound-", suffix=".partial", dir=path.parent)
-    except OSError as err:
-        raise disk_error(err, path, needed=len(data)) from err
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            if fsync:
-                f.flush()
-                os.fsync(f.fileno())
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            return _same_bytes(path, data)
+        with _temporary(path, data, fsync) as tmp:
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                return _same_bytes(path, data)
         if fsync:
             _fsync_folder(path.parent)
         return "written"
     except OSError as err:
         raise disk_error(err, path, needed=len(data)) from err
-    finally:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
 
 
 def _same_bytes(path: Path, data: bytes) -> str:
