@@ -456,14 +456,8 @@ def add_serve(sub) -> None:
     s.add_argument("--max-study-s", type=float, default=3600.0, metavar="S",
                    help="a study still receiving S seconds after its first instance is read with "
                         "what it has (default 3600)")
-    s.add_argument("--threshold", type=float, default=0.5,
-                   help="report findings with probability ≥ this (default 0.5)")
-    s.add_argument("--max-findings", type=int, default=20, help="at most this many per study")
-    s.add_argument("--engine", choices=("auto", "onnxruntime", "openvino"), default="auto",
-                   help="what runs the network (as for `medfound infer`)")
-    s.add_argument("--precision", choices=("auto", "fp32", "bf16", "int8"), default="auto",
-                   help="network arithmetic (as for `medfound infer`)")
-    s.add_argument("--threads", type=int, help="the engine's intra-op threads (default: all cores)")
+    _add_detection_options(s)
+    _add_engine_options(s)
     s.add_argument("--retry-s", type=float, default=2.0, metavar="S",
                    help="first wait before storing a result again in a PACS that failed "
                         "(doubled each attempt; default 2)")
@@ -501,6 +495,26 @@ def cmd_run(args) -> int:
 
 
 # --- parser -----------------------------------------------------------------------------
+
+
+def _add_detection_options(s: argparse.ArgumentParser) -> None:
+    """--threshold and --max-findings, as `infer` and `serve` both take them."""
+    s.add_argument("--threshold", type=float, default=0.5,
+                   help="report findings with probability ≥ this (default 0.5)")
+    s.add_argument("--max-findings", type=int, default=20, help="at most this many per study")
+
+
+def _add_engine_options(s: argparse.ArgumentParser) -> None:
+    """--engine, --precision and --threads: what runs the network, for `infer` and `serve`."""
+    s.add_argument("--engine", choices=("auto", "onnxruntime", "openvino"), default="auto",
+                   help="what runs the network; auto (default): the fastest variant the model "
+                        "card's export gate passed that this machine can run (onnxruntime fp32 "
+                        "for an export without measured variants, or with a GPU provider)")
+    s.add_argument("--precision", choices=("auto", "fp32", "bf16", "int8"), default="auto",
+                   help="network arithmetic: fp32, bf16 (OpenVINO, on a CPU with bf16), int8 "
+                        "(model.int8.onnx); a variant that failed the export gate is refused; "
+                        "auto (default) as for --engine")
+    s.add_argument("--threads", type=int, help="the engine's intra-op threads (default: all cores)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -645,21 +659,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "nothing in it is replaced (a name it holds gets a _2 suffix)")
     s.add_argument("--series", metavar="UID",
                    help="the SeriesInstanceUID to read in a STUDY folder holding several series")
-    s.add_argument("--threshold", type=float, default=0.5,
-                   help="report findings with probability ≥ this (default 0.5)")
-    s.add_argument("--max-findings", type=int, default=20, help="at most this many per study")
+    _add_detection_options(s)
     s.add_argument("--provider", action="append", metavar="NAME",
                    help="onnxruntime execution provider (tensorrt, cuda, cpu; repeat for a "
                         "fallback list); default: the best available")
-    s.add_argument("--engine", choices=("auto", "onnxruntime", "openvino"), default="auto",
-                   help="what runs the network; auto (default): the fastest variant the model "
-                        "card's export gate passed that this machine can run (onnxruntime fp32 "
-                        "for an export without measured variants, or with a GPU provider)")
-    s.add_argument("--precision", choices=("auto", "fp32", "bf16", "int8"), default="auto",
-                   help="network arithmetic: fp32, bf16 (OpenVINO, on a CPU with bf16), int8 "
-                        "(model.int8.onnx); a variant that failed the export gate is refused; "
-                        "auto (default) as for --engine")
-    s.add_argument("--threads", type=int, help="the engine's intra-op threads (default: all cores)")
+    _add_engine_options(s)
     s.add_argument("--trt-cache", type=Path, metavar="DIR",
                    help="TensorRT: keep built engines in DIR and reuse them (skips engine building)")
     s.add_argument("--fp16", action="store_true", help="TensorRT: allow fp16 kernels")
