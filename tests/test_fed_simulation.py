@@ -208,6 +208,15 @@ def test_no_phi_and_no_image_data_in_any_outbound_payload(federated: Path,
     assert not any(leaked(r) for r in runs)
 
 
+def _assert_same_model(run: Path, reference: Path) -> None:
+    """The model packages of two federated runs hold bit-identical weights."""
+    ref = torch.load(reference / "model" / "weights.pt", weights_only=True)
+    got = torch.load(run / "model" / "weights.pt", weights_only=True)
+    assert got.keys() == ref.keys()
+    for key in ref:
+        torch.testing.assert_close(got[key], ref[key], rtol=0, atol=0)
+
+
 def test_a_separate_evaluate_exchange_gives_the_same_scores_and_model(
         federated: Path, phantoms: Path, tmp_path: Path) -> None:
     """fed.evaluate_with_train=false: an evaluate exchange after each round's training. The
@@ -226,10 +235,7 @@ def test_a_separate_evaluate_exchange_gives_the_same_scores_and_model(
         assert [(x["round"], x["kind"]) for x in audit] == [(1, "query"), (1, "train"),
                                                             (1, "evaluate"), (2, "train"),
                                                             (2, "evaluate")]
-    straight = torch.load(federated / "model" / "weights.pt", weights_only=True)
-    separate = torch.load(out / "model" / "weights.pt", weights_only=True)
-    for key in straight:
-        torch.testing.assert_close(separate[key], straight[key], rtol=0, atol=0)
+    _assert_same_model(out, federated)
 
 
 def test_evaluate_every_scores_only_those_rounds_and_trains_the_same_model(
@@ -248,10 +254,7 @@ def test_evaluate_every_scores_only_those_rounds_and_trains_the_same_model(
         audit = read_audit(out / "audit" / f"{center}.jsonl")
         assert [(x["round"], x["kind"]) for x in audit] == [(1, "query"), (1, "train"),
                                                             (2, "train"), (2, "evaluate")]
-    straight = torch.load(federated / "model" / "weights.pt", weights_only=True)
-    every = torch.load(out / "model" / "weights.pt", weights_only=True)
-    for key in straight:
-        torch.testing.assert_close(every[key], straight[key], rtol=0, atol=0)
+    _assert_same_model(out, federated)
 
 
 @pytest.mark.long
