@@ -32,6 +32,8 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# DEMO_OUT is the demos' own folder (marked .medfound-demo): a rerun replaces what an earlier demo
+# wrote there, and a folder holding anything else is refused.
 # Four phantom centers: center_0..2 train (center_2 is the small one), center_3 is held out and
 # scores every model. The same detector (experiment=demo, 60 epochs' worth of each center's data)
 # is trained pooled on center_0..2, federated across them (Flower simulation, 12 rounds x 5
@@ -41,8 +43,12 @@ venv: $(STAMP)
 # the export is marked "not validated" (--allow-unvalidated) and infer says so on every study.
 DEMO_TRAIN = [center_0,center_1,center_2]
 demo: $(STAMP)
+	@if [ -d "$(DEMO_OUT)" ] && [ -n "$$(ls -A "$(DEMO_OUT)")" ] && [ ! -f "$(DEMO_OUT)/.medfound-demo" ]; then \
+	    echo "error: $(DEMO_OUT) holds files make demo did not write; pass DEMO_OUT=<a new folder>" >&2; \
+	    exit 2; fi
 	rm -rf $(DEMO_OUT)/phantoms $(DEMO_OUT)/pooled $(DEMO_OUT)/fed $(DEMO_OUT)/local \
 	    $(DEMO_OUT)/compare $(DEMO_OUT)/exp $(DEMO_OUT)/new_site $(DEMO_OUT)/findings $(DEMO_OUT)/mlruns
+	mkdir -p $(DEMO_OUT) && touch $(DEMO_OUT)/.medfound-demo
 	$(BIN)/medfound phantoms --out $(DEMO_OUT)/phantoms --centers 4 --cases 16 --seed 0 --size small
 	for c in $(DEMO_OUT)/phantoms/center_*; do $(BIN)/medfound center card $$c --quiet; echo; done
 	$(BIN)/medfound run train_detector data.root=$(DEMO_OUT)/phantoms experiment=demo \
@@ -78,7 +84,11 @@ demo: $(STAMP)
 # Deployment mode on this machine: one SuperLink and three SuperNodes as separate processes
 # talking TLS (scripts/local_federation.sh), two rounds of the smoke experiment.
 demo-deploy: $(STAMP)
+	@if [ -d "$(DEMO_OUT)" ] && [ -n "$$(ls -A "$(DEMO_OUT)")" ] && [ ! -f "$(DEMO_OUT)/.medfound-demo" ]; then \
+	    echo "error: $(DEMO_OUT) holds files make demo-deploy did not write; pass DEMO_OUT=<a new folder>" >&2; \
+	    exit 2; fi
 	rm -rf $(DEMO_OUT)/deploy_phantoms $(DEMO_OUT)/deploy
+	mkdir -p $(DEMO_OUT) && touch $(DEMO_OUT)/.medfound-demo
 	$(BIN)/medfound phantoms --out $(DEMO_OUT)/deploy_phantoms --centers 3 --cases 3 --seed 0 --size small
 	PATH="$(abspath $(BIN)):$$PATH" scripts/local_federation.sh $(DEMO_OUT)/deploy_phantoms $(DEMO_OUT)/deploy fed.rounds=2
 	$(BIN)/medfound center audit $(DEMO_OUT)/deploy/centers/center_0/audit/center_0.jsonl
