@@ -41,7 +41,8 @@ sys.path.insert(0, str(HERE))
 
 from read_series import machine  # noqa: E402
 
-from medfound.export.onnx import INPUT_NAME, ListOutputNetwork, export_model_package  # noqa: E402
+from medfound.export.gate import INPUT_NAME, ListOutputNetwork  # noqa: E402
+from medfound.export.onnx import export_model_package  # noqa: E402
 from medfound.export.quantize import quantize_int8  # noqa: E402
 from medfound.infer import OnnxDetector  # noqa: E402
 from medfound.infer.sliding_window import window_starts  # noqa: E402

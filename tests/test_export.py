@@ -213,3 +213,24 @@ def test_int8_needs_validation_data(exported, tmp_path):
     with pytest.raises(MedfoundError, match="CPM drop"):
         export_model_package(model_dir, tmp_path / "exp", int8=True, parity_patches=1)
     assert not (tmp_path / "exp" / "model.onnx").exists()
+
+
+
+def test_the_task_exporters_stand_on_the_shared_gate_without_the_entry_point():
+    """The exporters import the shared gate and card, never the entry point (export.onnx, which
+    dispatches to them): in a fresh interpreter export.segmentation loads neither export.onnx nor
+    export.detection, and export.detection then adds only itself."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "def loaded(): return {m for m in sys.modules if m.startswith('medfound.export.')}\n"
+            "import medfound.export.segmentation\n"
+            "first = loaded()\n"
+            "import medfound.export.detection\n"
+            "print(' '.join(sorted(first)), '|', ' '.join(sorted(loaded() - first)))\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    first, added = (set(part.split()) for part in run.stdout.split("|"))
+    assert first == {"medfound.export.card", "medfound.export.gate", "medfound.export.segmentation"}
+    assert added == {"medfound.export.detection"}

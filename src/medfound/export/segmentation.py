@@ -1,4 +1,5 @@
-"""Export of a segmentation package (task ``nodule_segmentation``): the same gate as the detector's.
+"""Export of a segmentation package (task ``nodule_segmentation``): the shared gate (export.gate),
+then the segmenter's own: Dice of the deployed path against torch.
 
     EXP/model.onnx        image (B, C, i, j, k) float32 in [0, 1] → logits (B, num_classes, i, j, k)
     EXP/model_card.json   input, onnx, segmentation (labels, sliding window), metrics, parity
@@ -19,13 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from medfound.errors import MedfoundError
-from medfound.export.onnx import (
-    card_common,
-    export_and_gate,
-    record_quality_gate,
-    write_card,
-)
+from medfound.export.card import card_common, write_card
+from medfound.export.gate import export_and_gate, network_config, record_quality_gate
 from medfound.models.segmentation import (
     LABELS,
     SegmenterConfig,
@@ -42,11 +38,7 @@ def export_segmenter_package(meta: dict[str, Any], model_dir: Path, out_dir: Pat
                              dynamic: bool, parity_patches: int, seed: int, rtol: float,
                              data_root: str | Path | None) -> dict[str, Any]:
     """Export, gate and card a segmentation package (arguments as `export_model_package`)."""
-    try:
-        cfg = SegmenterConfig.from_dict(meta["model"])
-    except KeyError:
-        raise MedfoundError("model.json has no 'model' section", path=model_dir / "model.json",
-                            hint="re-train: the package was not written by medfound") from None
+    cfg = network_config(meta, model_dir, SegmenterConfig)
     network = load_weights(model_dir, build_segmenter(cfg)).eval()
     names = ["logits"]
     onnx_path = out_dir / "model.onnx"
