@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from medfound.errors import exit_on_user_error
 from medfound.fed.server_app import STATE_FILE
-from medfound.fed.settings import FedSettings
+from medfound.fed.settings import FedSettings, all_centers
 from medfound.fed.strategies import build_strategy
 from medfound.models.foundation import FoundationConfig
 from medfound.train import detection as task
@@ -35,10 +35,8 @@ from medfound.train.pretrain import loss_params
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
     config = OmegaConf.to_container(cfg, resolve=True)
-    if config["fed"]["centers"] is None:  # every center folder of data.root
-        root = Path(config["data"]["root"])
-        config["fed"]["centers"] = sorted(p.name for p in root.iterdir()
-                                          if (p / "datalist.json").is_file()) if root.is_dir() else []
+    if config["fed"]["centers"] in (None, "all"):  # every center folder of data.root
+        config["fed"]["centers"] = all_centers(Path(config["data"]["root"]))
 
     # Check every knob here, before Ray and Flower start: a bad value is one line.
     settings = FedSettings.from_config(config)

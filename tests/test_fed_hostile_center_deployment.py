@@ -8,9 +8,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -21,7 +19,7 @@ import pytest
 
 from medfound.data.phantoms import make_phantoms
 from medfound.fed.deployment import _toml_string, write_app, write_connection
-from processes import free_port_block, medfound_env
+from processes import Processes, free_port_block
 from test_fed_hostile_center import snapshot, victim_beside
 
 pytestmark = [pytest.mark.slow, pytest.mark.long]
@@ -98,50 +96,6 @@ def _yaml(name: str) -> dict:
     return yaml.safe_load((CONFIGS / name).read_text())
 
 
-class Processes:
-    """Real processes of one test, each leading its own process group, all stopped at the end."""
-
-    def __init__(self, folder: Path):
-        self.folder, self.procs, self.env = folder, {}, medfound_env()
-
-    def start(self, name: str, *args: str, env: dict | None = None) -> subprocess.Popen:
-        self.procs[name] = subprocess.Popen(
-            [sys.executable, "-m", "medfound", *args], env={**self.env, **(env or {})},
-            stdout=open(self.folder / f"{name}.log", "w"), stderr=subprocess.STDOUT,
-            start_new_session=True)
-        return self.procs[name]
-
-    def log(self, name: str) -> str:
-        path = self.folder / f"{name}.log"
-        return path.read_text(errors="replace") if path.is_file() else ""
-
-    def wait_for(self, condition, seconds: float, what: str) -> None:
-        deadline = time.time() + seconds
-        while time.time() < deadline:
-            if condition():
-                return
-            time.sleep(0.3)
-        tails = "\n".join(f"--- {n}\n{self.log(n)[-2000:]}" for n in self.procs)
-        raise AssertionError(f"timed out waiting for {what}\n{tails}")
-
-    def stop(self, name: str, sig: int = signal.SIGTERM) -> int:
-        proc = self.procs[name]
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, sig)
-        return proc.wait(timeout=30)
-
-    def stop_all(self) -> None:
-        for name, proc in self.procs.items():
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError, subprocess.TimeoutExpired):
-                    self.stop(name)
-
-    def superlink(self, name: str, port: int, database: Path) -> None:
-        self.start(name, "fed", "superlink", "--address", f"127.0.0.1:{port}", "--insecure",
-                   "--database", str(database))
-        self.wait_for(lambda: "Uvicorn running" in self.log(name), 120, f"SuperLink {name}")
-
-
 @pytest.fixture(scope="module")
 def phantoms(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("hostile_deploy") / "phantoms"
@@ -172,7 +126,7 @@ def test_a_malicious_coordinator_over_real_flower_processes(phantoms: Path, tmp_
 
     app = write_app(tmp_path / "app", "")
     pyproject = (app / "pyproject.toml").read_text()
-    pyproject = pyproject.replace('serverapp = "medfound.fed.deployment:server_app"',
+    pyproject = pyproject.replace('serverapp = "medfound.fed.coordinator_app:server_app"',
                                   'serverapp = "hostile_app:app"')
     pyproject = pyproject.replace('medfound-config = ""', "hostile-spec = "
                                   + _toml_string(json.dumps(spec)))

@@ -53,6 +53,11 @@ def test_training_leaves_a_model_package_checkpoints_and_an_mlflow_run(trained: 
     assert any(k.startswith("feature_extractor") for k in state)
     assert (trained / "checkpoints" / "last.pt").is_file()
     assert "data:" in (trained / "model" / "config.yaml").read_text()
+    # configs/hydra/default.yaml: Hydra's own files in out_dir/.hydra_run; the composed config
+    # holds configs/finetune/none.yaml's keys and the detector's init_model
+    hydra_config = (trained / ".hydra_run" / ".hydra" / "config.yaml").read_text()
+    assert all(f"  {key}:" in hydra_config
+               for key in ("init_encoder", "init_model", "freeze_encoder", "train_only"))
 
     run_id = json.loads((trained / "mlflow_run.json").read_text())["run_id"]
     assert meta["provenance"]["mlflow_run_id"] == run_id
@@ -123,6 +128,7 @@ def test_prepare_luna16_then_train_on_it(luna: Path, tmp_path: Path) -> None:
     res = medfound("run", "prepare_luna16", f"luna_dir={luna}", f"out={prepared}")
     assert res.returncode == 0, res.stderr[-3000:]
     assert (prepared / "luna16" / "datalist.json").is_file()
+    assert (prepared / ".hydra_run" / ".hydra" / "overrides.yaml").is_file()  # out, not out_dir
     # data=luna16 with the tiny network: the reference network is too large for CI's CPU.
     res = medfound("run", "train_detector", "data=luna16", f"data.root={prepared}",
                    f"out_dir={tmp_path / 'RUN'}", "data.cache=none", "data.num_workers=0",

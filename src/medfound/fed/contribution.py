@@ -2,7 +2,8 @@
 
 Bookkeeping, from the coordinator's own records (every run): each center's training cases
 (the coordinator's record, as it weighs the aggregate), the rounds it took part in (sent a
-reply), its accepted and rejected updates (screening, and every reply the ReplyGate
+reply), the rounds it was connected in, drawn for (medfound.fed.participation) and late in
+(drawn, no reply before the round's deadline), its accepted and rejected updates (screening, and every reply the ReplyGate
 refused), the bytes it sent and was sent.
 
 Effect on the global model (``fed.contribution=true``): leave-one-out over the recorded
@@ -138,7 +139,11 @@ def contribution_report(history: list[dict[str, Any]], centers: Iterable[str],
                         for f in r["train"]["rejected"] if f.get("center") == c]
         failed = [{"round": r["round"], "reason": f["reason"]} for r in history
                   for f in r["train"]["failed"] if f.get("center") == c]
+        drawn = {k: [r["round"] for r in history if c in r.get("participation", {}).get(k, ())]
+                 for k in ("available", "sampled", "late")}
         per[c] = {"cases": int(cases.get(c, 0)), "rounds": sorted(set(took_part)),
+                  "connected_rounds": drawn["available"], "sampled_rounds": drawn["sampled"],
+                  "late_rounds": drawn["late"],
                   "accepted_updates": len(accepted), "accepted_rounds": accepted,
                   "rejected_updates": len(screened_out), "rejected": screened_out,
                   "refused_replies": sum(1 for i in refused if i.get("center") == c),

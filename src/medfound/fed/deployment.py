@@ -39,9 +39,11 @@ non-zero with one line saying so. Before it starts and while the connection fail
 the SuperLink's port: a TLS SuperLink joined with ``--insecure`` (or a plain one joined with
 TLS), where Flower would retry forever, ends the join with a line saying which.
 
-The ServerApp and ClientApp below are the same functions simulation mode runs; only where
-their settings come from differs (run config and node config instead of Python objects).
-Paths in the recipe config (out_dir) are the coordinator's.
+The apps Flower loads by name (`write_app`) are medfound.fed.coordinator_app:server_app and
+medfound.fed.worker:client_app, the same functions simulation mode runs; only where their
+settings come from differs (run config and node config instead of Python objects). Paths in
+the recipe config (out_dir) are the coordinator's. This module imports neither Flower nor
+torch: `medfound center join` runs it to supervise the center's processes, and stays small.
 """
 
 from __future__ import annotations
@@ -60,38 +62,19 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
-from flwr.app import Context
-from flwr.serverapp import Grid, ServerApp
-
 from medfound import __version__
 from medfound.errors import MedfoundError
-from medfound.fed.server_app import run_coordinator
 from medfound.fed.settings import FedSettings, parse_host_port
 
 __all__ = ["SuperLinkUnreachable", "check_transport", "join_command",
            "make_center_keys", "probe_transport", "register_centers", "run_center",
-           "run_deployment", "server_app", "superlink_command", "write_app"]
+           "run_deployment", "superlink_command", "write_app"]
 
 JOIN_MAX_WAIT_S = 3600.0  # how long `center join` waits for a SuperLink that is out of reach
 JOIN_MAX_WAIT_ENV = "MEDFOUND_JOIN_MAX_WAIT_S"  # overrides it (seconds)
 RUN_CONFIG_KEY = "medfound-config"  # the resolved recipe config, YAML text
 CONNECTION = "medfound"  # the SuperLink connection's name in FED/.flwr/config.toml
 DEFAULT_SUPERLINK = "127.0.0.1:9092"  # Flower >= 1.41 serves every SuperLink API on one port
-
-# --- the apps Flower loads by name (see write_app's components) ---------------------------------
-
-server_app = ServerApp()
-
-
-@server_app.main()
-def _main(grid: Grid, context: Context) -> None:
-    text = context.run_config.get(RUN_CONFIG_KEY)
-    if not text:
-        raise MedfoundError(f"the run config has no {RUN_CONFIG_KEY!r}",
-                            hint="submit the run with `medfound run federate fed.mode=deployment`")
-    run_coordinator(grid, yaml.safe_load(str(text)), str(text))
-
 
 # --- the researcher's side ------------------------------------------------------------------
 
@@ -115,7 +98,7 @@ def write_app(app_dir: Path, config_yaml: str) -> Path:
         "[tool.flwr.app]\n"
         'publisher = "medfound"\n\n'
         "[tool.flwr.app.components]\n"
-        'serverapp = "medfound.fed.deployment:server_app"\n'
+        'serverapp = "medfound.fed.coordinator_app:server_app"\n'
         'clientapp = "medfound.fed.worker:client_app"\n\n'
         "[tool.flwr.app.config]\n"
         f"{RUN_CONFIG_KEY} = {_toml_string(config_yaml)}\n")

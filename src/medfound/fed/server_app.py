@@ -9,8 +9,11 @@ The aggregation weights are the coordinator's record of each center's case count
 
 Each round, in order:
 
-1. train — the strategy picks the centers (all connected ones, at least ``fed.min_centers``)
-   and sends them the global weights; replies are screened (medfound.fed.screening: bad
+1. train — `medfound.fed.participation.draw_round` picks the round's centers among the
+   connected ones (all of them, or a seeded draw: ``fed.fraction``, ``fed.centers_per_round``;
+   at least ``fed.min_centers``), the strategy sends them the global weights and the round
+   waits for their replies (all, ``fed.replies_per_round`` of them, or until
+   ``fed.round_timeout_s``); replies are screened (medfound.fed.screening: bad
    updates are rejected and logged) and the accepted ones aggregated by the Flower strategy,
    weighted by each center's training case count where the strategy weights at all. With
    fewer than ``fed.min_centers`` accepted updates the round keeps the previous weights;
@@ -41,9 +44,10 @@ encoder's pretrainer, aggregated per parameter group (medfound.fed.strategies); 
 the validation reconstruction and contrastive losses; no cross-site matrix; the encoder package
 goes to ``FED/encoder/``.
 
-FED/metrics.json: ``rounds`` (one record per round: duration_s, train_s (the training phase:
-weights out, updates back, screening, aggregation), train {centers, accepted,
-rejected, failed, update_norms, aggregate}, evaluate {global, centers, failed, pending,
+FED/metrics.json: ``rounds`` (one record per round: started_at (epoch seconds), duration_s,
+train_s (the training phase: weights out, updates back, screening, aggregation),
+participation {connected, available, sampled, late}, train {centers, accepted,
+rejected, failed, update_norms, aggregate, timing {exchange_s, screen_s, aggregate_s}}, evaluate {global, centers, failed, pending,
 in_round (the round whose messages carried the scores)}, bytes
 {center: {sent, received}} as the center sees it), ``global`` (per-round global metrics),
 ``bytes_per_center`` (totals, cross-site validation included), ``round_durations_s``,
@@ -72,6 +76,7 @@ from medfound.errors import MedfoundError
 from medfound.fed.audit import ReceiptLog
 from medfound.fed.contribution import LeaveOneOut, contribution_report, write_contribution
 from medfound.fed.params import decode_arrays, encode_arrays, payload_bytes, shared_state
+from medfound.fed.participation import draw_round
 from medfound.fed.protocol import (
     ARRAYS,
     EVALUATE_RECEIVED,
@@ -212,7 +217,8 @@ def run_coordinator(grid: Grid, cfg: Mapping[str, Any], config_yaml: str = "") -
             scored = (history[-1] if history and history[-1]["evaluate"].get("pending")
                       and not settings.privacy["secagg"] else None)
             _name_nodes(grid, settings, gate, traffic, rnd)
-            train, new = _train_round(grid, strategy, rnd, sent, instruction, settings, gate,
+            drawn = draw_round(grid, known, rnd, settings, seed=int(cfg["seed"]))
+            train, new = _train_round(drawn, strategy, rnd, sent, instruction, settings, gate,
                                       traffic, seed=int(cfg["seed"]), keep=keep,
                                       evaluate_received=scored is not None,
                                       spool_dir=out / SPOOL_DIR, loo=loo)
@@ -226,11 +232,12 @@ def run_coordinator(grid: Grid, cfg: Mapping[str, Any], config_yaml: str = "") -
             elif evaluate_with_train and rnd < settings.rounds:
                 evaluate = {"global": {}, "centers": {}, "failed": [], "pending": True}
             else:
-                evaluate = _evaluate_round(grid, strategy, rnd,
-                                           _exchanged(global_arrays, exchanged, whole=rnd == 1),
+                evaluate = _evaluate_round(grid if rnd == settings.rounds else drawn, strategy,
+                                           rnd, _exchanged(global_arrays, exchanged, whole=rnd == 1),
                                            instruction, settings, gate, traffic)
-            record = {"round": rnd, "duration_s": round(time.time() - started, 3),
-                      "train_s": round(train_s, 3),
+            record = {"round": rnd, "started_at": round(started, 3),
+                      "duration_s": round(time.time() - started, 3), "train_s": round(train_s, 3),
+                      "participation": drawn.record(),
                       "aggregated": train.pop("aggregated"), "train": train,
                       "evaluate": evaluate, "bytes": traffic.by_center(known)}
             history.append(record)
@@ -343,8 +350,10 @@ def _train_round(grid: Grid, strategy: Any, rnd: int, global_arrays: dict[str, n
     streaming = spool_dir is not None and streams(settings)
     with (UpdateSpool(spool_dir / f"{rnd:04d}") if streaming else contextlib.nullcontext()
           ) as spool:
+        clock = _Clock()
         replies = _exchange(grid, messages, settings, gate, traffic, kind="train", rnd=rnd,
-                            arrays=global_arrays, spool=spool)
+                            arrays=global_arrays, spool=spool, quorum=settings.replies_per_round)
+        clock.lap("exchange_s")
         refused = _refusals(gate.take_refused())
         # Flower's strategies take exactly one MetricRecord per reply: the scores come out first.
         scores = {center_of(m, known): m.content.pop(EVALUATION) for m in replies
@@ -356,6 +365,7 @@ def _train_round(grid: Grid, strategy: Any, rnd: int, global_arrays: dict[str, n
         screening = screen_updates(replies, global_arrays, transfer_dtype=settings.transfer_dtype,
                                    norm_factor=settings.reject_norm_factor, known_centers=known,
                                    spool=spool)
+        clock.lap("screen_s")
         gate.weigh(screening.accepted)  # the weights: the coordinator's record of each count
         rejected = refused + screening.rejected
         for item in screening.rejected:
@@ -369,7 +379,8 @@ def _train_round(grid: Grid, strategy: Any, rnd: int, global_arrays: dict[str, n
                                          key=lambda item: item[0])),
                   "accepted": sorted(center_of(m, known) for m in screening.accepted),
                   "rejected": rejected, "failed": screening.failed,
-                  "update_norms": dict(sorted(screening.update_norms.items())), "aggregate": {}}
+                  "update_norms": dict(sorted(screening.update_norms.items())), "aggregate": {},
+                  "timing": clock.laps}
         if evaluate_received:
             record["evaluated"] = _evaluate_record(
                 {c: _metric_dict(r) for c, r in scores.items()},
@@ -405,7 +416,21 @@ def _train_round(grid: Grid, strategy: Any, rnd: int, global_arrays: dict[str, n
                     if settings.privacy["dp"] is not None:
                         _keep_variances_positive(global_arrays)
                     record.update(aggregated=True, aggregate=dict(metrics or {}))
+        clock.lap("aggregate_s")
         return record, global_arrays
+
+
+class _Clock:
+    """Seconds between successive `lap`s, by name (a training round's ``timing``)."""
+
+    def __init__(self) -> None:
+        self.laps: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = round(now - self._last, 4)
+        self._last = now
 
 
 def _secure_train_round(grid: Grid, rnd: int, messages: list[Message],
@@ -555,9 +580,10 @@ class _Traffic:
 
 def _send_and_receive(grid: Grid, messages: Iterable[Message], timeout: float,
                       on_reply: Callable[[Message], Message | None], one_at_a_time: bool = False,
-                      poll_s: float = 0.25) -> list[Message]:
-    """Push `messages`, then pull replies every `poll_s` until each has one or `timeout` passes;
-    each reply goes through `on_reply` as it arrives (None: leave it out).
+                      poll_s: float = 0.25, enough: int | None = None) -> list[Message]:
+    """Push `messages`, then pull replies every `poll_s` until each has one, `enough` of the
+    kept replies carry content (fed.replies_per_round), or `timeout` passes; each reply goes
+    through `on_reply` as it arrives (None: leave it out).
 
     Flower's `Grid.send_and_receive` waits 3 s between pulls: 1.5 s per exchange on average,
     for nothing. `one_at_a_time`: pull each reply alone, and hand it to `on_reply` before the
@@ -565,6 +591,7 @@ def _send_and_receive(grid: Grid, messages: Iterable[Message], timeout: float,
     pending = set(grid.push_messages(messages))
     end = time.monotonic() + timeout
     replies: list[Message] = []
+    answered = 0  # kept replies with content
     while pending:
         for batch in ([{mid} for mid in sorted(pending)] if one_at_a_time else [set(pending)]):
             for reply in grid.pull_messages(batch):
@@ -572,6 +599,9 @@ def _send_and_receive(grid: Grid, messages: Iterable[Message], timeout: float,
                 kept = on_reply(reply)
                 if kept is not None:
                     replies.append(kept)
+                    answered += kept.has_content()
+            if enough is not None and answered >= enough:
+                return replies  # the rest are stragglers: their replies are never read
         if not pending or time.monotonic() >= end:
             break
         time.sleep(poll_s)
@@ -581,8 +611,9 @@ def _send_and_receive(grid: Grid, messages: Iterable[Message], timeout: float,
 def _exchange(grid: Grid, messages: Iterable[Message], settings: FedSettings,
               gate: ReplyGate, traffic: _Traffic, *, kind: str, rnd: int,
               arrays: Mapping[str, np.ndarray] | None = None, models: Iterable[str] = (),
-              spool: UpdateSpool | None = None) -> list[Message]:
-    """Put the weights in the transfer dtype, send, and wait up to ``fed.round_timeout_s``.
+              spool: UpdateSpool | None = None, quorum: int | None = None) -> list[Message]:
+    """Put the weights in the transfer dtype, send, and wait up to ``fed.round_timeout_s``
+    (or until `quorum` replies with content have come: fed.replies_per_round).
 
     Each reply passes `gate` as it arrives (`kind`, `arrays`, `models`: what
     `ReplyGate.admit` checks it against); a refused one is printed, recorded by the gate and
@@ -642,11 +673,14 @@ def _exchange(grid: Grid, messages: Iterable[Message], settings: FedSettings,
         return spool.take(admitted) if spool is not None else admitted
 
     return _send_and_receive(grid, messages, timeout=settings.round_timeout_s, on_reply=received,
-                             one_at_a_time=spool is not None)
+                             one_at_a_time=spool is not None, enough=quorum)
 
 
-# How long the coordinator waits for nodes to say who they are before a round.
+# How long the coordinator waits for nodes to say who they are before a round: a base, plus a
+# share per node asked (Flower's simulation engine answers the queries a few at a time, so 20
+# new centers take far longer than one); never longer than the round's own timeout.
 NAME_TIMEOUT_S = 30.0
+NAME_TIMEOUT_PER_NODE_S = 5.0
 
 
 def _name_nodes(grid: Grid, settings: FedSettings, gate: ReplyGate, traffic: _Traffic,
@@ -681,8 +715,8 @@ def _name_nodes(grid: Grid, settings: FedSettings, gate: ReplyGate, traffic: _Tr
                             "error" if reply.has_error() else "query",
                             hashlib.sha256(data).hexdigest(), len(data))
 
-    _send_and_receive(grid, messages, timeout=min(NAME_TIMEOUT_S, settings.round_timeout_s),
-                      on_reply=named)
+    wait = NAME_TIMEOUT_S + NAME_TIMEOUT_PER_NODE_S * len(unnamed)
+    _send_and_receive(grid, messages, timeout=min(wait, settings.round_timeout_s), on_reply=named)
 
 
 def _reply_bytes(msg: Message) -> bytes:
@@ -878,7 +912,9 @@ def _flat_round(record: Mapping[str, Any]) -> dict[str, float]:
     flat = {"round_duration_s": record["duration_s"],
             "updates_accepted": len(record["train"]["accepted"]),
             "updates_rejected": len(record["train"]["rejected"]),
-            "centers_failed": len(record["train"]["failed"])}
+            "centers_failed": len(record["train"]["failed"]),
+            "centers_sampled": len(record["participation"]["sampled"]),
+            "centers_late": len(record["participation"]["late"])}
     flat.update({f"aggregate/{k}": v for k, v in record["train"]["aggregate"].items()})
     for center, metrics in record["train"]["centers"].items():
         flat.update({f"{center}/{k}": v for k, v in metrics.items() if k != NUM_EXAMPLES})
@@ -907,6 +943,10 @@ def _round_summary(record: Mapping[str, Any], rounds: int,
     parts = [f"round {record['round']}/{rounds}",
              f"{len(train['accepted'])} updates accepted, {len(train['rejected'])} rejected, "
              f"{len(train['failed'])} failed" + ("" if record["aggregated"] else " (model kept)")]
+    taking = record["participation"]
+    if len(taking["sampled"]) < taking["connected"] or taking["late"]:
+        parts.append(f"{len(taking['sampled'])} of {taking['connected']} centers drawn, "
+                     f"{len(taking['late'])} late")
     if "train/loss" in train["aggregate"]:
         parts.append(f"train/loss {train['aggregate']['train/loss']:.4g}")
     for r in ([scored] if scored is not None else []) + [record]:

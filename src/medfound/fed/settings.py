@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from medfound.errors import MedfoundError
@@ -27,6 +28,7 @@ TASKS = ("detect", "pretrain")
 DP_MODES = ("client", "server")
 # fed.max_cases: the default cap on the training cases one center's reply may claim.
 MAX_CASES = 1_000_000
+DATALIST = "datalist.json"  # what makes a folder of data.root a center (medfound.data.detection)
 # A center's name: what the coordinator accepts in a reply and puts in paths and metric names.
 CENTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
@@ -67,6 +69,11 @@ class FedSettings:
     # {center: Flower node id} from `medfound fed register`: the only node that may answer
     # as that center (unset: a name is bound to the first node that answers with it)
     nodes: dict[str, int] = dataclasses.field(default_factory=dict)
+    # participation (medfound.fed.participation): the share or number of the connected
+    # centers drawn each round (None: every one), and the replies a round waits for
+    fraction: float | None = None
+    centers_per_round: int | None = None
+    replies_per_round: int | None = None
 
     @property
     def strategy_name(self) -> str:
@@ -76,8 +83,8 @@ class FedSettings:
     def from_config(cls, cfg: Mapping[str, Any], centers: list[str] | None = None) -> FedSettings:
         """Validate `cfg["fed"]` (and the trainer keys federated training constrains).
 
-        `centers` replaces ``fed.centers`` when the caller resolved it (null = every center
-        folder of data.root, which only the simulation launcher can list).
+        `centers` replaces ``fed.centers`` when the caller resolved it (null or "all" = every
+        center folder of data.root, which the recipe lists).
         """
         fed = dict(cfg.get("fed") or {})
         known = {f.name for f in dataclasses.fields(cls)}
@@ -95,13 +102,15 @@ class FedSettings:
         need(isinstance(names, (list, tuple)) and len(names) > 0
              and all(isinstance(c, str) and CENTER_NAME.fullmatch(c) for c in names), "centers",
              "must be a non-empty list of center names (letters, digits, '_', '.', '-'; up to "
-             "64), e.g. fed.centers=[center_0,center_1]")
+             "64), e.g. fed.centers=[center_0,center_1], or all (every center folder of "
+             "data.root, which `medfound run federate` lists)")
         need(len(set(names)) == len(names), "centers", "lists a center twice")
         fed.setdefault("evaluate_every", 1)
         for key in ("rounds", "local_epochs", "min_centers", "evaluate_every"):
             need(_int(fed.get(key)) and fed[key] >= 1, key, "must be an integer >= 1")
         need(fed["min_centers"] <= len(names), "min_centers",
              f"is more than the {len(names)} centers in fed.centers")
+        participation = _participation(fed, len(names))
         need(_num(fed.get("round_timeout_s")) and fed["round_timeout_s"] > 0, "round_timeout_s",
              "must be a number of seconds > 0")
         need(fed.get("transfer_dtype") in TRANSFER_DTYPES, "transfer_dtype",
@@ -140,6 +149,7 @@ class FedSettings:
                                     "be true or false")
 
         privacy = _privacy(fed.get("privacy"))
+        _check_participation_privacy(participation, privacy)
         share = fed.get("share_local_models", False)
         need(isinstance(share, bool), "share_local_models", "must be true or false")
         if share and (privacy["dp"] is not None or privacy["secagg"]):
@@ -203,7 +213,49 @@ class FedSettings:
                    exchange=exchange, task=task, share_local_models=share,
                    contribution=contribution and task == "detect",
                    max_cases=int(max_cases), declared_cases=declared, nodes=nodes,
-                   evaluate_every=int(fed["evaluate_every"]), **switches)
+                   evaluate_every=int(fed["evaluate_every"]), **participation, **switches)
+
+
+def _participation(fed: Mapping[str, Any], n_centers: int) -> dict[str, Any]:
+    """`fed.fraction`, `fed.centers_per_round`, `fed.replies_per_round` (each null or set)."""
+    fraction, per_round, replies = (fed.get(k) for k in ("fraction", "centers_per_round",
+                                                          "replies_per_round"))
+    minimum = fed["min_centers"]
+    if fraction is not None and not (_num(fraction) and 0 < fraction <= 1):
+        raise MedfoundError(f"config key 'fed.fraction' = {fraction!r}: must be a number in "
+                            "(0, 1] (the share of the connected centers drawn each round), or null")
+    if fraction is not None and per_round is not None:
+        raise MedfoundError("fed.fraction and fed.centers_per_round are both set",
+                            hint="choose one: a share of the connected centers each round, or "
+                                 "a number of them")
+    for key, value in (("centers_per_round", per_round), ("replies_per_round", replies)):
+        if value is not None and not (_int(value) and minimum <= value <= n_centers):
+            raise MedfoundError(f"config key 'fed.{key}' = {value!r}: must be an integer from "
+                                f"fed.min_centers ({minimum}) to the {n_centers} centers, or null")
+    if replies is not None and per_round is not None and replies > per_round:
+        raise MedfoundError(f"config key 'fed.replies_per_round' = {replies}: more than the "
+                            f"{per_round} centers drawn each round (fed.centers_per_round)")
+    return {"fraction": None if fraction is None else float(fraction),
+            "centers_per_round": per_round, "replies_per_round": replies}
+
+
+def _check_participation_privacy(participation: Mapping[str, Any],
+                                 privacy: Mapping[str, Any]) -> None:
+    """Sampling and the k-of-n deadline do not combine with DP (the accounting assumes every
+    center in every round) nor with SecAgg+ (its stages need the drawn centers' replies)."""
+    drawn = participation["fraction"] is not None or participation["centers_per_round"] is not None
+    for on, what in ((privacy["dp"] is not None, "fed.privacy.dp"),
+                     (privacy["secagg"], "fed.privacy.secagg")):
+        if on and drawn:
+            raise MedfoundError(f"{what} does not combine with fed.fraction / "
+                                "fed.centers_per_round in medfound (the privacy accounting "
+                                "assumes every center takes part in every round)",
+                                hint="set fed.fraction=null fed.centers_per_round=null")
+    if privacy["secagg"] and participation["replies_per_round"] is not None:
+        raise MedfoundError("fed.privacy.secagg does not combine with fed.replies_per_round: "
+                            "SecAgg+ rebuilds the masks from the centers it started with",
+                            hint="set fed.replies_per_round=null (fed.round_timeout_s still "
+                                 "bounds the round)")
 
 
 # fed.privacy keys and their defaults (configs/federate.yaml explains each).
@@ -251,6 +303,22 @@ def _privacy(value: Any) -> dict[str, Any]:
             "delta": float(privacy["delta"]), "secagg": privacy["secagg"],
             "secagg_max_weight": float(privacy["secagg_max_weight"]),
             "secagg_clipping_range": float(privacy["secagg_clipping_range"])}
+
+
+def all_centers(root: Path) -> list[str]:
+    """``fed.centers=all`` (or null): the center folders of `root` (data.root), each one
+    holding a datalist.json, in name order."""
+    root = Path(root)
+    if not root.is_dir():
+        raise MedfoundError("fed.centers=all: no such data folder", path=root,
+                            hint="point data.root at the folder holding the center folders")
+    found = sorted(p.name for p in root.iterdir() if (p / DATALIST).is_file())
+    if not found:
+        raise MedfoundError("fed.centers=all: no center folder (one holding a datalist.json) "
+                            "under data.root", path=root,
+                            hint="generate some with `medfound phantoms --out DIR`, or list them: "
+                                 "fed.centers=[center_0,center_1]")
+    return found
 
 
 def parse_host_port(address: Any, what: str = "address") -> tuple[str, int]:

@@ -135,6 +135,21 @@ def serve(path: Path, parent_pid: int | None = None) -> None:
                 except OSError as exc:  # the relay process is gone (its SuperNode stopped)
                     print(f"medfound worker: could not deliver a reply: {exc}", file=sys.stderr,
                           flush=True)
+                del message, context, reply
+                release_memory()
+
+
+def release_memory() -> None:
+    """Between messages: collect what the message left (its model, optimizer, batches) and
+    hand the freed heap back to the system (glibc's malloc keeps it otherwise), so that a
+    center waiting for its next round holds its imports and caches, not its last round's
+    peak (benchmarks/federation_scale.py)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to hand back
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _preload() -> None:
