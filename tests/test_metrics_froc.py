@@ -427,6 +427,11 @@ def test_diameters_by_size_bin_and_duplicate_findings_are_counted():
     assert duplicate_findings(pred, ann, ["s1", "s2"], 0.5) == {
         "threshold": 0.5, "n_nodules": 3, "n_with_duplicates": 1, "n_duplicate_findings": 1}
     assert duplicate_findings(pred, ann, ["s1", "s2"], 0.7)["n_with_duplicates"] == 0
+    # A 10 mm nodule is in one bin, "6-10 mm", as in froc_by_group: the bins add up to the whole.
+    ten = [*ann, {"seriesuid": "s2", "coordX": 0.0, "coordY": 60.0, "coordZ": 0.0,
+                  "diameter_mm": 10.0}]
+    sizes = diameter_by_size(pred, ten, ["s1", "s2"])
+    assert {k: v["n_nodules"] for k, v in sizes.items()} == {"<6 mm": 1, "6-10 mm": 2, ">10 mm": 1}
 
 
 def test_findings_on_one_object_merge_to_the_most_probable():

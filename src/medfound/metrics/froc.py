@@ -225,10 +225,11 @@ def diameter_by_size(predictions: Any, annotations: Any, seriesuids: Any) -> dic
     matched = _match(predictions, annotations, seriesuids, None)
     found = matched.nodule_best >= 0
     sizes = _table(predictions, ("diameter_mm",), "predictions")["diameter_mm"]
+    a = matched.nodule_diameter
+    bins = np.asarray([size_bin(float(d)) for d in a], dtype=object)  # the bins froc_by_group uses
     out = {}
-    for lo, hi, name in SIZE_BINS_MM:
-        a = matched.nodule_diameter
-        in_bin = (a >= lo) & ((a < hi) | ((hi == 10.0) & (a == 10.0)))
+    for _, _, name in SIZE_BINS_MM:
+        in_bin = bins == name
         sel = found & in_bin
         entry: dict[str, Any] = {"n_nodules": int(in_bin.sum()), "n_matched": int(sel.sum())}
         if sel.any():
