@@ -60,3 +60,20 @@ def test_train_split_all_is_refused_when_a_training_center_is_also_validated() -
         training_split({**data, "train_split": "all", "val_centers": ["center_1", "center_2"]})
     with pytest.raises(MedfoundError, match="data.train_split"):
         training_split({**data, "train_split": "validation"})
+
+
+def test_installed_flower_is_the_pinned_one_the_docs_name() -> None:
+    """The suite runs on the flwr that pyproject pins; docs/federation.md names that version."""
+    from importlib.metadata import version
+
+    from packaging.requirements import Requirement
+
+    root = CONFIGS.parent
+    pyproject = (root / "pyproject.toml").read_text()
+    line = next(x for x in pyproject.splitlines() if x.strip().startswith('"flwr['))
+    text = line.strip().strip('",')  # flwr[simulation]>=A,<B
+    pin = Requirement(text)
+    installed = version("flwr")
+    assert pin.specifier.contains(installed), f"flwr {installed} is outside the pin {pin}"
+    assert f"flwr {installed}" in (root / "docs" / "federation.md").read_text()
+    assert f"`{text}`" in (root / "docs" / "federation.md").read_text()

@@ -265,3 +265,50 @@ def test_tiny_detector_overfits_one_patch_and_finds_the_sphere(tiny, cls_loss):
     top = convert_box_mode(pred["box"][:1], src_mode="xyzxyz", dst_mode="cccwhd")[0]
     assert (top[:3] - torch.tensor(centre)).abs().max() < 2.0
     assert (top[3:] - (box[0, 3:] - box[0, :3])).abs().max() < 2.0
+
+
+def test_nodule_mask_marks_the_cells_inside_each_nodule_and_at_least_the_centre_cell():
+    from medfound.models.detection import nodule_mask
+
+    boxes = [torch.tensor([[8.0, 8.0, 8.0, 24.0, 24.0, 24.0]]),  # 16-voxel sphere at (16, 16, 16)
+             torch.tensor([[30.0, 30.0, 30.0, 31.0, 31.0, 31.0]])]  # 1 voxel: smaller than a cell
+    mask = nodule_mask(boxes, (64, 64, 64), (16, 16, 16))  # stride 4
+    assert mask.shape == (2, 1, 16, 16, 16)
+    big = mask[0, 0]
+    assert big[4, 4, 4] == 1 and big[0, 0, 0] == 0 and big[4, 4, 7] == 0  # centre in, corner out
+    assert 20 < big.sum() < 4 / 3 * 3.1416 * 2**3 * 1.5  # about the sphere's 33 cells of 4³ voxels
+    assert mask[1, 0].sum() >= 1 and mask[1, 0, 7, 7, 7] == 1  # the tiny one marks its centre cell
+    assert nodule_mask([torch.zeros((0, 6))], (64, 64, 64), (16, 16, 16)).sum() == 0
+
+
+def test_aux_seg_head_trains_beside_the_anchors_and_is_not_an_output(tiny):
+    from medfound.train.detection import train_step
+
+    cfg = dataclasses.replace(tiny, aux_seg_weight=1.0)
+    net = build_network(cfg, seed=0)
+    assert isinstance(net.aux_seg, torch.nn.Conv3d)
+    assert not hasattr(build_network(tiny, seed=0), "aux_seg")
+    det = build_detector(cfg, net).train()
+    image, box = sphere_patch(cfg, [30.0, 25.0, 17.0], diameter_mm=10.0)
+    batch = [{"image": image[0], "box": box, "label": torch.tensor([0])}]
+    torch.manual_seed(0)
+    losses = train_step(det, batch)
+    assert set(losses) == {"loss", "classification", "box_regression", "aux_seg"}
+    assert torch.isfinite(losses["aux_seg"]) and losses["aux_seg"] > 0
+    losses["loss"].backward()
+    assert net.aux_seg.weight.grad.abs().sum() > 0
+    assert net.feature_extractor.body.conv1.weight.grad.abs().sum() > 0
+    # The head's outputs are the anchors' alone: the mask head never reaches an exported graph.
+    with torch.no_grad():
+        out = net(image)
+    assert set(out) == {"classification", "box_regression"}
+    # A few Adam steps lower the mask loss: the head learns where the nodule is.
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    first = None
+    for _ in range(15):
+        losses = train_step(det, batch)
+        first = first if first is not None else float(losses["aux_seg"])
+        opt.zero_grad()
+        losses["loss"].backward()
+        opt.step()
+    assert float(losses["aux_seg"]) < first
