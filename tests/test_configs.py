@@ -75,5 +75,6 @@ def test_installed_flower_is_the_pinned_one_the_docs_name() -> None:
     pin = Requirement(text)
     installed = version("flwr")
     assert pin.specifier.contains(installed), f"flwr {installed} is outside the pin {pin}"
-    assert f"flwr {installed}" in (root / "docs" / "federation.md").read_text()
-    assert f"`{text}`" in (root / "docs" / "federation.md").read_text()
+    docs = (root / "docs" / "federation.md").read_text()
+    assert f"flwr {installed}" in docs
+    assert f"`{text}`" in docs

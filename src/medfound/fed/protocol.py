@@ -100,7 +100,7 @@ _SECTION_RANGES = {
                 "epochs": (1, 10**6), "step_epochs": (1, 10**6), "val_every": (1, 10**6)},
     "network": {"sw_batch_size": (1, 256), "fpn_channels": (1, 4096), "detections_per_img": (0, 10**5),
                 "topk_candidates_per_level": (0, 10**6), "hns_batch_size_per_image": (0, 10**6),
-                "adapter_channels": (0, 4096), "aux_seg_weight": (0.0, 1000.0), "n_input_channels": (1, 64), "num_classes": (1, 1024)},
+                "adapter_channels": (0, 4096), "n_input_channels": (1, 64), "num_classes": (1, 1024)},
     "task": {"batch_size": (1, 256)},
 }
 _VOXEL_LISTS = ("patch_size", "sw_roi_size")  # (i, j, k) voxels: each side and the product capped

@@ -34,7 +34,6 @@ in `AtssRetinaNetDetector`.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -64,10 +63,8 @@ __all__ = [
     "ResNetFPN",
     "build_detector",
     "build_feature_extractor",
-    "aux_seg_loss",
     "build_network",
     "count_parameters",
-    "nodule_mask",
     "size_divisible",
 ]
 
@@ -112,7 +109,6 @@ PRESETS: dict[str, dict[str, Any]] = {
         "adapter_channels": 0,
         "ignore_inside_gt": False,
         "cls_loss": "hard_negative_bce",
-        "aux_seg_weight": 0.0,
     },
 }
 # Differences from "reference" only: everything else (matching, sampling, NMS) is shared.
@@ -171,9 +167,6 @@ class DetectorConfig:
     cls_loss: str = "hard_negative_bce"  # "hard_negative_bce": MONAI's LUNA16 setting (BCE on the
     #   positives and hns_* sampled hard negatives); "focal": RetinaNet's sigmoid focal loss on
     #   every anchor, normalised by the number of positive anchors (the hns_* keys are unused)
-    aux_seg_weight: float = 0.0  # training: >0 adds `aux_seg`, a 1×1×1 nodule-mask head on the
-    #   finest pyramid level, trained with BCE + Dice at this weight (`aux_seg_loss`); it is not
-    #   part of the network's outputs, so the exported model is unchanged
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> DetectorConfig:
@@ -241,8 +234,6 @@ class DetectorConfig:
             raise bad("gt_box_mode", "must be a MONAI box mode such as 'cccwhd' or 'xyzxyz'") from None
         if self.sw_mode not in ("constant", "gaussian"):
             raise bad("sw_mode", "must be 'constant' or 'gaussian'")
-        if not 0.0 <= self.aux_seg_weight <= 1000.0:
-            raise bad("aux_seg_weight", "must be in [0, 1000]")
         if self.cls_loss not in CLS_LOSSES:
             raise bad("cls_loss", f"must be one of {', '.join(CLS_LOSSES)}")
         div = size_divisible(self)
@@ -397,50 +388,7 @@ def build_network(cfg: DetectorConfig | Mapping[str, Any], seed: int | None = No
             # conv (one class) is smaller than such an adapter would be and trains whole.
             net.regression_head.bbox_reg = AdaptedConv3d(net.regression_head.bbox_reg,
                                                          cfg.adapter_channels)
-        if cfg.aux_seg_weight > 0:
-            net.aux_seg = nn.Conv3d(cfg.fpn_channels, 1, 1)
-            nn.init.normal_(net.aux_seg.weight, std=0.01)
-            nn.init.constant_(net.aux_seg.bias, -math.log(99.0))  # starts at p = 0.01
         return net
-
-
-def nodule_mask(boxes: Sequence[Tensor], image_shape: Sequence[int], feature_shape: Sequence[int]
-                ) -> Tensor:
-    """(B, 1, *feature_shape) float mask: 1 in the feature cells whose centre lies inside a
-    nodule's ellipsoid. `boxes` are per image (N, 6) xyzxyz voxels of an image of
-    `image_shape` (i, j, k); a nodule smaller than a cell still marks the cell its centre is in."""
-    strides = [im / f for im, f in zip(image_shape, feature_shape, strict=True)]
-    device = boxes[0].device if len(boxes) else None
-    axes = [(torch.arange(n, dtype=torch.float32, device=device) + 0.5) * s - 0.5
-            for n, s in zip(feature_shape, strides, strict=True)]
-    grid = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)  # (fi, fj, fk, 3)
-    masks = []
-    for b in boxes:
-        m = torch.zeros(tuple(feature_shape), dtype=torch.float32, device=device)
-        for box in b.float():
-            centre = (box[:3] + box[3:]) / 2
-            half = torch.maximum((box[3:] - box[:3]) / 2,
-                                 torch.tensor(strides, device=box.device) / 2)
-            m = torch.maximum(m, ((((grid - centre) / half) ** 2).sum(-1) <= 1.0).float())
-        masks.append(m)
-    return torch.stack(masks)[:, None]
-
-
-def aux_seg_loss(network: nn.Module, features: Mapping[str, Tensor], boxes: Sequence[Tensor],
-                 image_shape: Sequence[int]) -> Tensor:
-    """BCE + soft Dice of ``network.aux_seg`` on the finest pyramid level against `nodule_mask`.
-
-    Why: ATSS makes a handful of anchors per nodule positive, and focal loss gives the backbone
-    a gradient from those few; the mask gives every cell of the finest level one, so the
-    features that tell a nodule from a vessel form sooner (Retina U-Net's auxiliary
-    segmentation, Jaeger et al. 2018)."""
-    finest = next(iter(features.values()))
-    logits = network.aux_seg(finest)
-    target = nodule_mask(boxes, image_shape, finest.shape[2:])
-    bce = nn.functional.binary_cross_entropy_with_logits(logits, target)
-    p = torch.sigmoid(logits)
-    dice = 1.0 - (2.0 * (p * target).sum() + 1.0) / (p.sum() + target.sum() + 1.0)
-    return bce + dice
 
 
 class AtssRetinaNetDetector(RetinaNetDetector):
@@ -456,7 +404,6 @@ class AtssRetinaNetDetector(RetinaNetDetector):
     """
 
     ignore_inside_gt: bool = False
-    aux_seg_weight: float = 0.0  # DetectorConfig.aux_seg_weight: train_step adds aux_seg_loss
 
     def compute_anchor_matched_idxs(self, anchors: list[Tensor], targets: list[dict[str, Tensor]],
                                     num_anchor_locs_per_level: Sequence[int]) -> list[Tensor]:
@@ -518,7 +465,6 @@ def build_detector(cfg: DetectorConfig | Mapping[str, Any], network: RetinaNet) 
     )
     detector = AtssRetinaNetDetector(network=network, anchor_generator=anchors)
     detector.ignore_inside_gt = cfg.ignore_inside_gt
-    detector.aux_seg_weight = cfg.aux_seg_weight
     detector.set_atss_matcher(num_candidates=cfg.atss_num_candidates, center_in_gt=cfg.atss_center_in_gt)
     if cfg.cls_loss == "focal":
         detector.set_cls_loss(PositiveNormalizedFocalLoss())  # every anchor, no sampler

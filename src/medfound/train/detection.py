@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from medfound.data.detection import label_subset, load_datalist, predictions_to_rows
 from medfound.errors import MedfoundError
 from medfound.metrics.froc import evaluate_luna16
-from medfound.models.detection import DetectorConfig, aux_seg_loss, build_detector, build_network
+from medfound.models.detection import DetectorConfig, build_detector, build_network
 
 PREDICTION_COLUMNS = ("seriesuid", "coordX", "coordY", "coordZ", "probability")
 
@@ -233,29 +233,14 @@ def freeze_backbone(network: torch.nn.Module) -> None:
 
 def train_step(detector, batch: Sequence[dict[str, Any]], cls_weight: float = 1.0
                ) -> dict[str, torch.Tensor]:
-    """Losses for one batch of patches: {"loss", "classification", "box_regression"}, and
-    "aux_seg" when the network has the auxiliary mask head (``network.aux_seg_weight`` > 0)."""
+    """Losses for one batch of patches: {"loss", "classification", "box_regression"}."""
     images = [item["image"] for item in batch]
     targets = [{"box": item["box"], "label": item["label"]} for item in batch]
     det = getattr(detector, "module", detector)
-    aux = getattr(det.network, "aux_seg", None)
-    features: dict[str, torch.Tensor] = {}
-    hook = (det.network.feature_extractor.register_forward_hook(
-        lambda _m, _i, out: features.update(out)) if aux is not None else None)
-    try:
-        out = detector(images, targets)
-    finally:
-        if hook is not None:
-            hook.remove()
+    out = detector(images, targets)
     cls, reg = out[det.cls_key], out[det.box_reg_key]
-    losses = {"loss": cls_weight * cls + reg, "classification": cls.detach(),
-              "box_regression": reg.detach()}
-    if aux is not None:
-        seg = aux_seg_loss(det.network, features, [t["box"] for t in targets],
-                           images[0].shape[1:])
-        losses["loss"] = losses["loss"] + det.aux_seg_weight * seg
-        losses["aux_seg"] = seg.detach()
-    return losses
+    return {"loss": cls_weight * cls + reg, "classification": cls.detach(),
+            "box_regression": reg.detach()}
 
 
 @torch.no_grad()
