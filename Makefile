@@ -39,7 +39,7 @@ venv: $(STAMP)
 # is trained pooled on center_0..2, federated across them (Flower simulation, 12 rounds x 5
 # local epochs) and on center_2 alone; the three are scored on center_3's studies; the federated
 # model is exported to ONNX and run on a study from a site none of them saw, against that study's
-# annotations. On this budget the detector stays below the export bar (CPM 0.5 on center_3), so
+# annotations. On this budget the detector stays below the export bar (CPM under 0.5 on center_3), so
 # the export is marked "not validated" (--allow-unvalidated) and infer says so on every study.
 DEMO_TRAIN = [center_0,center_1,center_2]
 demo: $(STAMP)
