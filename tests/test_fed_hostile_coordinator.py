@@ -24,8 +24,8 @@ from flwr.app import (
 )
 
 from medfound.errors import MedfoundError
+from medfound.fed.reporting import data_flows, privacy_report
 from medfound.fed.screening import ReplyGate, screen_updates
-from medfound.fed.server_app import data_flows, privacy_report
 from medfound.fed.settings import FedSettings
 
 CENTERS = ("center_0", "center_1", "center_2")

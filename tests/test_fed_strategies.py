@@ -26,8 +26,8 @@ from flwr.app import (
 
 from medfound.errors import MedfoundError
 from medfound.fed.params import decode_arrays, encode_arrays
+from medfound.fed.reporting import weighted_mean
 from medfound.fed.screening import screen_updates
-from medfound.fed.server_app import weighted_mean
 from medfound.fed.settings import FedSettings
 from medfound.fed.strategies import (
     build_strategy,

@@ -13,7 +13,8 @@ The pieces, in the order a round uses them (see DESIGN.md for where fed sits):
     screening.py   the coordinator's checks on each update before aggregation
     strategies.py  configs/fed/<name>.yaml → Flower's Message-API strategy, and its state
     secagg.py      fed.privacy.secagg: Flower's SecAgg+ in the round loop, both ends
-    server_app.py  the ServerApp: rounds, checkpoint/resume, metrics.json, MLflow, package
+    server_app.py  the ServerApp: the round loop, checkpoint/resume, cross-site, package
+    reporting.py   the round records, metrics.json, the privacy report, MLflow metrics
     simulation.py  simulation mode: one virtual SuperNode per center, Flower's engine on Ray
     deployment.py  deployment mode: SuperLink / SuperNode commands (TLS, node auth) and the
                    Flower App `flwr run` submits; the apps Flower loads by name

@@ -7,24 +7,25 @@ allows; a refused reply is printed, recorded with its reason (the round's ``reje
 ``rejected_replies`` in FED/metrics.json) and left out, and the round goes on with the others.
 The aggregation weights are the coordinator's record of each center's case count.
 
-Each round, in order:
+Each round, in order (`run_coordinator`, in the shape of Flower's `Strategy.start`):
 
-1. train — `medfound.fed.participation.draw_round` picks the round's centers among the
+1. configure — `medfound.fed.participation.draw_round` picks the round's centers among the
    connected ones (all of them, or a seeded draw: ``fed.fraction``, ``fed.centers_per_round``;
-   at least ``fed.min_centers``), the strategy sends them the global weights and the round
-   waits for their replies (all, ``fed.replies_per_round`` of them, or until
-   ``fed.round_timeout_s``); replies are screened (medfound.fed.screening: bad
-   updates are rejected and logged) and the accepted ones aggregated by the Flower strategy,
-   weighted by each center's training case count where the strategy weights at all. With
-   fewer than ``fed.min_centers`` accepted updates the round keeps the previous weights;
-2. evaluate — every center scores the new global weights on its validation split; the global
+   at least ``fed.min_centers``), and the strategy addresses the global weights to them;
+2. exchange — the round waits for their replies (all, ``fed.replies_per_round`` of them, or
+   until ``fed.round_timeout_s``);
+3. screen — replies are screened (medfound.fed.screening: bad updates are rejected and logged);
+4. aggregate — the accepted ones are aggregated by the Flower strategy, weighted by each
+   center's training case count where the strategy weights at all. With fewer than
+   ``fed.min_centers`` accepted updates the round keeps the previous weights;
+5. evaluate — every center scores the new global weights on its validation split; the global
    metric is the case-weighted mean over the centers that could compute it. With
    ``fed.evaluate_with_train`` (the default) this rides in the next round's train message:
    each center scores the weights it receives before it trains, so a round is one exchange,
    not two (Flower's per-message cost, a few seconds, is paid once). Round r's evaluate
    record then stays ``pending`` until round r + 1's replies fill it; the last round's model
    gets an evaluate message of its own. SecAgg+ runs keep the separate exchange;
-3. checkpoint — ``FED/server/state.pt`` (global weights, strategy state, round, history) is
+6. checkpoint — ``FED/server/state.pt`` (global weights, strategy state, round, history) is
    written atomically, then ``FED/metrics.json``, then the round's numbers go to MLflow.
 
 After the last round (``fed.cross_site``), cross-site validation: the global model is scored at
@@ -44,26 +45,17 @@ encoder's pretrainer, aggregated per parameter group (medfound.fed.strategies); 
 the validation reconstruction and contrastive losses; no cross-site matrix; the encoder package
 goes to ``FED/encoder/``.
 
-FED/metrics.json: ``rounds`` (one record per round: started_at (epoch seconds), duration_s,
-train_s (the training phase: weights out, updates back, screening, aggregation),
-participation {connected, available, sampled, late}, train {centers, accepted,
-rejected, failed, update_norms, aggregate, timing {exchange_s, screen_s, aggregate_s}}, evaluate {global, centers, failed, pending,
-in_round (the round whose messages carried the scores)}, bytes
-{center: {sent, received}} as the center sees it), ``global`` (per-round global metrics),
-``bytes_per_center`` (totals, cross-site validation included), ``round_durations_s``,
-``rejected_replies`` (every refused reply: round, exchange, node, the center bound to the node,
-the name it claimed, why) and ``privacy`` (`privacy_report`).
+The round records and FED/metrics.json: medfound.fed.reporting.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +68,7 @@ from medfound.errors import MedfoundError
 from medfound.fed.audit import ReceiptLog
 from medfound.fed.contribution import LeaveOneOut, contribution_report, write_contribution
 from medfound.fed.params import decode_arrays, encode_arrays, payload_bytes, shared_state
-from medfound.fed.participation import draw_round
+from medfound.fed.participation import RoundGrid, draw_round
 from medfound.fed.protocol import (
     ARRAYS,
     EVALUATE_RECEIVED,
@@ -88,12 +80,23 @@ from medfound.fed.protocol import (
     task_spec,
     versions,
 )
+from medfound.fed.reporting import (
+    EvaluateRecord,
+    RoundRecord,
+    TrainRecord,
+    byte_totals,
+    flat_evaluate,
+    flat_round,
+    privacy_report,
+    round_summary,
+    weighted_mean,
+    write_metrics,
+)
 from medfound.fed.screening import ReplyGate, reason_text, screen_updates
 from medfound.fed.settings import FedSettings
 from medfound.fed.spool import UpdateSpool, aggregate_spooled, streams
 from medfound.fed.strategies import (
     build_strategy,
-    dp_epsilons,
     dp_noise_stdev,
     restore_strategy_state,
     running_statistics,
@@ -122,27 +125,196 @@ def make_server_app(cfg: Mapping[str, Any], config_yaml: str = "") -> ServerApp:
 
 
 def run_coordinator(grid: Grid, cfg: Mapping[str, Any], config_yaml: str = "") -> Path:
-    """Run the federation's rounds over `grid`; returns the model package's path."""
-    from medfound.train import detection as task
-    from medfound.train.checkpoint import load_checkpoint, save_checkpoint
+    """Run the federation's rounds over `grid`; returns the model package's path.
+
+    Each round runs the phases of the module docstring, in order; the set-up and the state
+    between rounds are `_Coordinator`'s."""
     from medfound.train.tracking import Tracker
 
-    settings = FedSettings.from_config(cfg)
-    out = Path(cfg["out_dir"])
-    pretrain = settings.task == "pretrain"
-    if pretrain:
-        from medfound.train import pretrain as pretrain_task
+    run = _Coordinator(grid, cfg)
+    settings, history, gate = run.settings, run.history, run.gate
+    with Tracker(cfg["tracking"], out_dir=run.out, config=cfg, resume=run.resumed) as tracker:
+        for rnd in range(run.first_round, settings.rounds + 1):
+            started, traffic = time.time(), _Traffic(run.receipts)
+            # --- configure: name new nodes, draw the round's centers, address the weights ---
+            scored = run.awaiting_scores()
+            _name_nodes(grid, settings, gate, traffic, rnd)
+            drawn = draw_round(grid, gate.known, rnd, settings, seed=run.seed)
+            training = run.training(rnd, drawn, traffic, evaluate_received=scored is not None)
+            messages = training.configure()
+            with training:
+                # --- exchange: the weights out, each reply through the gate as it arrives ---
+                training.exchange(messages)
+                # --- screen: each update checked before it counts ---
+                training.screen()
+                # --- aggregate: the accepted updates into the new global weights ---
+                trained = training.aggregate()
+            if scored is not None:  # the previous round's model, scored by this round's centers
+                scored = replace(scored, evaluate=trained.evaluated)
+                history[-1] = scored
+                tracker.log_metrics(flat_evaluate(scored.evaluate), step=scored.round)
+            run.global_arrays = {**run.global_arrays, **trained.arrays}
+            train_s = time.time() - started
+            # --- evaluate: the new global weights at the centers, now or with the next round ---
+            evaluate = run.evaluate(rnd, drawn, traffic)
+            record = RoundRecord(round=rnd, started_at=round(started, 3),
+                                 duration_s=round(time.time() - started, 3),
+                                 train_s=round(train_s, 3), participation=drawn.record(),
+                                 aggregated=trained.aggregated, train=trained.record,
+                                 evaluate=evaluate, bytes=traffic.by_center(gate.known))
+            history.append(record)
+            # --- checkpoint: state.pt (atomic), then metrics.json, then MLflow ---
+            run.checkpoint(rnd)
+            tracker.log_metrics(flat_round(record), step=rnd)
+            print(round_summary(record, settings.rounds, scored), flush=True)
 
-        network = pretrain_task.build(cfg["task"]["encoder"], seed=cfg["seed"])
-    else:
+        if not history:
+            raise MedfoundError("the federation completed no round", path=run.out,
+                                hint="set fed.rounds >= 1")
+        cross_site = _cross_site(run, tracker) if settings.cross_site and not run.pretrain else None
+        package = _package_global(run, cfg, config_yaml, tracker.run_id)
+        _write_reports(run, cross_site, tracker)
+        tracker.log_artifacts(package, package.name)
+    _print_outcome(run, package, cross_site, tracker.run_id)
+    return package
+
+
+class _Coordinator:
+    """A run's set-up and its state between rounds: the settings, the network and strategy,
+    the global weights, the round records, the reply gate and the receipts; on resume, all of
+    them as the last completed round in ``FED/server/state.pt`` left them."""
+
+    def __init__(self, grid: Grid, cfg: Mapping[str, Any]) -> None:
+        from medfound.train.checkpoint import load_checkpoint
+
+        self.grid, self.cfg = grid, cfg
+        self.settings = settings = FedSettings.from_config(cfg)
+        self.out = Path(cfg["out_dir"])
+        self.seed = int(cfg["seed"])
+        self.pretrain = settings.task == "pretrain"
+        self.network = self._build_network()
+        self.strategy = with_privacy(
+            build_strategy(settings.strategy, settings.min_centers, group_by_modality=self.pretrain,
+                           statistics=running_statistics(self.network)),
+            settings.privacy, len(settings.centers))
+        _print_privacy(settings)
+        # fed.exchange=trainable: after round 1 only these weights travel (both ways).
+        self.exchanged = ([name for name, p in self.network.named_parameters() if p.requires_grad]
+                          if settings.exchange == "trainable" else None)
+        self.global_arrays = {k: v.numpy().astype(np.float32)
+                              for k, v in shared_state(self.network.state_dict()).items()}
+        self.model_bytes = int(sum(a.nbytes for a in self.global_arrays.values()))
+
+        self.resumed = bool(cfg.get("resume"))
+        self.history: list[RoundRecord] = []
+        self.run_tag, self.first_round = uuid.uuid4().hex[:12], 1
+        state: Mapping[str, Any] = {}
+        if self.resumed:
+            state = load_checkpoint(self.out / STATE_FILE)
+            _check_resumable(state, settings, self.out / STATE_FILE)
+            self.global_arrays = {k: v.numpy() for k, v in state["model"].items()}
+            restore_strategy_state(self.strategy, state["strategy"])
+            self.history = [RoundRecord.from_dict(r) for r in state["history"]]
+            self.run_tag = state["run_tag"]
+            self.first_round = int(state["round"]) + 1
+            print(f"resuming after round {state['round']} from {self.out / STATE_FILE}", flush=True)
+        self.task_json = task_spec(cfg, local_epochs=settings.local_epochs,
+                                   transfer_dtype=settings.transfer_dtype,
+                                   eval_bootstraps=settings.eval_bootstraps, run_tag=self.run_tag,
+                                   exchange=settings.exchange)
+        self.versions_json = json.dumps(versions())
+        # fed.evaluate_with_train: round r's train message also asks each center to score the
+        # weights it receives (round r - 1's model); SecAgg+ keeps the evaluate exchange.
+        self.evaluate_with_train = settings.evaluate_with_train and not settings.privacy["secagg"]
+
+        # Every reply passes the gate first (medfound.fed.screening.ReplyGate): node id → center
+        # name (gate.known), each center's recorded case count, every refused reply.
+        self.gate = ReplyGate(settings.centers, max_cases=settings.max_cases,
+                              declared_cases=settings.declared_cases, nodes=settings.nodes,
+                              connected=grid.get_node_ids)
+        if self.resumed:
+            self.gate.restore(state.get("gate") or {})
+            self.gate.refused.extend(list(state.get("rejected_replies") or []))
+            self.gate.take_refused()
+        self.receipts = ReceiptLog(self.out / RECEIPTS_FILE)
+        # fed.contribution: each center's share of the last round's aggregate
+        self.loo = LeaveOneOut() if settings.contribution else None
+        if self.loo is not None and self.resumed:
+            self.loo.restore(state.get("contribution"))
+        self.local_models: dict[str, dict[str, np.ndarray]] = {}  # the last round's accepted updates
+
+    def _build_network(self) -> torch.nn.Module:
+        from medfound.train import detection as task
+
+        cfg = self.cfg
+        if self.pretrain:
+            from medfound.train import pretrain as pretrain_task
+
+            return pretrain_task.build(cfg["task"]["encoder"], seed=cfg["seed"])
         network, _ = task.build(cfg["network"], seed=cfg["seed"])
         said = task.apply_finetune(network, cfg.get("finetune"))
         if said:
             print(said + " (at every center)", flush=True)
-    strategy = with_privacy(build_strategy(settings.strategy, settings.min_centers,
-                                           group_by_modality=pretrain,
-                                           statistics=running_statistics(network)),
-                            settings.privacy, len(settings.centers))
+        return network
+
+    def instruction(self, evaluate_received: bool = False) -> ConfigRecord:
+        """A fresh one each time: strategies write the round in."""
+        config = ConfigRecord({"task": self.task_json, "versions": self.versions_json})
+        if evaluate_received:
+            config[EVALUATE_RECEIVED] = True
+        return config
+
+    def sent(self, rnd: int) -> dict[str, np.ndarray]:
+        """The global weights that travel in round `rnd` (`_exchanged`)."""
+        return _exchanged(self.global_arrays, self.exchanged, whole=rnd == 1)
+
+    def awaiting_scores(self) -> RoundRecord | None:
+        """The last round's record when its model's scores come with this round's replies."""
+        last = self.history[-1] if self.history else None
+        if last is not None and last.evaluate.pending and not self.settings.privacy["secagg"]:
+            return last
+        return None
+
+    def training(self, rnd: int, grid: RoundGrid, traffic: _Traffic,
+                 evaluate_received: bool) -> _Training:
+        """Round `rnd`'s training among the drawn centers `grid`."""
+        kind = _SecureTraining if self.settings.privacy["secagg"] else _Training
+        return kind(self, rnd, grid, traffic, evaluate_received=evaluate_received)
+
+    def evaluate(self, rnd: int, drawn: RoundGrid, traffic: _Traffic) -> EvaluateRecord:
+        """Round `rnd`'s evaluate record: skipped (fed.evaluate_every), pending (scored with
+        the next round's train message) or scored now, by every center after the last round."""
+        settings, last = self.settings, rnd == self.settings.rounds
+        if rnd % settings.evaluate_every and not last:
+            return EvaluateRecord(skipped=True)
+        if self.evaluate_with_train and not last:
+            return EvaluateRecord(pending=True)
+        return _evaluate_round(self.grid if last else drawn, self.strategy, rnd, self.sent(rnd),
+                               self.instruction, settings, self.gate, traffic)
+
+    def rounds(self) -> list[dict[str, Any]]:
+        """The round records' JSON form (medfound.fed.reporting)."""
+        return [r.to_dict() for r in self.history]
+
+    def checkpoint(self, rnd: int) -> None:
+        """``FED/server/state.pt`` after round `rnd` (atomic), then FED/metrics.json."""
+        from medfound.train.checkpoint import save_checkpoint
+
+        settings, gate, rounds = self.settings, self.gate, self.rounds()
+        save_checkpoint({"format": _FORMAT, "round": rnd, "run_tag": self.run_tag,
+                         "strategy_name": settings.strategy_name, "task": settings.task,
+                         "transfer_dtype": settings.transfer_dtype,
+                         "model": {k: torch.from_numpy(v) for k, v in self.global_arrays.items()},
+                         "strategy": strategy_state(self.strategy), "history": rounds,
+                         "gate": gate.state(), "rejected_replies": gate.refused,
+                         "contribution": None if self.loo is None else _tensors(self.loo.state())},
+                        self.out / STATE_FILE)
+        write_metrics(self.out / METRICS_FILE, rounds, settings, self.model_bytes,
+                      rejected=gate.refused)
+
+
+def _print_privacy(settings: FedSettings) -> None:
+    """Say what the coordinator sees under SecAgg+ and how DP clips and noises."""
     if settings.privacy["secagg"]:
         print("secure aggregation (Flower's SecAgg+): the coordinator sees only the case-weighted "
               "mean of the centers' updates; each center checks its own update, and the "
@@ -152,153 +324,55 @@ def run_coordinator(grid: Grid, cfg: Mapping[str, Any], config_yaml: str = "") -
         print(f"differential privacy: {p['dp']}-side clipping of each update to L2 norm "
               f"{p['clipping_norm']:g}, Gaussian noise of std "
               f"{dp_noise_stdev(p, len(settings.centers)):.4g} on each aggregate", flush=True)
-    # fed.exchange=trainable: after round 1 only these weights travel (both ways).
-    exchanged = ([name for name, p in network.named_parameters() if p.requires_grad]
-                 if settings.exchange == "trainable" else None)
-    global_arrays = {k: v.numpy().astype(np.float32)
-                     for k, v in shared_state(network.state_dict()).items()}
-    model_bytes = int(sum(a.nbytes for a in global_arrays.values()))
 
-    # --- set-up: a fresh run, or the state of the last completed round ---
-    history: list[dict[str, Any]] = []
-    run_tag, first_round = uuid.uuid4().hex[:12], 1
-    if cfg.get("resume"):
-        state = load_checkpoint(out / STATE_FILE)
-        _check_resumable(state, settings, out / STATE_FILE)
-        global_arrays = {k: v.numpy() for k, v in state["model"].items()}
-        restore_strategy_state(strategy, state["strategy"])
-        history, run_tag = list(state["history"]), state["run_tag"]
-        resumed_refusals = list(state.get("rejected_replies") or [])
-        first_round = int(state["round"]) + 1
-        print(f"resuming after round {state['round']} from {out / STATE_FILE}", flush=True)
-    task_json = task_spec(cfg, local_epochs=settings.local_epochs,
-                          transfer_dtype=settings.transfer_dtype,
-                          eval_bootstraps=settings.eval_bootstraps, run_tag=run_tag,
-                          exchange=settings.exchange)
-    versions_json = json.dumps(versions())
 
-    def instruction(evaluate_received: bool = False) -> ConfigRecord:
-        """A fresh one each time: strategies write the round in."""
-        config = ConfigRecord({"task": task_json, "versions": versions_json})
-        if evaluate_received:
-            config[EVALUATE_RECEIVED] = True
-        return config
+# --- after the last round ---
 
-    # fed.evaluate_with_train: round r's train message also asks each center to score the
-    # weights it receives (round r - 1's model); SecAgg+ keeps the evaluate exchange.
-    evaluate_with_train = settings.evaluate_with_train and not settings.privacy["secagg"]
 
-    # Every reply passes the gate first (medfound.fed.screening.ReplyGate): node id → center
-    # name (gate.known), each center's recorded case count, every refused reply.
-    gate = ReplyGate(settings.centers, max_cases=settings.max_cases,
-                     declared_cases=settings.declared_cases, nodes=settings.nodes,
-                     connected=grid.get_node_ids)
-    if cfg.get("resume"):
-        gate.restore(state.get("gate") or {})
-        gate.refused.extend(resumed_refusals)
-        gate.take_refused()
-    known = gate.known
-    receipts = ReceiptLog(out / RECEIPTS_FILE)
-    # fed.contribution: each center's share of the last round's aggregate (fed.contribution)
-    loo = LeaveOneOut() if settings.contribution else None
-    if loo is not None and cfg.get("resume"):
-        loo.restore(state.get("contribution"))
-    local_models: dict[str, dict[str, np.ndarray]] = {}  # the last round's accepted updates
-    cross_site: dict[str, Any] | None = None
+def _package_global(run: _Coordinator, cfg: Mapping[str, Any], config_yaml: str,
+                    run_id: str | None) -> Path:
+    """The global weights into the network, and the network into its package."""
+    for name, value in shared_state(run.network.state_dict()).items():
+        value.copy_(torch.from_numpy(run.global_arrays[name]))
+    return (_package_encoder if run.pretrain else _package)(
+        run.out, run.network, cfg, config_yaml, run.settings, run.history[-1], run_id)
 
-    with Tracker(cfg["tracking"], out_dir=out, config=cfg, resume=bool(cfg.get("resume"))) as tracker:
-        # --- the loop ---
-        for rnd in range(first_round, settings.rounds + 1):
-            started = time.time()
-            traffic = _Traffic(receipts)
-            cross_site_now = settings.cross_site and not pretrain and rnd == settings.rounds
-            keep = local_models if cross_site_now and settings.share_local_models else None
-            sent = _exchanged(global_arrays, exchanged, whole=rnd == 1)
-            scored = (history[-1] if history and history[-1]["evaluate"].get("pending")
-                      and not settings.privacy["secagg"] else None)
-            _name_nodes(grid, settings, gate, traffic, rnd)
-            drawn = draw_round(grid, known, rnd, settings, seed=int(cfg["seed"]))
-            train, new = _train_round(drawn, strategy, rnd, sent, instruction, settings, gate,
-                                      traffic, seed=int(cfg["seed"]), keep=keep,
-                                      evaluate_received=scored is not None,
-                                      spool_dir=out / SPOOL_DIR, loo=loo)
-            if scored is not None:  # the previous round's model, scored by this round's centers
-                scored["evaluate"] = train.pop("evaluated")
-                tracker.log_metrics(_flat_evaluate(scored["evaluate"]), step=scored["round"])
-            global_arrays = {**global_arrays, **new}
-            train_s = time.time() - started
-            if rnd % settings.evaluate_every and rnd < settings.rounds:
-                evaluate = {"global": {}, "centers": {}, "failed": [], "skipped": True}
-            elif evaluate_with_train and rnd < settings.rounds:
-                evaluate = {"global": {}, "centers": {}, "failed": [], "pending": True}
-            else:
-                evaluate = _evaluate_round(grid if rnd == settings.rounds else drawn, strategy,
-                                           rnd, _exchanged(global_arrays, exchanged, whole=rnd == 1),
-                                           instruction, settings, gate, traffic)
-            record = {"round": rnd, "started_at": round(started, 3),
-                      "duration_s": round(time.time() - started, 3), "train_s": round(train_s, 3),
-                      "participation": drawn.record(),
-                      "aggregated": train.pop("aggregated"), "train": train,
-                      "evaluate": evaluate, "bytes": traffic.by_center(known)}
-            history.append(record)
 
-            # checkpoint (atomic), then metrics.json, then MLflow
-            save_checkpoint({"format": _FORMAT, "round": rnd, "run_tag": run_tag,
-                             "strategy_name": settings.strategy_name, "task": settings.task,
-                             "transfer_dtype": settings.transfer_dtype,
-                             "model": {k: torch.from_numpy(v) for k, v in global_arrays.items()},
-                             "strategy": strategy_state(strategy), "history": history,
-                             "gate": gate.state(), "rejected_replies": gate.refused,
-                             "contribution": None if loo is None else _tensors(loo.state())},
-                            out / STATE_FILE)
-            write_metrics(out / METRICS_FILE, history, settings, model_bytes,
-                          rejected=gate.refused)
-            tracker.log_metrics(_flat_round(record), step=rnd)
-            print(_round_summary(record, settings.rounds, scored), flush=True)
+def _write_reports(run: _Coordinator, cross_site: Mapping[str, Any] | None, tracker: Any) -> None:
+    """The final FED/metrics.json and the contribution report, both to MLflow too."""
+    settings, gate, rounds = run.settings, run.gate, run.rounds()
+    write_metrics(run.out / METRICS_FILE, rounds, settings, run.model_bytes, cross_site,
+                  rejected=gate.refused)
+    tracker.log_artifact(run.out / METRICS_FILE)
+    for path in write_contribution(run.out, contribution_report(
+            rounds, settings.centers, gate.cases, gate.refused,
+            byte_totals(rounds, cross_site), cross_site, measured=run.loo is not None,
+            strategy=settings.strategy_name)):
+        tracker.log_artifact(path)
 
-        if not history:
-            raise MedfoundError("the federation completed no round", path=out,
-                                hint="set fed.rounds >= 1")
-        # --- cross-site validation: the global and each center's last local model, everywhere ---
-        if settings.cross_site and not pretrain:
-            cross_site = _cross_site(grid, out, _exchanged(global_arrays, exchanged, whole=False),
-                                     local_models, instruction,
-                                     settings, gate, history[-1]["round"], tracker, receipts,
-                                     loo)
 
-        # --- package the global model ---
-        for name, value in shared_state(network.state_dict()).items():
-            value.copy_(torch.from_numpy(global_arrays[name]))
-        package = (_package_encoder if pretrain else _package)(
-            out, network, cfg, config_yaml, settings, history, tracker.run_id)
-        write_metrics(out / METRICS_FILE, history, settings, model_bytes, cross_site,
-                      rejected=gate.refused)
-        tracker.log_artifact(out / METRICS_FILE)
-        for path in write_contribution(out, contribution_report(
-                history, settings.centers, gate.cases, gate.refused,
-                byte_totals(history, cross_site), cross_site, measured=loo is not None,
-                strategy=settings.strategy_name)):
-            tracker.log_artifact(path)
-        tracker.log_artifacts(package, package.name)
-    eps = privacy_report(history, settings, cross_site).get("epsilon")
+def _print_outcome(run: _Coordinator, package: Path, cross_site: Mapping[str, Any] | None,
+                   run_id: str | None) -> None:
+    """The run's last lines: each center's ε, what left each center, the package and its score."""
+    settings, rounds = run.settings, run.rounds()
+    eps = privacy_report(rounds, settings, cross_site).get("epsilon")
     if eps:
-        print(f"differential privacy after {len(history)} rounds, δ = {settings.privacy['delta']:g}: "
+        print(f"differential privacy after {len(rounds)} rounds, δ = {settings.privacy['delta']:g}: "
               + ", ".join(f"{c} ε = {e:.3g}" for c, e in eps.items()), flush=True)
     if settings.privacy["dp"] is not None or settings.privacy["secagg"]:
-        for flow in privacy_report(history, settings, cross_site)["flows"].values():
+        for flow in privacy_report(rounds, settings, cross_site)["flows"].values():
             print(f"what left: {flow['summary']}", flush=True)
-    final = history[-1]["evaluate"]["global"]
-    if pretrain:
+    final = run.history[-1].evaluate.global_scores
+    if run.pretrain:
         rec = final.get("reconstruction")
         print(f"encoder package: {package}  (federated validation reconstruction L1 "
-              f"{'n/a' if rec is None else f'{rec:.4f}'} after {len(history)} rounds, "
-              f"MLflow run {tracker.run_id})", flush=True)
-        return package
+              f"{'n/a' if rec is None else f'{rec:.4f}'} after {len(rounds)} rounds, "
+              f"MLflow run {run_id})", flush=True)
+        return
     cpm = final.get("cpm")
     print(f"model package: {package}  (federated validation CPM "
-          f"{'n/a' if cpm is None else f'{cpm:.3f}'} after {len(history)} rounds, "
-          f"MLflow run {tracker.run_id})", flush=True)
-    return package
+          f"{'n/a' if cpm is None else f'{cpm:.3f}'} after {len(rounds)} rounds, "
+          f"MLflow run {run_id})", flush=True)
 
 
 # --- helpers, in the order the loop uses them ---
@@ -324,100 +398,181 @@ def _check_resumable(state: Mapping[str, Any], settings: FedSettings, path: Path
                                 path=path, hint="resume with the settings the run started with")
 
 
-def _train_round(grid: Grid, strategy: Any, rnd: int, global_arrays: dict[str, np.ndarray],
-                 instruction: Any, settings: FedSettings, gate: ReplyGate,
-                 traffic: _Traffic, seed: int = 0,
-                 keep: dict[str, dict[str, np.ndarray]] | None = None,
-                 evaluate_received: bool = False, spool_dir: Path | None = None,
-                 loo: LeaveOneOut | None = None,
-                 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """Send the global weights for training, screen the updates, aggregate the accepted ones.
+@dataclass(frozen=True)
+class _Trained:
+    """A round's training as the loop takes it up: its record, whether it made a new model,
+    the global weights that travelled, updated, and with `evaluated` the scores of the weights
+    the centers received (round r - 1's model)."""
 
-    Returns the round's train record and the new global weights (the old ones when fewer
-    than ``fed.min_centers`` updates were accepted). `keep`, when given, receives a float32
-    copy of each accepted update by center (for cross-site validation). With
-    `evaluate_received` the centers first score the weights they receive; the record's
-    "evaluated" is then the evaluate record of those weights (`_evaluate_round`'s).
-    `spool_dir`: aggregate from the updates spooled there (medfound.fed.spool), for the
-    strategies `streams` allows. `loo`: records each accepted center's share of the
-    aggregate (fed.contribution)."""
-    messages = strategy.configure_train(rnd, encode_arrays(global_arrays, "float32"),
-                                        instruction(evaluate_received), grid)
-    if settings.privacy["secagg"]:
-        return _secure_train_round(grid, rnd, list(messages), global_arrays, settings, gate,
-                                   traffic)
-    known = gate.known
-    streaming = spool_dir is not None and streams(settings)
-    with (UpdateSpool(spool_dir / f"{rnd:04d}") if streaming else contextlib.nullcontext()
-          ) as spool:
-        clock = _Clock()
-        replies = _exchange(grid, messages, settings, gate, traffic, kind="train", rnd=rnd,
-                            arrays=global_arrays, spool=spool, quorum=settings.replies_per_round)
-        clock.lap("exchange_s")
-        refused = _refusals(gate.take_refused())
+    record: TrainRecord
+    aggregated: bool
+    arrays: dict[str, np.ndarray]
+    evaluated: EvaluateRecord | None = None
+
+
+class _Training:
+    """One training round among the drawn centers `grid`, phase by phase: `configure` the
+    train messages, `exchange` them, `screen` the replies, `aggregate` the accepted updates.
+    Inside ``with`` the updates go to a spool as they arrive (medfound.fed.spool, for the
+    strategies `streams` allows), which is removed at the end.
+
+    With `evaluate_received` the centers first score the weights they receive; `aggregate`'s
+    `_Trained.evaluated` is then the evaluate record of those weights (`_evaluate_round`'s).
+    With cross-site validation and fed.share_local_models, the last round keeps a float32 copy
+    of each accepted update by center (`_Coordinator.local_models`); with fed.contribution
+    each accepted center's share of the aggregate is recorded (`_Coordinator.loo`)."""
+
+    def __init__(self, run: _Coordinator, rnd: int, grid: RoundGrid, traffic: _Traffic,
+                 evaluate_received: bool = False) -> None:
+        settings = run.settings
+        self.run, self.rnd, self.grid, self.traffic = run, rnd, grid, traffic
+        self.settings, self.gate = settings, run.gate
+        self.evaluate_received = evaluate_received
+        self.sent = run.sent(rnd)
+        cross_site_now = settings.cross_site and not run.pretrain and rnd == settings.rounds
+        self.keep = run.local_models if cross_site_now and settings.share_local_models else None
+        self.spool: UpdateSpool | None = None
+
+    def configure(self) -> Iterable[Message]:
+        """The strategy's train messages: the weights that travel, to the drawn centers."""
+        return self.run.strategy.configure_train(self.rnd, encode_arrays(self.sent, "float32"),
+                                                 self.run.instruction(self.evaluate_received),
+                                                 self.grid)
+
+    def __enter__(self) -> _Training:
+        if streams(self.settings):
+            self.spool = UpdateSpool(self.run.out / SPOOL_DIR / f"{self.rnd:04d}")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.spool is not None:
+            self.spool.close()
+
+    def exchange(self, messages: Iterable[Message]) -> None:
+        self.clock = _Clock()
+        self.replies = _exchange(self.grid, messages, self.settings, self.gate, self.traffic,
+                                 kind="train", rnd=self.rnd, arrays=self.sent, spool=self.spool,
+                                 quorum=self.settings.replies_per_round)
+        self.clock.lap("exchange_s")
+
+    def screen(self) -> None:
+        known, replies, rnd = self.gate.known, self.replies, self.rnd
+        self.refused = _refusals(self.gate.take_refused())
         # Flower's strategies take exactly one MetricRecord per reply: the scores come out first.
-        scores = {center_of(m, known): m.content.pop(EVALUATION) for m in replies
-                  if m.has_content() and EVALUATION in m.content.metric_records}
-        if replies and all(m.has_error() for m in replies) and not refused:
+        self.scores = {center_of(m, known): m.content.pop(EVALUATION) for m in replies
+                       if m.has_content() and EVALUATION in m.content.metric_records}
+        if replies and all(m.has_error() for m in replies) and not self.refused:
             reasons = sorted({reason_text(m.error.reason) for m in replies})
             raise MedfoundError(f"round {rnd}: no center could train ({'; '.join(reasons)})",
                                 hint="read each center's log (its work folder's center.log)")
-        screening = screen_updates(replies, global_arrays, transfer_dtype=settings.transfer_dtype,
-                                   norm_factor=settings.reject_norm_factor, known_centers=known,
-                                   spool=spool)
-        clock.lap("screen_s")
+        self.screening = screen_updates(replies, self.sent, transfer_dtype=self.settings.transfer_dtype,
+                                        norm_factor=self.settings.reject_norm_factor,
+                                        known_centers=known, spool=self.spool)
+        self.clock.lap("screen_s")
+
+    def aggregate(self) -> _Trained:
+        """The new global weights (the old ones when fewer than ``fed.min_centers`` updates
+        were accepted) and the round's train record."""
+        settings, gate, known, rnd = self.settings, self.gate, self.gate.known, self.rnd
+        replies, screening, spool = self.replies, self.screening, self.spool
         gate.weigh(screening.accepted)  # the weights: the coordinator's record of each count
-        rejected = refused + screening.rejected
         for item in screening.rejected:
             print(f"round {rnd}: rejected the update of {item['center']}: {item['reason']}", flush=True)
         for item in screening.failed:
             print(f"round {rnd}: no update from {item['center']}: {item['reason']}", flush=True)
-
-        record = {"aggregated": False,
-                  "centers": dict(sorted(((center_of(m, known), _metrics(m))
-                                          for m in replies if m.has_content()),
-                                         key=lambda item: item[0])),
-                  "accepted": sorted(center_of(m, known) for m in screening.accepted),
-                  "rejected": rejected, "failed": screening.failed,
-                  "update_norms": dict(sorted(screening.update_norms.items())), "aggregate": {},
-                  "timing": clock.laps}
-        if evaluate_received:
-            record["evaluated"] = _evaluate_record(
-                {c: _metric_dict(r) for c, r in scores.items()},
+        centers = dict(sorted(((center_of(m, known), _metrics(m)) for m in replies if m.has_content()),
+                              key=lambda item: item[0]))
+        accepted = sorted(center_of(m, known) for m in screening.accepted)
+        evaluated = None
+        if self.evaluate_received:
+            evaluated = _evaluate_record(
+                {c: _metric_dict(r) for c, r in self.scores.items()},
                 [{"center": center_of(m, known),
                   "reason": (reason_text(m.error.reason) if m.has_error()
                              else "no evaluation in its reply")}
-                 for m in replies if center_of(m, known) not in scores], rnd)
-        if keep is not None:
-            keep.update({center_of(m, known): spool.load(m) if spool is not None
-                         else decode_arrays(m.content[ARRAYS]) for m in screening.accepted})
+                 for m in replies if center_of(m, known) not in self.scores], rnd)
+        if self.keep is not None:
+            self.keep.update({center_of(m, known): spool.load(m) if spool is not None
+                              else decode_arrays(m.content[ARRAYS]) for m in screening.accepted})
+        arrays, aggregated, metrics = self.sent, False, {}
         if len(screening.accepted) >= settings.min_centers:
+            loo = self.run.loo
             if loo is not None:  # before the strategies consume the replies' arrays
                 by_center = {center_of(m, known): m for m in screening.accepted}
                 loo.add_round(rnd, {c: float(m.content[METRICS][NUM_EXAMPLES])
                                     for c, m in by_center.items()},
                               lambda c: (spool.load(by_center[c]) if spool is not None
                                          else decode_arrays(by_center[c].content[ARRAYS])),
-                              global_arrays)
+                              arrays)
             # Flower's DP noise draws from numpy's global RNG: seed it from (seed, round) so a
             # resumed run adds the noise an uninterrupted one would have.
-            np.random.seed(np.random.SeedSequence([seed, rnd]).generate_state(1)[0])  # noqa: NPY002
+            np.random.seed(np.random.SeedSequence([self.run.seed, rnd]).generate_state(1)[0])  # noqa: NPY002
             if spool is not None:
-                new, metrics = aggregate_spooled(strategy, rnd, spool, screening.accepted,
-                                                 global_arrays)
-                global_arrays = {**global_arrays, **new}
-                record.update(aggregated=True, aggregate=metrics)
+                new, metrics = aggregate_spooled(self.run.strategy, rnd, spool, screening.accepted,
+                                                 arrays)
+                arrays, aggregated = {**arrays, **new}, True
             else:
                 # Flower's robust strategies consume the replies' arrays: nothing reads them after.
-                new_arrays, metrics = strategy.aggregate_train(rnd, screening.accepted)
+                new_arrays, new_metrics = self.run.strategy.aggregate_train(rnd, screening.accepted)
                 if new_arrays is not None:
-                    global_arrays = {k: v.astype(np.float32)
-                                     for k, v in decode_arrays(new_arrays).items()}
+                    arrays = {k: v.astype(np.float32) for k, v in decode_arrays(new_arrays).items()}
                     if settings.privacy["dp"] is not None:
-                        _keep_variances_positive(global_arrays)
-                    record.update(aggregated=True, aggregate=dict(metrics or {}))
-        clock.lap("aggregate_s")
-        return record, global_arrays
+                        _keep_variances_positive(arrays)
+                    aggregated, metrics = True, dict(new_metrics or {})
+        self.clock.lap("aggregate_s")
+        record = TrainRecord(centers=centers, accepted=accepted,
+                             rejected=self.refused + screening.rejected, failed=screening.failed,
+                             update_norms=dict(sorted(screening.update_norms.items())),
+                             aggregate=metrics, timing=self.clock.laps)
+        return _Trained(record, aggregated, arrays, evaluated)
+
+
+class _SecureTraining(_Training):
+    """`_Training` under fed.privacy.secagg (medfound.fed.secagg): the coordinator gets the
+    case-weighted mean update and each center's shared metrics, never an update; it screens
+    the mean only (each center checks its own update)."""
+
+    def exchange(self, messages: Iterable[Message]) -> None:
+        from medfound.fed.secagg import secure_mean
+
+        self.result = secure_mean(lambda batch: _exchange(self.grid, batch, self.settings,
+                                                          self.gate, self.traffic,
+                                                          kind="secagg", rnd=self.rnd),
+                                  list(messages), self.rnd, self.settings.privacy)
+
+    def screen(self) -> None:
+        known, result, rnd = self.gate.known, self.result, self.rnd
+        self.refused = _refusals(self.gate.take_refused())
+        self.contributed = sorted(center_of(m, known) for m in result.replies)
+        self.failed = [{"center": known.get(node, f"node-{node}"), "reason": reason_text(reason)}
+                       for node, reason in sorted(result.failed.items())]
+        for item in self.failed:
+            print(f"round {rnd}: no update from {item['center']}: {item['reason']}", flush=True)
+        if result.halted_at is not None:
+            print(f"round {rnd}: SecAgg+ halted at its {result.halted_at} stage (too few centers "
+                  "left to rebuild the masks); the model is kept", flush=True)
+        self.mean = result.mean
+        if self.mean is not None and not all(np.isfinite(v).all() for v in self.mean.values()):
+            print(f"round {rnd}: the securely aggregated update is not finite; the model is kept",
+                  flush=True)
+            self.mean = None
+
+    def aggregate(self) -> _Trained:
+        known, mean, contributed = self.gate.known, self.mean, self.contributed
+        centers = dict(sorted(((center_of(m, known), _metrics(m)) for m in self.result.replies),
+                              key=lambda item: item[0]))
+        secagg: dict[str, Any] = {"halted_at": self.result.halted_at, "contributed": contributed}
+        arrays, aggregated, accepted, aggregate = self.sent, False, [], {}
+        if mean is not None and len(contributed) >= self.settings.min_centers:
+            secagg["mean_update_norm"] = float(np.sqrt(sum(
+                float(np.square(v, dtype=np.float64).sum()) for v in mean.values())))
+            arrays = {k: (v + mean[k]).astype(np.float32) if k in mean else v
+                      for k, v in arrays.items()}
+            aggregated, accepted, aggregate = True, contributed, weighted_mean(centers.values())
+        record = TrainRecord(centers=centers, accepted=accepted, rejected=self.refused,
+                             failed=self.failed, update_norms={}, aggregate=aggregate,
+                             secagg=secagg)
+        return _Trained(record, aggregated, arrays)
 
 
 class _Clock:
@@ -433,80 +588,36 @@ class _Clock:
         self._last = now
 
 
-def _secure_train_round(grid: Grid, rnd: int, messages: list[Message],
-                        global_arrays: dict[str, np.ndarray], settings: FedSettings,
-                        gate: ReplyGate, traffic: _Traffic,
-                        ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """`_train_round` under fed.privacy.secagg (medfound.fed.secagg): the coordinator gets
-    the case-weighted mean update and each center's shared metrics, never an update."""
-    from medfound.fed.secagg import secure_mean
-
-    known = gate.known
-    result = secure_mean(lambda batch: _exchange(grid, batch, settings, gate, traffic,
-                                                 kind="secagg", rnd=rnd),
-                         messages, rnd, settings.privacy)
-    refused = _refusals(gate.take_refused())
-    contributed = sorted(center_of(m, known) for m in result.replies)
-    failed = [{"center": known.get(node, f"node-{node}"), "reason": reason_text(reason)}
-              for node, reason in sorted(result.failed.items())]
-    for item in failed:
-        print(f"round {rnd}: no update from {item['center']}: {item['reason']}", flush=True)
-    centers = dict(sorted(((center_of(m, known), _metrics(m)) for m in result.replies),
-                          key=lambda item: item[0]))
-    record: dict[str, Any] = {
-        "aggregated": False, "centers": centers, "accepted": [], "rejected": refused,
-        "failed": failed, "update_norms": {}, "aggregate": {},
-        "secagg": {"halted_at": result.halted_at, "contributed": contributed}}
-    if result.halted_at is not None:
-        print(f"round {rnd}: SecAgg+ halted at its {result.halted_at} stage (too few centers "
-              "left to rebuild the masks); the model is kept", flush=True)
-    mean = result.mean
-    if mean is not None and not all(np.isfinite(v).all() for v in mean.values()):
-        print(f"round {rnd}: the securely aggregated update is not finite; the model is kept",
-              flush=True)
-        mean = None
-    if mean is not None and len(contributed) >= settings.min_centers:
-        record["secagg"]["mean_update_norm"] = float(np.sqrt(sum(
-            float(np.square(v, dtype=np.float64).sum()) for v in mean.values())))
-        global_arrays = {k: (v + mean[k]).astype(np.float32) if k in mean else v
-                         for k, v in global_arrays.items()}
-        record.update(aggregated=True, accepted=contributed,
-                      aggregate=weighted_mean(centers.values()))
-    return record, global_arrays
-
-
-def _cross_site(grid: Grid, out: Path, global_arrays: dict[str, np.ndarray],
-                local_models: Mapping[str, dict[str, np.ndarray]], instruction: Any,
-                settings: FedSettings, gate: ReplyGate, rnd: int, tracker: Any,
-                receipts: ReceiptLog | None = None, loo: LeaveOneOut | None = None,
-                ) -> dict[str, Any]:
+def _cross_site(run: _Coordinator, tracker: Any) -> dict[str, Any]:
     """Cross-site validation (medfound.fed.cross_site): FED/cross_site.csv and .png, to MLflow.
 
     Each center gets the global model and, only with fed.share_local_models, the other
-    centers' last local updates (`local_models` is empty otherwise) and, with `loo`
+    centers' last local updates (`run.local_models` is empty otherwise) and, with `run.loo`
     (fed.contribution), the global model without each center's shares, scored with the
     detection loss too."""
     from medfound.fed.cross_site import GLOBAL, cross_site_evaluate, local_name, write_cross_site
 
+    settings, gate, loo, rnd = run.settings, run.gate, run.loo, run.history[-1].round
     known = gate.known
-    shared = local_models if settings.share_local_models else {}
+    global_arrays = _exchanged(run.global_arrays, run.exchanged, whole=False)
+    shared = run.local_models if settings.share_local_models else {}
     models = {GLOBAL: global_arrays,
               **{local_name(c): shared[c] for c in settings.centers if c in shared},
               **(loo.models(global_arrays) if loo is not None else {})}
-    ask = instruction
+    ask = run.instruction
     if loo is not None:
         def ask() -> ConfigRecord:
-            config = instruction()
+            config = run.instruction()
             config[SCORE_LOSS] = True
             return config
-    traffic = _Traffic(receipts)
+    traffic = _Traffic(run.receipts)
     result = cross_site_evaluate(
-        grid, models, ask, rnd, known=known,
-        exchange=lambda messages: _exchange(grid, messages, settings, gate, traffic,
+        run.grid, models, ask, rnd, known=known,
+        exchange=lambda messages: _exchange(run.grid, messages, settings, gate, traffic,
                                             kind="cross-site", rnd=rnd, models=list(models)))
     result["rejected"] = _refusals(gate.take_refused())
     result["bytes"] = traffic.by_center(known)
-    table, heatmap = write_cross_site(out, result, list(settings.centers))
+    table, heatmap = write_cross_site(run.out, result, list(settings.centers))
     for item in result["failed"]:
         print(f"cross-site validation: no result from {item['center']}: {item['reason']}",
               flush=True)
@@ -529,7 +640,7 @@ def _keep_variances_positive(arrays: dict[str, np.ndarray], floor: float = 1e-5)
 
 def _evaluate_round(grid: Grid, strategy: Any, rnd: int, global_arrays: dict[str, np.ndarray],
                     instruction: Any, settings: FedSettings, gate: ReplyGate,
-                    traffic: _Traffic) -> dict[str, Any]:
+                    traffic: _Traffic) -> EvaluateRecord:
     """Every center scores the global weights; the round's evaluate record."""
     known = gate.known
     messages = strategy.configure_evaluate(rnd, encode_arrays(global_arrays, "float32"),
@@ -539,17 +650,16 @@ def _evaluate_round(grid: Grid, strategy: Any, rnd: int, global_arrays: dict[str
         {center_of(m, known): _metrics(m) for m in replies if m.has_content()},
         [{"center": center_of(m, known), "reason": reason_text(m.error.reason)}
          for m in replies if m.has_error()], rnd)
-    record["rejected"] = _refusals(gate.take_refused())
-    return record
+    return replace(record, rejected=_refusals(gate.take_refused()))
 
 
 def _evaluate_record(centers: Mapping[str, dict[str, float]], failed: list[dict[str, str]],
-                     in_round: int) -> dict[str, Any]:
+                     in_round: int) -> EvaluateRecord:
     """A round model's evaluate record: each center's scores (sorted by center), their
     case-weighted mean, the centers that gave none, and the round whose replies carried them."""
     centers = dict(sorted(centers.items()))
-    return {"global": weighted_mean(centers.values()), "centers": centers, "failed": failed,
-            "pending": False, "in_round": in_round}
+    return EvaluateRecord(global_scores=weighted_mean(centers.values()), centers=centers,
+                          failed=failed, pending=False, in_round=in_round)
 
 
 class _Traffic:
@@ -756,119 +866,6 @@ def _metric_dict(record: Mapping[str, Any]) -> dict[str, float]:
     return {k: v for k, v in record.items() if not isinstance(v, list)}
 
 
-def weighted_mean(per_center: Iterable[Mapping[str, float]]) -> dict[str, float]:
-    """Case-weighted mean of each metric over the centers that report it; counts are summed.
-
-    Weights are ``num-examples``; a center with none (no validation split) adds nothing.
-    """
-    per_center = list(per_center)
-    out: dict[str, float] = {}
-    for key in ("num-examples", "n_nodules"):
-        if any(key in m for m in per_center):
-            out[key] = float(sum(m.get(key, 0) for m in per_center))
-    keys = sorted({k for m in per_center for k in m} - {NUM_EXAMPLES, "n_nodules"})
-    for key in keys:
-        pairs = [(float(m[key]), float(m.get(NUM_EXAMPLES, 0))) for m in per_center if key in m]
-        total = sum(w for _, w in pairs)
-        if total > 0:
-            out[key] = sum(v * w for v, w in pairs) / total
-    return out
-
-
-def privacy_report(history: list[dict[str, Any]], settings: FedSettings,
-                   cross_site: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The run's privacy settings, the noise std and, with DP, each center's (ε, δ) after the
-    completed rounds (medfound.fed.strategies.dp_epsilons): with task=detect from each round's
-    aggregation weights (shares of the accepted centers' cases), with task=pretrain from weight
-    1 (a stem a single center holds is that center's alone).
-
-    ``flows``: what left each center and to whom, and what each center was sent, from the
-    round records and the cross-site record (`data_flows`)."""
-    rounds = []
-    for r in history:
-        counts = {c: float(m.get(NUM_EXAMPLES, 0)) for c, m in r["train"]["centers"].items()
-                  if c in r["train"]["accepted"]}
-        total = sum(counts.values())
-        rounds.append({c: (1.0 if settings.task == "pretrain" or total <= 0 else n / total)
-                       for c, n in counts.items()})
-    eps = dp_epsilons(settings.privacy, len(settings.centers), rounds, settings.privacy["delta"])
-    report = {**settings.privacy, "noise_stdev": dp_noise_stdev(settings.privacy, len(settings.centers))}
-    if eps is not None:
-        report["epsilon"] = eps
-        report["accounting"] = ("center-level: one center's clipped update vs none, aggregation weights "
-                                "fixed; rounds composed as Gaussian DP (tight conversion to (ε, δ))")
-    report["flows"] = data_flows(history, settings, cross_site)
-    return report
-
-
-def data_flows(history: list[dict[str, Any]], settings: FedSettings,
-               cross_site: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Per center of fed.centers: ``sent`` (what left it, to the coordinator: the rounds
-    whose training reply reached the coordinator, in which form, and its metrics),
-    ``received`` (what the coordinator sent it: the rounds it got the global model in, and
-    the models of the cross-site validation) and ``summary``, the same in words.
-
-    Only the coordinator ever receives a center's reply; no center is sent another center's
-    individual update unless ``local_updates_of`` lists one (fed.share_local_models)."""
-    p = settings.privacy
-    if p["secagg"]:
-        form = "masked SecAgg+ shares of its update (the coordinator learns only the mean)"
-    elif p["dp"] == "client":
-        form = f"its update, clipped at the center to L2 norm {p['clipping_norm']:g}"
-    elif p["dp"] == "server":
-        form = (f"its update, not clipped (the coordinator clips it to L2 norm "
-                f"{p['clipping_norm']:g} before the noised aggregate)")
-    else:
-        form = "its updated weights, in clear"
-    flows: dict[str, Any] = {}
-    for center in settings.centers:
-        trained = [r["round"] for r in history if center in r["train"]["centers"]]
-        got_global = [r["round"] for r in history
-                      if r.get("bytes", {}).get(center, {}).get("received", 0) > 0]
-        models = list((cross_site or {}).get("sent", {}).get(center, []))
-        others = sorted(m.split(":", 1)[1] for m in models if m.startswith("local:"))
-        loo = sorted(m.split(":", 1)[1] for m in models if m.startswith("without:"))
-        sent = {"to": "coordinator", "train_rounds": trained, "update": form,
-                "metrics": "training losses and case count each round; validation scores of "
-                           "the models it was sent"}
-        received = {"from": "coordinator", "global_model_rounds": got_global,
-                    "cross_site_models": models, "local_updates_of": others}
-        if loo:  # fed.contribution: the global model less each center's shares
-            received["leave_one_out_of"] = loo
-        words = (f"{center} → coordinator: {form}, rounds {_rounds_text(trained)}, with its "
-                 f"metrics; coordinator → {center}: the global model, rounds "
-                 f"{_rounds_text(got_global)}")
-        if models:
-            words += ("; cross-site: " + (f"the global model and the local updates of "
-                                          f"{', '.join(others)}" if others else
-                                          "the global model only"))
-            if loo:
-                words += (f", and the global model without each of {', '.join(loo)} "
-                          "(leave-one-out: each reveals that center's share of the updates)")
-        flows[center] = {"sent": sent, "received": received, "summary": words}
-    return flows
-
-
-def _rounds_text(rounds: list[int]) -> str:
-    if not rounds:
-        return "none"
-    if rounds == list(range(rounds[0], rounds[-1] + 1)):
-        return str(rounds[0]) if len(rounds) == 1 else f"{rounds[0]}-{rounds[-1]}"
-    return ", ".join(map(str, rounds))
-
-
-def byte_totals(history: list[dict[str, Any]], cross_site: Mapping[str, Any] | None
-                ) -> dict[str, dict[str, int]]:
-    """{center: {"sent", "received"}} over every round and the cross-site exchange."""
-    totals: dict[str, dict[str, int]] = {}
-    exchanges = [r["bytes"] for r in history] + ([cross_site["bytes"]] if cross_site else [])
-    for by_center in exchanges:
-        for center, b in by_center.items():
-            t = totals.setdefault(center, {"sent": 0, "received": 0})
-            t["sent"] += b["sent"]
-            t["received"] += b["received"]
-    return totals
-
 
 def _tensors(tree: Any) -> Any:
     """numpy arrays in `tree` as torch tensors (state.pt is loaded with weights_only)."""
@@ -879,101 +876,19 @@ def _tensors(tree: Any) -> Any:
     return tree
 
 
-def write_metrics(path: Path, history: list[dict[str, Any]], settings: FedSettings,
-                  model_bytes: int, cross_site: Mapping[str, Any] | None = None,
-                  rejected: Iterable[Mapping[str, Any]] = ()) -> None:
-    """FED/metrics.json from the round records, the cross-site validation and `rejected`,
-    every reply the coordinator refused (medfound.fed.screening.ReplyGate) (atomic:
-    temporary file, then rename)."""
-    totals = byte_totals(history, cross_site)
-    doc = {
-        "format": "medfound-fed-metrics/1", "strategy": settings.strategy,
-        "centers": list(settings.centers), "rounds_planned": settings.rounds,
-        "rounds_completed": len(history), "transfer_dtype": settings.transfer_dtype,
-        "model_bytes_fp32": model_bytes,
-        "privacy": privacy_report(history, settings, cross_site),
-        "global": [{"round": r["round"], **r["evaluate"]["global"]} for r in history
-                   if not (r["evaluate"].get("pending") or r["evaluate"].get("skipped"))],
-        "bytes_per_center": totals,
-        "round_durations_s": [r["duration_s"] for r in history],
-        "rejected_replies": list(rejected),
-        "rounds": history,
-    }
-    if cross_site is not None:
-        doc["cross_site"] = cross_site
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(doc, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
-def _flat_round(record: Mapping[str, Any]) -> dict[str, float]:
-    """One round's numbers as MLflow metrics (logged with step = round)."""
-    flat = {"round_duration_s": record["duration_s"],
-            "updates_accepted": len(record["train"]["accepted"]),
-            "updates_rejected": len(record["train"]["rejected"]),
-            "centers_failed": len(record["train"]["failed"]),
-            "centers_sampled": len(record["participation"]["sampled"]),
-            "centers_late": len(record["participation"]["late"])}
-    flat.update({f"aggregate/{k}": v for k, v in record["train"]["aggregate"].items()})
-    for center, metrics in record["train"]["centers"].items():
-        flat.update({f"{center}/{k}": v for k, v in metrics.items() if k != NUM_EXAMPLES})
-    for center, b in record["bytes"].items():
-        flat[f"{center}/bytes_sent"] = b["sent"]
-        flat[f"{center}/bytes_received"] = b["received"]
-    return {**_finite(flat), **_flat_evaluate(record["evaluate"])}
-
-
-def _flat_evaluate(evaluate: Mapping[str, Any]) -> dict[str, float]:
-    """A round model's scores as MLflow metrics (step = that round, whenever they arrive)."""
-    flat = {f"global/{k}": v for k, v in evaluate["global"].items()}
-    for center, metrics in evaluate["centers"].items():
-        flat.update({f"{center}/val/{k}": v for k, v in metrics.items()})
-    return _finite(flat)
-
-
-def _finite(flat: Mapping[str, Any]) -> dict[str, float]:
-    return {k: float(v) for k, v in flat.items() if isinstance(v, (int, float)) and np.isfinite(v)}
-
-
-def _round_summary(record: Mapping[str, Any], rounds: int,
-                   scored: Mapping[str, Any] | None = None) -> str:
-    """One line per round; `scored`: the earlier round whose model this round's centers scored."""
-    train = record["train"]
-    parts = [f"round {record['round']}/{rounds}",
-             f"{len(train['accepted'])} updates accepted, {len(train['rejected'])} rejected, "
-             f"{len(train['failed'])} failed" + ("" if record["aggregated"] else " (model kept)")]
-    taking = record["participation"]
-    if len(taking["sampled"]) < taking["connected"] or taking["late"]:
-        parts.append(f"{len(taking['sampled'])} of {taking['connected']} centers drawn, "
-                     f"{len(taking['late'])} late")
-    if "train/loss" in train["aggregate"]:
-        parts.append(f"train/loss {train['aggregate']['train/loss']:.4g}")
-    for r in ([scored] if scored is not None else []) + [record]:
-        glob, which = r["evaluate"]["global"], ("global" if r is record else
-                                                f"round-{r['round']} model")
-        if "cpm" in glob:
-            parts.append(f"{which} CPM {glob['cpm']:.3f}")
-        if "reconstruction" in glob:
-            parts.append(f"{which} reconstruction {glob['reconstruction']:.4f}")
-    parts.append(f"{record['duration_s']:.1f} s")
-    return "  ".join(parts)
-
-
 def _package(out: Path, network: torch.nn.Module, cfg: Mapping[str, Any], config_yaml: str,
-             settings: FedSettings, history: list[dict[str, Any]], run_id: str | None) -> Path:
+             settings: FedSettings, last: RoundRecord, run_id: str | None) -> Path:
     from medfound.train import detection as task
     from medfound.train.package import save_model_package
 
-    last = history[-1]
-    glob = last["evaluate"]["global"]
+    glob = last.evaluate.global_scores
     metrics = {
         "cpm": glob.get("cpm"),
         "froc": {k.split("/", 1)[1]: v for k, v in glob.items() if k.startswith("froc/")},
         "n_scans": int(glob.get(NUM_EXAMPLES, 0)), "n_nodules": int(glob.get("n_nodules", 0)),
-        "centers": last["evaluate"]["centers"], "round": last["round"],
+        "centers": last.evaluate.centers, "round": last.round,
     }
-    train_cases = {c: int(m.get(NUM_EXAMPLES, 0)) for c, m in last["train"]["centers"].items()}
+    train_cases = {c: int(m.get(NUM_EXAMPLES, 0)) for c, m in last.train.centers.items()}
     net_cfg = cfg["network"]
     return save_model_package(
         out / "model", network, task="lung_nodule_detection",
@@ -983,7 +898,7 @@ def _package(out: Path, network: torch.nn.Module, cfg: Mapping[str, Any], config
                        "intensity": "clip to hu_window, scale to [0, 1]"},
         metrics=metrics, config_yaml=config_yaml,
         provenance={"federated": True, "strategy": settings.strategy,
-                    "rounds": last["round"], "train_centers": list(settings.centers),
+                    "rounds": last.round, "train_centers": list(settings.centers),
                     "val_centers": list(settings.centers), "val_split": "validation",
                     "train_cases": train_cases, "seed": cfg["seed"],
                     "transfer_dtype": settings.transfer_dtype, "privacy": settings.privacy,
@@ -991,21 +906,20 @@ def _package(out: Path, network: torch.nn.Module, cfg: Mapping[str, Any], config
 
 
 def _package_encoder(out: Path, network: torch.nn.Module, cfg: Mapping[str, Any], config_yaml: str,
-                     settings: FedSettings, history: list[dict[str, Any]], run_id: str | None) -> Path:
+                     settings: FedSettings, last: RoundRecord, run_id: str | None) -> Path:
     """FED/encoder/: the federated-pretrained encoder (stems + shared body), as `pretrain` leaves it."""
     from medfound.train.package import save_model_package
 
-    last = history[-1]
     t = cfg["task"]
     volumes = {c: {k.split("/", 1)[1]: int(v) for k, v in m.items() if k.startswith("volumes/")}
-               for c, m in last["train"]["centers"].items()}
+               for c, m in last.train.centers.items()}
     return save_model_package(
         out / "encoder", network.encoder, task="foundation_encoder",
         model_config=dict(t["encoder"]),
         preprocessing={"modalities": t["modalities"], "patch_size": t["patch_size"],
                        "orientation": "LPS"},
-        metrics={**last["evaluate"]["global"], "round": last["round"]}, config_yaml=config_yaml,
-        provenance={"federated": True, "strategy": settings.strategy, "rounds": last["round"],
+        metrics={**last.evaluate.global_scores, "round": last.round}, config_yaml=config_yaml,
+        provenance={"federated": True, "strategy": settings.strategy, "rounds": last.round,
                     "train_centers": list(settings.centers), "volumes": volumes,
                     "seed": cfg["seed"], "transfer_dtype": settings.transfer_dtype,
                     "privacy": settings.privacy, "mlflow_run_id": run_id})
