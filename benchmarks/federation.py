@@ -267,7 +267,7 @@ def main() -> int:
     deployment = functools.partial(run_deployment, threads=args.center_threads)
     arms = {"default": deployment(data, work / "fp32", *rounds_args),
             "separate_evaluate": deployment(data, work / "separate", *rounds_args,
-                                            "fed.evaluate_with_train=false")}
+                                            "+fed.evaluate_with_train=false")}
     if not args.skip_no_worker:
         arms["no_worker"] = deployment(data, work / "no_worker", *rounds_args,
                                        join_args="--no-worker")

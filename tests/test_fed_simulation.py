@@ -224,7 +224,7 @@ def test_a_separate_evaluate_exchange_gives_the_same_scores_and_model(
     message): evaluating first must not change what a center trains."""
     out = tmp_path / "FED"
     res = federate(f"data.root={phantoms}", "fed.rounds=2", f"out_dir={out}",
-                   "fed.cross_site=false", "fed.evaluate_with_train=false")
+                   "fed.cross_site=false", "+fed.evaluate_with_train=false")
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     a = json.loads((federated / "metrics.json").read_text())
     b = json.loads((out / "metrics.json").read_text())

@@ -362,6 +362,30 @@ def read_world(root) -> dict | None:
     return split
 
 
+def scramble_training_boxes(center, seed: int = 0) -> int:
+    """Move every training nodule box of the phantom center folder `center` to a random place
+    inside its scan (sizes kept): a center whose labels mark no nodule and leave its real
+    nodules unlabelled, as a badly annotated or hostile center would. Rewrites the center's
+    datalist.json only; returns the number of boxes moved."""
+    from medfound.io.reader import read_volume
+
+    rng = np.random.default_rng(seed)
+    path = Path(center) / "datalist.json"
+    datalist = json.loads(path.read_text())
+    moved = 0
+    for item in datalist["training"]:
+        volume = read_volume(Path(center) / item["image"])
+        shape = np.array(volume.array.shape)
+        boxes = []
+        for box in item["box"]:
+            ijk = rng.uniform(0.25, 0.75, size=3) * (shape - 1)
+            boxes.append([*map(float, (volume.affine @ np.r_[ijk, 1.0])[:3]), *box[3:]])
+        item["box"] = boxes
+        moved += len(boxes)
+    _write_json(path, datalist)
+    return moved
+
+
 def center_sizes(centers: int, cases: int) -> list[int]:
     """Cases per center: the largest has `cases`; center 2 (the small one) about a third."""
     factors = [1.0, 1.0, 1 / 3, 2 / 3, 0.5]

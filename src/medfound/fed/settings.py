@@ -53,6 +53,8 @@ class FedSettings:
     deployment: dict[str, Any] = dataclasses.field(default_factory=dict)
     privacy: dict[str, Any] = dataclasses.field(default_factory=dict)
     exchange: str = "all"  # "all" | "trainable" (see configs/federate.yaml)
+    # Internal switches, not in configs/federate.yaml: the benchmarks' A/B arms set them
+    # (`+fed.evaluate_with_train=false`, benchmarks/federation.py).
     evaluate_with_train: bool = True  # score round r's model in round r+1's train message
     evaluate_every: int = 1  # score the global model every this many rounds (and the last one)
     stream_aggregation: bool = True  # spool updates to disk, average array by array
