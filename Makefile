@@ -122,6 +122,8 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/detection_quality.py
 	$(BIN)/python benchmarks/inference.py
 	$(BIN)/python benchmarks/federation.py
+	$(BIN)/python benchmarks/federation_scale.py
+	$(BIN)/python benchmarks/contribution.py
 	$(BIN)/python benchmarks/flamby.py
 	$(BIN)/python benchmarks/pretrain_throughput.py
 	$(BIN)/python benchmarks/label_efficiency.py
