@@ -40,7 +40,7 @@ RESULTS = HERE / "results"
 WORK = HERE / "_data" / "contribution"
 sys.path.insert(0, str(HERE))
 
-from read_series import machine  # noqa: E402
+from read_series import machine, write_results  # noqa: E402
 
 CENTERS = ["center_0", "center_1", "center_3"]
 SCRAMBLED = "center_1"
@@ -151,11 +151,7 @@ def main() -> int:
                         "threads": args.threads, "centers": CENTERS, "scrambled": SCRAMBLED,
                         "phantoms": "make_phantoms(centers=4, cases=8, seed=5, size='small')"},
               "runs": runs, "summary": summary}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "contribution.json").write_text(json.dumps(result, indent=2) + "\n")
-    markdown = render(result)
-    (RESULTS / "contribution.md").write_text(markdown)
-    print(markdown)
+    write_results("contribution", result, render(result))
     return 0
 
 

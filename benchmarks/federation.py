@@ -54,7 +54,7 @@ REPO = HERE.parent
 RESULTS = HERE / "results"
 sys.path.insert(0, str(HERE))
 
-from read_series import machine  # noqa: E402
+from read_series import machine, write_results  # noqa: E402
 
 CENTERS = ["center_0", "center_1", "center_2"]
 
@@ -310,11 +310,7 @@ def main() -> int:
         "coordinator_memory": memory,
         "wall_s": {**{arm: run["wall_s"] for arm, run in arms.items()}, "fp16": fp16["wall_s"]},
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "federation.json").write_text(json.dumps(result, indent=2) + "\n")
-    markdown = render(result)
-    (RESULTS / "federation.md").write_text(markdown)
-    print(markdown)
+    write_results("federation", result, render(result))
     return 0
 
 

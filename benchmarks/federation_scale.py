@@ -57,7 +57,7 @@ WORK = HERE / "_data" / "federation_scale"
 sys.path.insert(0, str(HERE))
 
 from federation import coordinator_memory  # noqa: E402
-from read_series import machine  # noqa: E402
+from read_series import machine, write_results  # noqa: E402
 
 SMOKE = ["experiment=phantoms_smoke", "trainer.progress=false", "data.num_patches_per_image=1",
          "fed.eval_bootstraps=10", "network.sw_roi_size=[144,144,96]", "fed.cross_site=false",
@@ -461,12 +461,8 @@ def main() -> int:
                         "threads_per_process": 1},
               "simulation": sims, "coordinator_memory": memory, "growth": growth,
               "deployment": dep, "notes": notes}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "federation_scale.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_results("federation_scale", result, render(result))
     plot(result, RESULTS / "federation_scale.png")
-    markdown = render(result)
-    (RESULTS / "federation_scale.md").write_text(markdown)
-    print(markdown)
     return 0
 
 

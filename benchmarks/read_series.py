@@ -90,6 +90,14 @@ def canonical(arr, affine):
     return np.ascontiguousarray(arr), affine
 
 
+def write_results(name: str, result: dict, markdown: str) -> None:
+    """benchmarks/results/NAME.json and NAME.md; the markdown is printed too."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (RESULTS / f"{name}.md").write_text(markdown)
+    print(markdown)
+
+
 def machine() -> dict:
     import numpy
     import pydicom
