@@ -39,7 +39,6 @@ import gc
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -56,23 +55,10 @@ sys.path.insert(0, str(HERE))
 
 from read_series import machine, write_results  # noqa: E402
 
+sys.path.insert(0, str(HERE.parent / "tests"))
+from processes import free_port_block  # noqa: E402
+
 CENTERS = ["center_0", "center_1", "center_2"]
-
-
-def free_port() -> int:
-    """A port p with p..p+5 free on 127.0.0.1 (the SuperLink and the SuperNodes' local APIs)."""
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        try:
-            for port in range(base, base + 6):
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-    raise RuntimeError("no block of free ports")
 
 
 def run_deployment(data: Path, out: Path, *overrides: str, join_args: str = "",
@@ -83,7 +69,7 @@ def run_deployment(data: Path, out: Path, *overrides: str, join_args: str = "",
     small machine otherwise run 3 × cores threads, and torch's spinning OpenMP threads then
     slow whichever center overlaps another far more than time-sharing would."""
     shutil.rmtree(out, ignore_errors=True)
-    env = {**os.environ, "PORT": str(free_port()), "JOIN_ARGS": join_args,
+    env = {**os.environ, "PORT": str(free_port_block(6)), "JOIN_ARGS": join_args,
            **dict.fromkeys(("OMP_NUM_THREADS", "MKL_NUM_THREADS", "CENTER_THREADS"), str(threads)),
            "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")}
     started = time.time()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -14,14 +15,26 @@ from pathlib import Path
 
 
 def free_port_block(n: int = 5) -> int:
-    """A port p with p..p+n-1 free on 127.0.0.1 (the SuperLink and each SuperNode's API)."""
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        if base + n < 65535 and all(_free(base + i) for i in range(n)):
+    """A port p with p..p+n-1 free on 127.0.0.1 (the SuperLink and each SuperNode's API).
+
+    Drawn below the kernel's ephemeral range: a port from that range, free when checked, can
+    be taken a moment later as the local end of any outgoing connection (another test worker's
+    HTTP request), and the server started on it then fails with "Address already in use"."""
+    low, _ = _ephemeral_range()
+    draw = random.Random(os.getpid() ^ time.time_ns())
+    for _ in range(200):
+        base = draw.randrange(10000, max(10001, low - n))
+        if all(_free(base + i) for i in range(n)):
             return base
     raise RuntimeError("no block of free ports")
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
 
 
 def _free(port: int) -> bool:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -217,9 +216,9 @@ def test_clear_errors_a_user_can_cause(tmp_path):
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    from processes import free_port_block
+
+    return free_port_block(1)
 
 
 def test_ddp_two_processes_train_on_disjoint_shards_like_one_process_with_the_global_batch(tmp_path):
