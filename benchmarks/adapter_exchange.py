@@ -40,7 +40,7 @@ RESULTS = HERE / "results"
 sys.path.insert(0, str(HERE))
 
 from label_efficiency import medfound  # noqa: E402
-from read_series import machine  # noqa: E402
+from read_series import machine, write_results  # noqa: E402
 
 
 def round_bytes(fed: Path) -> list[int]:
@@ -109,8 +109,6 @@ def main() -> int:
            "bytes_ratio_after_round_1": ratio_later, "bytes_ratio_whole_run": ratio_all,
            "cpm_difference": ad["cpm"] - full["cpm"],
            "goal": {"bytes_ratio": 0.10, "cpm_within": 0.03}}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "adapter_exchange.json").write_text(json.dumps(doc, indent=2) + "\n")
     write_report(doc)
     return 0
 
@@ -139,8 +137,7 @@ def write_report(doc: dict) -> None:
         f"(goal ≤ 10%); whole run {doc['bytes_ratio_whole_run']:.1%}. CPM difference "
         f"{doc['cpm_difference']:+.3f} (goal within 0.03).",
     ]
-    (RESULTS / "adapter_exchange.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results("adapter_exchange", doc, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

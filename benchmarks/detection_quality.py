@@ -32,7 +32,7 @@ RESULTS = HERE / "results"
 sys.path.insert(0, str(HERE))
 
 from label_efficiency import MIXES, medfound  # noqa: E402
-from read_series import machine  # noqa: E402
+from read_series import machine, write_results  # noqa: E402
 
 ARMS = {"pooled": ["center_0", "center_1"], "local center_0": ["center_0"],
         "local center_1": ["center_1"]}
@@ -85,8 +85,6 @@ def main() -> int:
            "phantoms": {"centers": 3, "cases": args.cases, "modalities": MIXES, "size": "small",
                         "eval_center": "center_2"},
            "bar_cpm": BAR, "arms": out, "pooled_meets_bar": out["pooled"]["cpm"] >= BAR}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "detection_quality.json").write_text(json.dumps(doc, indent=2) + "\n")
     m = doc["machine"]
     lines = [f"# detection_quality — {doc['when']}", "",
              f"{m['cpu']}, {m['cores']} cores; `experiment={args.experiment}`, seed {args.seed}; "
@@ -103,8 +101,7 @@ def main() -> int:
               for arm, r in out.items()]
     lines += ["", f"Bar: pooled CPM ≥ {BAR} — {'met' if doc['pooled_meets_bar'] else 'not met'} "
               f"(best validated); last epoch {out['pooled']['last_cpm']:.3f}."]
-    (RESULTS / "detection_quality.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results("detection_quality", doc, "\n".join(lines) + "\n")
     return 0
 
 

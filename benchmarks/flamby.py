@@ -36,7 +36,7 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 sys.path.insert(0, str(HERE))
 
-from read_series import machine  # noqa: E402
+from read_series import machine, write_results  # noqa: E402
 
 CENTERS = ["center_0", "center_1", "center_2"]
 STRATEGIES = {"FedAvg": "fedavg", "FedProx": "fedprox", "FedAdam": "fedadam"}
@@ -154,8 +154,6 @@ def main() -> int:
               "setup": {**setup,
                         "centers": json.loads((root / "phantoms.json").read_text()).get("centers")},
               "rows": rows}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "flamby.json").write_text(json.dumps(result, indent=2) + "\n")
     m = result["machine"]
     pooled = rows[0]["scores"]["all"]["cpm"]
     lines = [f"# flamby — {result['when']}", "",
@@ -181,8 +179,7 @@ def main() -> int:
     n = rows[0]["scores"]
     lines += ["", "Validation scans / nodules: all " + f"{n['all']['n_scans']}/{n['all']['n_nodules']}"
               + "".join(f", {c} {n[c]['n_scans']}/{n[c]['n_nodules']}" for c in CENTERS) + "."]
-    (RESULTS / "flamby.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results("flamby", result, "\n".join(lines) + "\n")
     return 0
 
 

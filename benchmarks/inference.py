@@ -39,7 +39,7 @@ RESULTS = HERE / "results"
 DATA = HERE / "_data"
 sys.path.insert(0, str(HERE))
 
-from read_series import machine  # noqa: E402
+from read_series import machine, write_results  # noqa: E402
 
 from medfound.export.gate import INPUT_NAME, ListOutputNetwork  # noqa: E402
 from medfound.export.onnx import export_model_package  # noqa: E402
@@ -211,8 +211,6 @@ def main() -> int:
               "machine": machine(), "threads": args.threads, "device": "cpu",
               "gpu": "none measured: the lent GPU machine's image has only the CPU onnxruntime",
               "network_only": nets, "end_to_end": e2e}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "inference.json").write_text(json.dumps(result, indent=2) + "\n")
     m = result["machine"]
     lines = [f"# inference — {result['when']}", "",
              f"{m['cpu']}, {m['cores']} cores; torch and onnxruntime both at {args.threads} threads.", "",
@@ -238,8 +236,7 @@ def main() -> int:
               f"{e2e['matmul_gflops']:.0f} GFLOP/s float32 matmul rate = {e2e['floor_network_s']:.2f} s, "
               f"against {o['network']:.2f} s measured for the network.", "",
               f"GPU: {result['gpu']}."]
-    (RESULTS / "inference.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results("inference", result, "\n".join(lines) + "\n")
     return 0
 
 

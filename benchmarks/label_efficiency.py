@@ -34,7 +34,7 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 sys.path.insert(0, str(HERE))
 
-from read_series import machine  # noqa: E402
+from read_series import machine, write_results  # noqa: E402
 
 MIXES = "ct,pet;ct,mr;ct,us"
 
@@ -131,8 +131,6 @@ def main() -> int:
         "pretrained_beats_scratch": statistics.mean(results["pretrained_cpm"])
         > statistics.mean(results["scratch_cpm"]),
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "label_efficiency.json").write_text(json.dumps(doc, indent=2) + "\n")
     m = doc["machine"]
     lines = [
         f"# label_efficiency — {doc['when']}", "",
@@ -149,8 +147,7 @@ def main() -> int:
         "", f"Federated pretraining: {args.rounds} rounds × {args.local_epochs} local epochs"
         + (f", {pretrain_s / 60:.1f} min." if pretrain_s else " (an earlier call's encoder)."),
     ]
-    (RESULTS / "label_efficiency.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results("label_efficiency", doc, "\n".join(lines) + "\n")
     return 0
 
 

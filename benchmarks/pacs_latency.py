@@ -47,7 +47,7 @@ DATA = HERE / "_data" / "pacs"
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))  # tests/orthanc.py: the same Orthanc the tests start
 
-from read_series import machine  # noqa: E402
+from read_series import machine, write_results  # noqa: E402
 
 from orthanc import Orthanc  # noqa: E402
 from processes import free_port_block  # noqa: E402
@@ -257,10 +257,7 @@ def main() -> int:
                            "detector": "tiny, random weights", **TINY_FULL},
               "latency_runs": latency, "latency_median": med, "throughput": throughput,
               "memory": memory, "orthanc_tcp_nodelay": nagle}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "pacs.json").write_text(json.dumps(result, indent=2) + "\n")
-    (RESULTS / "pacs.md").write_text(markdown(result))
-    print(markdown(result))
+    write_results("pacs", result, markdown(result))
     return 0
 
 

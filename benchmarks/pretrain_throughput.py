@@ -22,7 +22,6 @@ is not the CPU).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -35,7 +34,7 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 sys.path.insert(0, str(HERE))
 
-from read_series import machine  # noqa: E402
+from read_series import machine, write_results  # noqa: E402
 
 from medfound.models.foundation import FOUNDATION_PRESETS, FoundationEncoder  # noqa: E402
 from medfound.train import pretrain as task  # noqa: E402
@@ -132,8 +131,6 @@ def main() -> int:
            "resnet_over_swin_volumes_per_s": res["volumes_per_s"] / swin["volumes_per_s"],
            "resnet_wide_over_swin_volumes_per_s": wide["volumes_per_s"] / swin["volumes_per_s"]}
     suffix = "" if device.type == "cpu" else "_" + device.type
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"pretrain_throughput{suffix}.json").write_text(json.dumps(doc, indent=2) + "\n")
     m = doc["machine"]
     lines = [f"# pretrain_throughput — {doc['when']}", "",
              f"{m['cpu']}, {m['cores']} cores, torch threads {doc['torch_threads']}; device: "
@@ -149,8 +146,7 @@ def main() -> int:
               f"{'×'.join(map(str, full['patch']))}, batch {full['batch']}: "
               f"{full['volumes_per_s']:.1f} volumes/s ({full['median_s_per_step']:.3f} s/step, "
               f"{full['params'] / 1e3:.0f} k weights of which the encoder {full['encoder_params'] / 1e3:.0f} k)."]
-    (RESULTS / f"pretrain_throughput{suffix}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(f"pretrain_throughput{suffix}", doc, "\n".join(lines) + "\n")
     return 0
 
 

@@ -211,8 +211,6 @@ def main() -> int:
         and figures["medfound"]["max_abs_diff_vs_sitk"] == 0.0
         and figures["medfound"]["affine_max_abs_diff_vs_sitk"] < 1e-4,
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "read_series.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [
         f"# read_series — {result['when']}",
         "",
@@ -228,8 +226,7 @@ def main() -> int:
             f"| {r} | {f['median_s']:.3f} | {f['median_s'] / figures['simpleitk']['median_s']:.2f} "
             f"| {f['peak_mib_over_base']:.0f} | {f['peak_x_volume_f32']:.2f} "
             f"| {f['max_abs_diff_vs_sitk']} | {f['affine_max_abs_diff_vs_sitk']:.2g} |")
-    (RESULTS / "read_series.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results("read_series", result, "\n".join(lines) + "\n")
     return 0
 
 

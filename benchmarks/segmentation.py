@@ -33,7 +33,7 @@ RESULTS = HERE / "results"
 sys.path.insert(0, str(HERE))
 
 from label_efficiency import MIXES, medfound, summary  # noqa: E402
-from read_series import machine  # noqa: E402
+from read_series import machine, write_results  # noqa: E402
 
 
 def main() -> int:
@@ -103,8 +103,6 @@ def main() -> int:
         "export": {"seconds": export_s, "passed": parity["passed"], "max_rel": parity["max_rel"],
                    "dice": parity.get("dice")},
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "segmentation.json").write_text(json.dumps(doc, indent=2) + "\n")
     m, d = doc["machine"], parity.get("dice") or {}
     lines = [
         f"# segmentation — {doc['when']}", "",
@@ -121,8 +119,7 @@ def main() -> int:
         f"Dice torch {d.get('dice_torch', float('nan')):.4f} vs deployed ONNX path "
         f"{d.get('dice_onnx', float('nan')):.4f}.",
     ]
-    (RESULTS / "segmentation.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results("segmentation", doc, "\n".join(lines) + "\n")
     return 0
 
 

@@ -19,7 +19,6 @@ and .md (the device in the file name when it is not the CPU).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -31,7 +30,7 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 sys.path.insert(0, str(HERE))
 
-from read_series import machine  # noqa: E402
+from read_series import machine, write_results  # noqa: E402
 
 from medfound.data.detection import (  # noqa: E402
     detection_collate,
@@ -169,8 +168,6 @@ def main() -> int:
         "reference_luna16_epoch_s_estimate": luna_epoch_s,
     }
     suffix = "" if device.type == "cpu" else "_" + device.type
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"train_throughput{suffix}.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [
         f"# train_throughput — {result['when']}",
         "",
@@ -198,8 +195,7 @@ def main() -> int:
               f"Reference model, one LUNA16 epoch ({LUNA16_TRAIN_PATCHES} patches: {LUNA16_TRAIN_SCANS} "
               f"training scans × {LUNA16_PATCHES_PER_SCAN} patches, network steps only, data loading "
               f"assumed to keep up): about {luna_epoch_s / 60:.0f} min on this device."]
-    (RESULTS / f"train_throughput{suffix}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(f"train_throughput{suffix}", result, "\n".join(lines) + "\n")
     return 0
 
 
