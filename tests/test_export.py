@@ -174,6 +174,20 @@ def test_cpm_parity_and_int8_follow_the_rule(phantom_package, tmp_path):
     q = parity["cpm"]
     assert q["passed"] and q["n_scans"] >= 1 and q["n_nodules"] >= 1
     assert abs(q["cpm_onnx"] - q["cpm_torch"]) <= 0.005
+    # The deployed path's rows that the gate scores are merged by infer's rule (one finding per
+    # object), as the torch path's are: no row is left for merge_by_centre to drop.
+    from medfound.export.quality import onnx_predictions, validation_items
+    from medfound.infer.boxes import merge_by_centre
+
+    rows = onnx_predictions(OnnxDetector(tmp_path / "exp", providers="cpu"),
+                            validation_items(json.loads((package / "model.json").read_text()), data))
+    assert len(rows) > 1
+    for uid in {r["seriesuid"] for r in rows}:
+        mine = [r for r in rows if r["seriesuid"] == uid]
+        centres = np.array([[r["coordX"], r["coordY"], r["coordZ"]] for r in mine])
+        kept = merge_by_centre(centres, np.array([r["diameter_mm"] for r in mine]),
+                               np.array([r["probability"] for r in mine]))
+        assert len(kept) == len(mine)
     d = parity["int8"]
     assert d == card["int8"]
     assert d["accepted"] == int8_decision(d["cpm_fp32"], d["cpm_int8"])["accepted"]

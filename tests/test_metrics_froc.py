@@ -437,10 +437,12 @@ def test_diameters_by_size_bin_and_duplicate_findings_are_counted():
 def test_findings_on_one_object_merge_to_the_most_probable():
     from medfound.infer.boxes import merge_by_centre
 
-    centres = np.array([[0, 0, 0], [3, 0, 0], [20, 0, 0], [0, 0, 9], [24, 0, 0]], float)
-    diameters = np.array([10, 8, 6, 6, 20], float)
-    scores = np.array([0.9, 0.8, 0.7, 0.95, 0.5])
-    # [3] first; [0] is 9 mm from it (radii 3 and 5: apart); [1] lies inside [0]; [2] is kept
-    # (14 mm from [0]'s radius 5 and 17 from [3]); [4]'s 10 mm radius holds [2]'s centre.
+    centres = np.array([[0, 0, 0], [3, 0, 0], [20, 0, 0], [0, 0, 9], [24, 0, 0], [0, 7, 0]],
+                       float)
+    diameters = np.array([10, 8, 6, 6, 20, 6], float)
+    scores = np.array([0.9, 0.8, 0.7, 0.95, 0.5, 0.85])
+    # [3] first; [0] is 9 mm from it (radii 3 + 5 = 8: apart); [1] lies inside [0]; [2] is kept
+    # (20 mm from [0], 21.9 from [3]); [4]'s sphere (radius 10) overlaps [2]'s; [5] is 7 mm from
+    # [0], outside both radii, but the two spheres (5 + 3 mm) overlap: one object.
     assert merge_by_centre(centres, diameters, scores).tolist() == [3, 0, 2]
     assert merge_by_centre(np.zeros((0, 3)), np.zeros(0), np.zeros(0)).tolist() == []

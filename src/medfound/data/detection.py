@@ -41,7 +41,7 @@ from monai.transforms import (
 )
 
 from medfound.errors import MedfoundError
-from medfound.infer.boxes import merge_by_centre
+from medfound.infer.boxes import prediction_rows
 from medfound.io.reader import read_volume
 from medfound.io.volume import canonical_axes, voxel_boxes_to_world
 
@@ -500,12 +500,5 @@ def predictions_to_rows(seriesuid: str, boxes: Any, scores: Any, affine: Any) ->
     Findings on one object are merged first (`medfound.infer.boxes.merge_by_centre`), highest
     probability first."""
     centres, diameters = boxes_to_world(boxes, affine)
-    s = np.asarray(scores.detach().cpu().numpy() if isinstance(scores, torch.Tensor) else scores,
-                   dtype=np.float64).reshape(-1)
-    if len(s) != len(centres):
-        raise ValueError(f"{len(centres)} boxes but {len(s)} scores")
-    keep = merge_by_centre(centres, diameters, s)  # one finding per nodule, as infer reports
-    centres, diameters, s = centres[keep], diameters[keep], s[keep]
-    return [{"seriesuid": seriesuid, "coordX": float(c[0]), "coordY": float(c[1]),
-             "coordZ": float(c[2]), "probability": float(p), "diameter_mm": float(d)}
-            for c, p, d in zip(centres, s, diameters, strict=True)]
+    s = scores.detach().cpu().numpy() if isinstance(scores, torch.Tensor) else scores
+    return prediction_rows(seriesuid, centres, diameters, s)  # merged, as infer reports

@@ -56,7 +56,9 @@ def validation_items(meta: dict[str, Any], data_root: str | Path) -> list[dict[s
 
 def onnx_predictions(detector: Any, items: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """LUNA16 prediction rows of an `OnnxDetector` on datalist items, through the deployed path
-    (medfound.io reader, numpy preprocessing, onnxruntime, numpy box logic)."""
+    (medfound.io reader, numpy preprocessing, onnxruntime, numpy box logic), merged by the rule
+    the torch path's rows and `medfound infer`'s findings use (`infer.boxes.prediction_rows`)."""
+    from medfound.infer.boxes import prediction_rows
     from medfound.infer.preprocess import preprocess
     from medfound.io.reader import read_volume
     from medfound.io.volume import voxel_boxes_to_world
@@ -67,9 +69,7 @@ def onnx_predictions(detector: Any, items: Sequence[dict[str, Any]]) -> list[dic
         image, affine = preprocess(volume.array, volume.affine, detector.card)
         boxes, scores, _ = detector.predict(image)
         centres, sizes = voxel_boxes_to_world(boxes, affine)
-        rows += [{"seriesuid": item["seriesuid"], "coordX": float(c[0]), "coordY": float(c[1]),
-                  "coordZ": float(c[2]), "probability": float(p), "diameter_mm": float(s.mean())}
-                 for c, p, s in zip(centres, scores, sizes, strict=True)]
+        rows += prediction_rows(item["seriesuid"], centres, sizes.mean(axis=1), scores)
     return rows
 
 

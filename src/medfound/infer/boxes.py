@@ -25,6 +25,7 @@ __all__ = [
     "grid_anchors",
     "merge_by_centre",
     "nms",
+    "prediction_rows",
     "reshape_head_output",
     "select_boxes",
 ]
@@ -177,10 +178,11 @@ def merge_by_centre(centres_mm: np.ndarray, diameters_mm: np.ndarray, scores: np
     """Indices of the findings to keep, highest score first: one finding per object.
 
     NMS on boxes (IoU) leaves two findings on one nodule when sliding windows or pyramid levels
-    give it boxes of different sizes that barely overlap. Here a finding is dropped when its
-    centre lies within the radius of a higher-scoring finding kept before it, or that finding's
-    centre within its own radius (the larger of the two radii, in mm): the rule LUNA16 uses to
-    call a candidate a hit, so a kept finding never has a second one on the same nodule.
+    give it boxes of different sizes or offsets that barely overlap. Here a finding is dropped
+    when its sphere (centre and radius, mm) overlaps that of a higher-scoring finding kept
+    before it: two distinct nodules do not overlap, and two findings that each under-estimate
+    one nodule's size can lie farther apart than either radius while both fall within the
+    nodule's own radius (LUNA16's hit rule), which is what is counted as a second finding.
     """
     c = np.asarray(centres_mm, dtype=np.float64).reshape(-1, 3)
     r = np.asarray(diameters_mm, dtype=np.float64).reshape(-1) / 2.0
@@ -189,7 +191,24 @@ def merge_by_centre(centres_mm: np.ndarray, diameters_mm: np.ndarray, scores: np
     for i in order:
         if kept:
             d2 = ((c[kept] - c[i]) ** 2).sum(axis=1)
-            if (d2 < np.maximum(r[kept], r[i]) ** 2).any():
+            if (d2 < (r[kept] + r[i]) ** 2).any():
                 continue
         kept.append(int(i))
     return np.asarray(kept, dtype=np.int64)
+
+
+def prediction_rows(seriesuid: str, centres_mm: np.ndarray, diameters_mm: np.ndarray,
+                    scores: np.ndarray) -> list[dict]:
+    """One study's findings → LUNA16 prediction rows ``{"seriesuid", "coordX", "coordY",
+    "coordZ", "probability", "diameter_mm"}`` (LPS mm), merged by `merge_by_centre`, most
+    probable first. The torch evaluation path and the export's deployed path both score these
+    rows, so the CPM gate compares one rule applied to two engines' boxes."""
+    c = np.asarray(centres_mm, dtype=np.float64).reshape(-1, 3)
+    d = np.asarray(diameters_mm, dtype=np.float64).reshape(-1)
+    s = np.asarray(scores, dtype=np.float64).reshape(-1)
+    if not len(c) == len(d) == len(s):
+        raise ValueError(f"{len(c)} centres, {len(d)} diameters and {len(s)} scores")
+    keep = merge_by_centre(c, d, s)
+    return [{"seriesuid": seriesuid, "coordX": float(c[k, 0]), "coordY": float(c[k, 1]),
+             "coordZ": float(c[k, 2]), "probability": float(s[k]), "diameter_mm": float(d[k])}
+            for k in keep]
