@@ -103,12 +103,13 @@ demo-deploy: $(STAMP)
 # pytest-timeout's limit (pyproject.toml) with every thread's stack.
 TEST_WORKERS ?= 2
 PYTEST_XDIST = -n $(TEST_WORKERS) --dist loadfile --max-worker-restart 0
+PYTEST = $(BIN)/python -m pytest -q $(PYTEST_XDIST)
 test: $(STAMP)
 	$(BIN)/python -m ruff check .
-	$(BIN)/python -m pytest -q $(PYTEST_XDIST) -m "not long"
+	$(PYTEST) -m "not long"
 
 test-long: $(STAMP)
-	$(BIN)/python -m pytest -q $(PYTEST_XDIST) -m long
+	$(PYTEST) -m long
 
 lint: $(STAMP)
 	$(BIN)/python -m ruff check .

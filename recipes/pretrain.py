@@ -26,7 +26,7 @@ from medfound.data.pretrain import (
 from medfound.errors import MedfoundError, exit_on_user_error
 from medfound.train import pretrain as task
 from medfound.train.detection import check_world_split
-from medfound.train.loop import TrainerConfig, distributed_loader, fit, is_main_process
+from medfound.train.loop import ByWeights, TrainerConfig, distributed_loader, fit, is_main_process
 from medfound.train.package import save_model_package
 from medfound.train.tracking import Tracker
 
@@ -65,8 +65,9 @@ def main(cfg: DictConfig) -> None:
 
     model = task.build(t["encoder"], seed=cfg.seed)
 
-    def validate(m):
-        return task.evaluate(m, val_loader, loss, seed=cfg.seed)
+    # Scored once per set of weights: the package's evaluation of the best checkpoint reuses
+    # its validation's.
+    validate = ByWeights(lambda m: task.evaluate(m, val_loader, loss, seed=cfg.seed))
 
     trainer = TrainerConfig.from_dict({**OmegaConf.to_container(cfg.trainer), "seed": cfg.seed})
     with Tracker(cfg.tracking, out_dir=out, config=OmegaConf.to_container(cfg, resolve=True),

@@ -26,6 +26,7 @@ from medfound.data.detection import (
 from medfound.errors import exit_on_user_error
 from medfound.train import detection as task
 from medfound.train.loop import (
+    ByWeights,
     TrainerConfig,
     distributed_loader,
     fit,
@@ -64,9 +65,12 @@ def main(cfg: DictConfig) -> None:
     if said:
         print(said)
 
+    # Predictions once per set of weights: the package's evaluation of the best checkpoint
+    # reuses those its validation made.
+    predict = ByWeights(lambda model: task.predict(model, val_items, val_transform))
+
     def validate(model):
-        metrics, _ = task.evaluate(model, val_items, val_transform, n_bootstraps=200,
-                                   seed=cfg.seed)
+        metrics = task.score(predict(model), val_items, n_bootstraps=200, seed=cfg.seed)
         return {"cpm": metrics["cpm"], **{f"froc_{k}fp": v for k, v in metrics["froc"].items()}}
 
     repro = reproducibility(trainer, num_workers=data.num_workers)
@@ -81,7 +85,7 @@ def main(cfg: DictConfig) -> None:
             return
         # Package the best validated weights (the last ones when validation never ran).
         result.load_best(detector)
-        metrics, _ = task.evaluate(detector, val_items, val_transform, seed=cfg.seed)
+        metrics = task.score(predict(detector), val_items, seed=cfg.seed)
         package = save_model_package(
             out / "model", network, task="lung_nodule_detection",
             model_config=task.detector_config(model_cfg).to_dict(),

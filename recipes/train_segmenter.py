@@ -25,7 +25,7 @@ from medfound.data.segmentation import (
 from medfound.errors import exit_on_user_error
 from medfound.train import segmentation as task
 from medfound.train.detection import evaluation_items, training_items
-from medfound.train.loop import TrainerConfig, distributed_loader, fit, is_main_process
+from medfound.train.loop import ByWeights, TrainerConfig, distributed_loader, fit, is_main_process
 from medfound.train.package import save_model_package
 from medfound.train.tracking import Tracker
 
@@ -54,8 +54,12 @@ def main(cfg: DictConfig) -> None:
     if said:
         print(said)
 
+    # Scored once per set of weights: the package's evaluation of the best checkpoint reuses
+    # its validation's.
+    evaluate = ByWeights(lambda model: task.evaluate(model, seg_cfg, val_items, val_transform))
+
     def validate(model):
-        metrics = task.evaluate(model, seg_cfg, val_items, val_transform)
+        metrics = evaluate(model)
         return {"dice": metrics["dice"], "nodule_dice": metrics["nodule_dice"]}
 
     trainer = TrainerConfig.from_dict({**OmegaConf.to_container(cfg.trainer), "seed": cfg.seed})
@@ -66,7 +70,7 @@ def main(cfg: DictConfig) -> None:
         if not is_main_process():
             return
         result.load_best(network)
-        metrics = task.evaluate(network, seg_cfg, val_items, val_transform)
+        metrics = evaluate(network)
         package = save_model_package(
             out / "model", network, task=task.TASK, model_config=seg_cfg.to_dict(),
             preprocessing={"spacing_mm": list(seg_cfg.spacing_mm), "hu_window": list(seg_cfg.hu_window),

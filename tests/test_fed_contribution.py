@@ -88,6 +88,7 @@ def test_contribution_needs_the_centers_agreement_to_see_each_others_updates() -
 
 
 @pytest.mark.long
+@pytest.mark.timeout(1800)  # a federation and 12 leave-one-out evaluations: 10+ min on 2 cores
 def test_leave_one_out_scores_every_model_at_every_center_and_its_effects_add_up(
         tmp_path: Path) -> None:
     """Three centers of 6, 6 and 4 cases, center_1's training nodules moved to random places;
@@ -109,7 +110,7 @@ def test_leave_one_out_scores_every_model_at_every_center_and_its_effects_add_up
         [sys.executable, "-m", "medfound", "run", "federate", "fed.mode=simulation",
          f"fed.centers=[{','.join(centers)}]", "experiment=phantoms_small",
          "data.train_split=training", "trainer.progress=false", "fed.eval_bootstraps=10",
-         f"data.root={root}", "fed.rounds=3", "fed.local_epochs=2", "fed.contribution=true",
+         f"data.root={root}", "fed.rounds=2", "fed.local_epochs=1", "fed.contribution=true",
          "fed.share_local_models=true", f"out_dir={out}"],
         capture_output=True, text=True, check=False, timeout=1800)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
@@ -127,7 +128,7 @@ def test_leave_one_out_scores_every_model_at_every_center_and_its_effects_add_up
         assert sorted(row) == centers
         assert all("anchor_auc" in m and "loss" in m for m in row.values() if m["n_nodules"] > 0)
         per = doc["centers"][center]
-        assert per["rounds"] == [1, 2, 3] and per["accepted_updates"] == 3
+        assert per["rounds"] == [1, 2] and per["accepted_updates"] == 2
         assert per["bytes"] == metrics["bytes_per_center"][center]
         assert metrics["privacy"]["flows"][center]["received"]["leave_one_out_of"] == centers
         # The effect on the others, recomputed: case-weighted, the loss's sign flipped.

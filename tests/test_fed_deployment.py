@@ -28,6 +28,7 @@ def phantoms(tmp_path_factory) -> Path:
     return three_centers(tmp_path_factory.mktemp("deploy"))
 
 
+@pytest.mark.long
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="scripts/make_certs.sh needs openssl")
 def test_local_federation_over_tls_trains_a_round_and_stops_every_process(
         phantoms: Path, tmp_path: Path) -> None:

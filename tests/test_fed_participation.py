@@ -130,7 +130,7 @@ def check_record(out: Path, n: int, drawn: int, replies: int, rounds: int, **fed
     return metrics
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_20_centers_each_round_draws_four_and_closes_after_three_replies(tmp_path: Path) -> None:
     root = make_phantoms(tmp_path / "phantoms", centers=20, cases=1, seed=3, size="small",
                          progress=False)

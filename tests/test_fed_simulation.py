@@ -217,6 +217,7 @@ def _assert_same_model(run: Path, reference: Path) -> None:
         torch.testing.assert_close(got[key], ref[key], rtol=0, atol=0)
 
 
+@pytest.mark.long  # a second federation, compared with the first
 def test_a_separate_evaluate_exchange_gives_the_same_scores_and_model(
         federated: Path, phantoms: Path, tmp_path: Path) -> None:
     """fed.evaluate_with_train=false: an evaluate exchange after each round's training. The
@@ -238,6 +239,7 @@ def test_a_separate_evaluate_exchange_gives_the_same_scores_and_model(
     _assert_same_model(out, federated)
 
 
+@pytest.mark.long  # a second federation, compared with the first
 def test_evaluate_every_scores_only_those_rounds_and_trains_the_same_model(
         federated: Path, phantoms: Path, tmp_path: Path) -> None:
     """fed.evaluate_every=2 over 2 rounds: round 1's model is never scored (no evaluate request

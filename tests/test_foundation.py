@@ -285,6 +285,7 @@ def test_each_modality_stem_is_averaged_only_among_the_centers_that_have_it() ->
         build_strategy({"name": "fedmedian"}, 2, group_by_modality=True)
 
 
+@pytest.mark.long  # two recipes end to end: minutes on 2 cores
 def test_pretrain_recipe_then_a_detector_fine_tuned_from_its_encoder(mixed: Path,
                                                                       tmp_path: Path) -> None:
     from mlflow import MlflowClient

@@ -10,10 +10,13 @@ import pytest
 from nbclient import NotebookClient
 
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
+LONG = {"03_federation", "04_onnx_inference"}  # minutes each on 2 cores: `make test-long`
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+@pytest.mark.parametrize("path", [
+    pytest.param(p, id=p.stem, marks=[pytest.mark.long] if p.stem in LONG else [])
+    for p in NOTEBOOKS])
 def test_notebook_runs_top_to_bottom(path: Path, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("MEDFOUND_NOTEBOOK_OUT", str(tmp_path / "out"))
     monkeypatch.delenv("MPLBACKEND", raising=False)  # the kernel uses the inline backend

@@ -158,6 +158,7 @@ def test_a_pretrained_encoder_starts_the_segmenter_and_frozen_only_adapters_and_
     assert not torch.equal(after["head.weight"], state["head.weight"])
 
 
+@pytest.mark.long  # the recipe, then an export with its gate: minutes on 2 cores
 def test_train_segmenter_recipe_then_export_through_the_parity_gate(phantoms: Path, tmp_path: Path) -> None:
     from medfound.infer.engine import OnnxDetector
     from medfound.infer.segment import OnnxSegmenter

@@ -285,28 +285,30 @@ def batches(workers):
             for b in loader]
 
 if __name__ == "__main__":
-    print(" ".join(batches(int(sys.argv[1]))))
+    for workers in sys.argv[1:]:
+        print(" ".join(batches(int(workers))))
 """
 
 
-def _noisy_batches(workers: int, tmp_path: Path) -> list[str]:
+def _noisy_batches(tmp_path: Path, *workers: int) -> list[list[str]]:
+    """The batch hashes of one loader per worker count in `workers`, one process for all."""
     script = tmp_path / "noisy_batches.py"
     script.write_text(_NOISY_BATCHES)
-    res = subprocess.run([sys.executable, str(script), str(workers)], capture_output=True,
+    res = subprocess.run([sys.executable, str(script), *map(str, workers)], capture_output=True,
                          text=True, timeout=300, check=False)
     assert res.returncode == 0, res.stderr[-3000:]
-    return res.stdout.split()
+    return [line.split() for line in res.stdout.strip().splitlines()]
 
 
 def test_loader_workers_draw_their_own_augmentations_reproducibly(tmp_path):
-    none, one, two = (_noisy_batches(n, tmp_path) for n in (0, 1, 2))
+    none, one, two, again = _noisy_batches(tmp_path, 0, 1, 2, 2)
     assert len(none) == len(one) == len(two) == 4
     # One worker continues the stream the main process would have used: the same batches.
     assert none == one
     # Two workers: each its own stream (a copy of the same one would noise items 0 and 1 alike),
-    # and the same again on a rerun.
+    # and the same again from a new loader, after the process's global random state has moved.
     assert two[0] != two[1]
-    assert two == _noisy_batches(2, tmp_path)
+    assert two == again
 
 
 _THREADS = """
@@ -321,8 +323,10 @@ print(json.dumps({"threads": torch.get_num_threads(),
 
 
 def test_trainer_threads_sets_torch_threads_and_is_recorded(tmp_path):
+    # Two threads to start from, whatever the machine, so that setting one is seen.
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
     res = subprocess.run([sys.executable, "-c", _THREADS, str(TESTS), str(tmp_path)],
-                         capture_output=True, text=True, timeout=300, check=False)
+                         capture_output=True, text=True, timeout=300, check=False, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     out = json.loads(res.stdout.strip().splitlines()[-1])
     record = out["record"]
@@ -331,3 +335,19 @@ def test_trainer_threads_sets_torch_threads_and_is_recorded(tmp_path):
     assert record["deterministic"] is True and record["device"] == "cpu"
     with pytest.raises(MedfoundError, match="threads"):
         config(threads=0)
+
+
+def test_by_weights_computes_once_per_set_of_weights_and_again_after_a_change(tmp_path):
+    from medfound.train.loop import ByWeights, load_model_state
+
+    calls = []
+    net = tiny_net()
+    scored = ByWeights(lambda model, tag: calls.append(tag) or float(len(calls)))
+    first = scored(net, "a")
+    assert scored(net, "b") == first and calls == ["a"]  # same weights: the kept result
+    saved = {k: v.clone() for k, v in net.state_dict().items()}
+    with torch.no_grad():
+        next(net.parameters()).add_(1e-3)
+    assert scored(net, "c") != first and calls == ["a", "c"]
+    load_model_state(net, saved, tmp_path)  # as load_best brings back a validated checkpoint
+    assert scored(net, "d") == first and calls == ["a", "c"]

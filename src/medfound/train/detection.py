@@ -347,6 +347,11 @@ def evaluate(detector, items: Sequence[dict[str, Any]], transform: Callable, *,
              ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """(LUNA16 metrics, prediction rows) of `detector` on `items`."""
     rows = predict(detector, items, transform, progress=progress)
-    metrics = evaluate_luna16(rows, annotations_of(items), [it["seriesuid"] for it in items],
-                              n_bootstraps=n_bootstraps, seed=seed)
-    return metrics, rows
+    return score(rows, items, n_bootstraps=n_bootstraps, seed=seed), rows
+
+
+def score(rows: Sequence[dict[str, Any]], items: Sequence[dict[str, Any]], *,
+          n_bootstraps: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """LUNA16 metrics of prediction rows (`predict`) against the annotations of `items`."""
+    return evaluate_luna16(list(rows), annotations_of(items), [it["seriesuid"] for it in items],
+                           n_bootstraps=n_bootstraps, seed=seed)

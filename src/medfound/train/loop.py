@@ -209,6 +209,34 @@ def reproducibility(cfg: TrainerConfig | Mapping[str, Any], num_workers: int = 0
     }
 
 
+def weights_digest(model: nn.Module) -> str:
+    """sha256 over a model's state (names, dtypes, shapes and bytes of its weights and buffers)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in getattr(model, "module", model).state_dict().items():
+        t = t.detach().cpu().contiguous().reshape(-1)
+        h.update(f"{name}:{t.dtype}:{t.numel()};".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+class ByWeights:
+    """`fn(model, ...)` computed once per set of weights: a recipe's final evaluation of the
+    best checkpoint gets what validation already computed for those weights (its predictions
+    on the validation studies), instead of predicting them again."""
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.fn = fn
+        self._results: dict[str, Any] = {}
+
+    def __call__(self, model: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        key = weights_digest(model)
+        if key not in self._results:
+            self._results[key] = self.fn(model, *args, **kwargs)
+        return self._results[key]
+
+
 def set_threads(threads: int | None) -> int:
     """Use `threads` torch CPU threads (None: leave torch's choice); returns the count in use."""
     if threads is not None and torch.get_num_threads() != threads:
